@@ -1,0 +1,70 @@
+"""The two client-side algorithms over the same primitives (see ../shared/ALGORITHM.md).
+
+Round t of either algorithm = communicate round t-1's delta + compute round t's block. FedBCD does
+the two strictly one after the other; ParaBlock runs them at the same time on two threads, trains
+from the stale model, and applies the block-level correction at the barrier. After round T-1 both
+drain: upload the last delta and apply its aggregate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from parablock.client import Client
+from parablock.registry import Registry
+
+Algorithm = Callable[[Client], None]
+ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
+
+
+@ALGORITHMS.register("parablock")
+def parablock(client: Client) -> None:
+    if len(set(client.plan)) < 2:
+        raise ValueError("parablock needs at least 2 selected blocks (see model.blocks)")
+    pending = None
+    for t in range(len(client.plan)):
+        record = client.new_record(t)
+        # The communication thread moves round t-1's delta while this thread trains round t.
+        inflight = client.communicate_async(pending, record) if pending is not None else None
+        update = client.compute(t, record)
+        if inflight is not None:
+            idle_from = time.time()
+            value = inflight.result()  # the barrier
+            client.log.add_span(t, "idle", idle_from, time.time())
+            record.idle_s = time.time() - idle_from
+            client.correct(value)
+        pending = update
+        client.barrier(record)
+    if client.correction.drain:
+        _drain(client, pending)
+
+
+@ALGORITHMS.register("fedbcd")
+def fedbcd(client: Client) -> None:
+    pending = None
+    for t in range(len(client.plan)):
+        record = client.new_record(t)
+        if pending is not None:
+            idle_from = time.time()
+            client.correct(client.communicate(pending, record))
+            record.idle_s = time.time() - idle_from  # the compute side waits for the network
+        pending = client.compute(t, record)
+        client.barrier(record)
+    _drain(client, pending)
+
+
+def _drain(client: Client, pending) -> None:
+    record = client.new_record(len(client.plan), drain=True)
+    client.correct(client.communicate(pending, record))
+    client.barrier(record)
+
+
+def run_client(client: Client, algorithm: str) -> None:
+    """Join, run the algorithm to the end, and release the client's threads."""
+    run = ALGORITHMS.get(algorithm)
+    try:
+        client.join()
+        run(client)
+    finally:
+        client.close()

@@ -1,0 +1,50 @@
+"""The local backend: the server and every client in this process, each client on its own threads.
+
+Clients run concurrently (one computation thread and one communication thread each). Torch's
+intra-op threads are shared out so that the clients together use the machine's cores once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from parablock.algorithms import run_client
+from parablock.backends import ClientSpec, build_client
+from parablock.metrics import ClientLog
+from parablock.server import Server
+
+log = logging.getLogger(__name__)
+
+
+def torch_threads(clients: int, requested: int = 0) -> int:
+    return requested or max(1, (os.cpu_count() or 1) // clients)
+
+
+def run_local(specs: list[ClientSpec], server: Server, *, threads: int = 0,
+              on_barrier=None) -> list[ClientLog]:
+    torch.set_num_threads(torch_threads(len(specs), threads))
+    clients = [build_client(s, server, on_barrier) for s in specs]
+    errors: list[BaseException] = []
+
+    def work(client, algorithm: str) -> None:
+        try:
+            run_client(client, algorithm)
+        except BaseException as e:  # reported after every thread has stopped
+            log.error("client %d failed: %s", client.id, e)
+            errors.append(e)
+
+    threads_ = [
+        threading.Thread(target=work, args=(c, s.algorithm), name=f"client{c.id}-compute")
+        for c, s in zip(clients, specs, strict=True)
+    ]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [c.log for c in clients]

@@ -1,0 +1,301 @@
+"""One typed configuration tree that is also the CLI: sections, defaults, help and validation.
+
+Every key is ``section.key``; ``--set section.key=value`` and TOML files ``[section] key = value``
+reach the same dataclass field. Validation happens on construction and names the field and what is
+allowed, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, file or key; the message names the field and what is allowed."""
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A config field with its help text and constraints (checked by ``_validate``)."""
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    )
+
+
+def _algorithms() -> list[str]:
+    from parablock.algorithms import ALGORITHMS
+
+    return ALGORITHMS.names()
+
+
+def _schedules() -> list[str]:
+    from parablock.schedule import SCHEDULES
+
+    return SCHEDULES.names()
+
+
+def _corrections() -> list[str]:
+    from parablock.correction import CORRECTIONS
+
+    return CORRECTIONS.names()
+
+
+def _aggregators() -> list[str]:
+    from parablock.aggregate import AGGREGATORS
+
+    return AGGREGATORS.names()
+
+
+def _backends() -> list[str]:
+    from parablock.backends import BACKENDS
+
+    return BACKENDS.names()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = opt(
+        "smollm2-135m-instruct",
+        "a local Hugging Face model directory, or 'smollm2-135m-instruct' for the embedded "
+        "SmolLM2-135M-Instruct (a dequantised Q4_1 GGUF copy, cached once as safetensors)",
+    )
+    blocks: str = opt(
+        "top:8",
+        "which blocks train: 'all', 'top:N', 'bottom:N', or indices/ranges like '0-3,10'",
+    )
+    extra_blocks: str = opt(
+        "",
+        "comma-separated non-layer blocks to add after the decoder layers: embed, norm, head",
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = opt(
+        "reasoning_gym:gsm_symbolic",
+        "training data: 'reasoning_gym:<task>' (generated offline with run.seed)",
+    )
+    train_size: int = opt(512, "training examples generated, split over the clients", ge=1)
+    max_length: int = opt(
+        256, "tokens per example; longer examples are truncated from the right", ge=16
+    )
+    partition: str = opt("iid", "how examples are split over clients", choices=("iid", "replicate"))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    algorithm: str = opt("parablock", "parablock (two threads per client) or fedbcd (sequential)",
+                         choices=_algorithms)
+    clients: int = opt(2, "number of clients", ge=1, le=1024)
+    rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
+    local_steps: int = opt(2, "optimizer steps K per client per round", ge=1)
+    batch_size: int = opt(4, "examples per optimizer step", ge=1)
+    lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = opt(0, "linear warm-up steps within a round's K steps", ge=0)
+    lr_schedule: str = opt("constant", "learning rate after warm-up within a round",
+                           choices=("constant", "cosine"))
+    grad_clip: float = opt(1.0, "max gradient norm per step (0 disables clipping)", ge=0.0)
+    schedule: str = opt("cyclic", "block order over rounds", choices=_schedules)
+    correction: str = opt("replace", "block-level correction at the barrier (none: ablation)",
+                          choices=_corrections)
+    aggregator: str = opt("weighted_mean", "how the server combines block deltas",
+                          choices=_aggregators)
+    server_lr: float = opt(1.0, "server learning rate eta_g", gt=0.0)
+    min_clients: int = opt(0, "updates a round needs after its deadline (0 = all clients)", ge=0)
+    round_timeout_s: float = opt(
+        600.0, "seconds a round waits for missing updates after the first one arrives", gt=0.0
+    )
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    up_mbps: float = opt(20.0, "client uplink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0)
+    down_mbps: float = opt(50.0, "client downlink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0)
+    latency_ms: float = opt(20.0, "one-way latency per transfer in milliseconds", ge=0.0)
+    chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    size: int = opt(64, "held-out examples (never trained on) for the eval loss", ge=1)
+    batch_size: int = opt(8, "examples per forward pass in evaluation", ge=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = opt(0, "seed for data, partition, schedule, batches and initialisation", ge=0)
+    out: str = opt("", "run directory (default: runs/<algorithm>-<timestamp>)")
+    backend: str = opt("local", "where clients run: local (threads in this process)",
+                       choices=_backends)
+    threads: int = opt(0, "torch threads per client (0 = cores / clients, at least 1)", ge=0)
+    log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "link": LinkConfig,
+    "eval": EvalConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        for name in SECTIONS:
+            _validate(name, getattr(self, name))
+        fed = self.federation
+        if fed.min_clients > fed.clients:
+            raise ConfigError(
+                f"federation.min_clients={fed.min_clients} exceeds federation.clients={fed.clients}"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **updates: dict[str, Any]) -> Config:
+        """A copy with some keys changed, e.g. ``cfg.replace(federation={"rounds": 3})``."""
+        data = self.to_dict()
+        for section, values in updates.items():
+            data.setdefault(section, {}).update(values)
+        return from_dict(data)
+
+
+def _validate(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key} must be a number, got nan")
+        choices = meta.get("choices")
+        if callable(choices):
+            choices = choices()
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed; valid: {', '.join(choices)}")
+        for bound, ok, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+        ):
+            b = meta.get(bound)
+            if b is not None and not ok(value, b):
+                raise ConfigError(f"{key}={value!r} is out of range; it must be {word} {b:g}")
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Convert a TOML value or a ``--set`` string to the field's type, or raise ConfigError."""
+    kind = type(f.default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"{key} expects {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key} expects {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _field(section: str, key: str) -> dataclasses.Field:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if key not in fields:
+        raise ConfigError(
+            f"unknown config key {section}.{key}; valid keys in [{section}]: {', '.join(fields)}"
+        )
+    return fields[key]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    sections = {}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        kwargs = {}
+        for key, value in values.items():
+            f = _field(section, key)
+            kwargs[key] = _coerce(f"{section}.{key}", f, value)
+        sections[section] = SECTIONS[section](**kwargs)
+    return Config(**sections)
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the config from an optional TOML file and ``section.key=value`` overrides."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        name, value = item.split("=", 1)
+        if name.count(".") != 1:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        section, key = name.strip().split(".")
+        _field(section, key)
+        data.setdefault(section, {})[key] = value
+    return from_dict(data)
+
+
+def help_text() -> str:
+    """Every key with its default and meaning, for ``--help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            if callable(choices):
+                try:
+                    choices = choices()
+                except Exception:  # a registry whose optional package is missing
+                    choices = None
+            extra = f" {{{', '.join(choices)}}}" if choices else ""
+            lines.append(f"  {section}.{f.name} = {f.default!r}{extra}")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
