@@ -36,22 +36,36 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|im_start|>", "<|im_end|>"],
+        vocab_size=1024,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+    )
     fast.chat_template = CHATML
     return fast
 
 
 def make_model(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -81,8 +95,14 @@ def tiny_config(model_dir: str, out: str, **sections) -> Config:
     base = {
         "model": {"name_or_path": model_dir, "blocks": "all"},
         "data": {"train_size": 32, "max_length": 320},
-        "federation": {"clients": 2, "rounds": 4, "local_steps": 2, "batch_size": 2, "lr": 1e-3,
-                       "round_timeout_s": 60.0},
+        "federation": {
+            "clients": 2,
+            "rounds": 4,
+            "local_steps": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "round_timeout_s": 60.0,
+        },
         "link": {"up_mbps": 200.0, "down_mbps": 200.0, "latency_ms": 5.0},
         "eval": {"size": 8, "batch_size": 4},
         "run": {"out": out, "seed": 0, "threads": 1},

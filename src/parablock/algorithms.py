@@ -22,9 +22,9 @@ ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 def parablock(client: Client) -> None:
     if len(set(client.plan)) < 2:
         raise ValueError("parablock needs at least 2 selected blocks (see model.blocks)")
-    pending = None
     for t in range(len(client.plan)):
         record = client.new_record(t)
+        pending = client.pending
         # The communication thread moves round t-1's delta while this thread trains round t.
         inflight = client.communicate_async(pending, record) if pending is not None else None
         update = client.compute(t, record)
@@ -34,29 +34,30 @@ def parablock(client: Client) -> None:
             client.log.add_span(t, "idle", idle_from, time.time())
             record.idle_s = time.time() - idle_from
             client.correct(value)
-        pending = update
+        client.pending = update
         client.barrier(record)
     if client.correction.drain:
-        _drain(client, pending)
+        _drain(client)
 
 
 @ALGORITHMS.register("fedbcd")
 def fedbcd(client: Client) -> None:
-    pending = None
     for t in range(len(client.plan)):
         record = client.new_record(t)
-        if pending is not None:
+        if client.pending is not None:
             idle_from = time.time()
-            client.correct(client.communicate(pending, record))
+            client.correct(client.communicate(client.pending, record))
             record.idle_s = time.time() - idle_from  # the compute side waits for the network
-        pending = client.compute(t, record)
+        client.pending = client.compute(t, record)
         client.barrier(record)
-    _drain(client, pending)
+    _drain(client)
 
 
-def _drain(client: Client, pending) -> None:
+def _drain(client: Client) -> None:
+    """Upload the last delta and apply its aggregate, so the client ends equal to the server."""
     record = client.new_record(len(client.plan), drain=True)
-    client.correct(client.communicate(pending, record))
+    client.correct(client.communicate(client.pending, record))
+    client.pending = None
     client.barrier(record)
 
 

@@ -52,8 +52,14 @@ def model_blocks(model: nn.Module, extra: str = "") -> list[Block]:
     wanted = [e.strip() for e in extra.split(",") if e.strip()]
     for e in wanted:
         if e not in EXTRA_BLOCKS:
-            raise BlockError(f"model.extra_blocks: unknown block {e!r}; valid: {', '.join(EXTRA_BLOCKS)}")
-    patterns = {"embed": r"^model\.embed_tokens\.", "norm": r"^model\.norm\.", "head": r"^lm_head\."}
+            raise BlockError(
+                f"model.extra_blocks: unknown block {e!r}; valid: {', '.join(EXTRA_BLOCKS)}"
+            )
+    patterns = {
+        "embed": r"^model\.embed_tokens\.",
+        "norm": r"^model\.norm\.",
+        "head": r"^lm_head\.",
+    }
     for e in wanted:
         params = tuple(n for n in names if re.match(patterns[e], n))
         if not params:

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="parablock",
         description="Federated block-coordinate fine-tuning of LLMs with ParaBlock "
-                    "(communication and computation in parallel) or FedBCD (sequential).",
+        "(communication and computation in parallel) or FedBCD (sequential).",
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
@@ -36,18 +36,24 @@ def _parser() -> argparse.ArgumentParser:
         help="run one federated fine-tuning job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one federated fine-tuning job. With no options it fine-tunes the embedded "
-                    "SmolLM2-135M-Instruct on generated GSM8K-style math with 2 ParaBlock clients "
-                    "(a few minutes on 2 CPU cores).",
+        "SmolLM2-135M-Instruct on generated GSM8K-style math with 2 ParaBlock clients "
+        "(a few minutes on 2 CPU cores).",
         epilog="configuration keys (set with --set section.key=value or in a TOML file):\n\n"
-               + help_text()
-               + "\n\nexamples:\n"
-                 "  parablock run\n"
-                 "  parablock run --set federation.algorithm=fedbcd --set run.out=runs/fedbcd\n"
-                 "  parablock run --set link.up_mbps=inf --set link.down_mbps=inf",
+        + help_text()
+        + "\n\nexamples:\n"
+        "  parablock run\n"
+        "  parablock run --set federation.algorithm=fedbcd --set run.out=runs/fedbcd\n"
+        "  parablock run --set link.up_mbps=inf --set link.down_mbps=inf",
     )
     r.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] key = value")
-    r.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key (repeatable)",
+    )
     return p
 
 
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, args.overrides)
         logging.basicConfig(
             level=cfg.run.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
         )
         from parablock.runner import run
 
@@ -69,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parablock: interrupted", file=sys.stderr)
         return 130
-    print(f"done: held-out loss {summary['initial_eval_loss']:.4f} -> "
-          f"{summary['final_eval_loss']:.4f}, wall {summary['wall_time_s']:.1f}s; "
-          f"run directory {summary['run_dir']}")
+    print(
+        f"done: held-out loss {summary['initial_eval_loss']:.4f} -> "
+        f"{summary['final_eval_loss']:.4f}, wall {summary['wall_time_s']:.1f}s; "
+        f"run directory {summary['run_dir']}"
+    )
     return 0
 
 

@@ -56,6 +56,7 @@ class Client:
         self.on_barrier = on_barrier
         self.versions = {b.index: -1 for b in blocks}  # last global version known per block
         self.plan: list[int] = []
+        self.pending: BlockUpdate | None = None  # the trained delta not yet uploaded
         self.log = ClientLog(client_id)
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
 
@@ -74,8 +75,9 @@ class Client:
     def compute(self, round: int, record: RoundRecord) -> BlockUpdate:
         """Train the round's block from the current model; leave global + delta in place."""
         block = self.blocks[self.plan[round]]
-        batches = round_indices(len(self.data), round, self.settings.steps,
-                                self.settings.batch_size, self.seed)
+        batches = round_indices(
+            len(self.data), round, self.settings.steps, self.settings.batch_size, self.seed
+        )
         with self.log.span(round, "compute", record):
             result = train_block(self.model, block, self.data, batches, self.settings, self.pad_id)
             # Hold exactly base + delta (the server's own formula), so that with identical
@@ -83,8 +85,15 @@ class Client:
             set_block(self.model, block, apply(result.before, result.delta, 1.0))
         record.train_loss = result.loss
         record.examples = result.num_examples
-        return BlockUpdate(self.id, round, block.index, self.versions[block.index],
-                           result.num_examples, result.loss, result.delta)
+        return BlockUpdate(
+            self.id,
+            round,
+            block.index,
+            self.versions[block.index],
+            result.num_examples,
+            result.loss,
+            result.delta,
+        )
 
     def communicate(self, pending: BlockUpdate, record: RoundRecord) -> BlockValue:
         """Upload a pending delta, wait for its round's aggregate, download it."""

@@ -99,8 +99,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    algorithm: str = opt("parablock", "parablock (two threads per client) or fedbcd (sequential)",
-                         choices=_algorithms)
+    algorithm: str = opt(
+        "parablock",
+        "parablock (two threads per client) or fedbcd (sequential)",
+        choices=_algorithms,
+    )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
     rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
     local_steps: int = opt(2, "optimizer steps K per client per round", ge=1)
@@ -108,14 +111,17 @@ class FederationConfig:
     lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps within a round's K steps", ge=0)
-    lr_schedule: str = opt("constant", "learning rate after warm-up within a round",
-                           choices=("constant", "cosine"))
+    lr_schedule: str = opt(
+        "constant", "learning rate after warm-up within a round", choices=("constant", "cosine")
+    )
     grad_clip: float = opt(1.0, "max gradient norm per step (0 disables clipping)", ge=0.0)
     schedule: str = opt("cyclic", "block order over rounds", choices=_schedules)
-    correction: str = opt("replace", "block-level correction at the barrier (none: ablation)",
-                          choices=_corrections)
-    aggregator: str = opt("weighted_mean", "how the server combines block deltas",
-                          choices=_aggregators)
+    correction: str = opt(
+        "replace", "block-level correction at the barrier (none: ablation)", choices=_corrections
+    )
+    aggregator: str = opt(
+        "weighted_mean", "how the server combines block deltas", choices=_aggregators
+    )
     server_lr: float = opt(1.0, "server learning rate eta_g", gt=0.0)
     min_clients: int = opt(0, "updates a round needs after its deadline (0 = all clients)", ge=0)
     round_timeout_s: float = opt(
@@ -133,7 +139,7 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    size: int = opt(64, "held-out examples (never trained on) for the eval loss", ge=1)
+    size: int = opt(32, "held-out examples (never trained on) for the eval loss", ge=1)
     batch_size: int = opt(8, "examples per forward pass in evaluation", ge=1)
 
 
@@ -141,8 +147,9 @@ class EvalConfig:
 class RunConfig:
     seed: int = opt(0, "seed for data, partition, schedule, batches and initialisation", ge=0)
     out: str = opt("", "run directory (default: runs/<algorithm>-<timestamp>)")
-    backend: str = opt("local", "where clients run: local (threads in this process)",
-                       choices=_backends)
+    backend: str = opt(
+        "local", "where clients run: local (threads in this process)", choices=_backends
+    )
     threads: int = opt(0, "torch threads per client (0 = cores / clients, at least 1)", ge=0)
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
 

@@ -76,19 +76,25 @@ def train_and_heldout(source: str, train_size: int, eval_size: int, seed: int):
     """Disjoint train and held-out records (different seeds, overlapping prompts removed)."""
     train = load_records(source, train_size, seed)
     seen = {r.prompt for r in train}
-    heldout = [r for r in load_records(source, eval_size * 2, seed + 1_000_003) if r.prompt not in seen]
+    heldout = [
+        r for r in load_records(source, eval_size * 2, seed + 1_000_003) if r.prompt not in seen
+    ]
     return train, heldout[:eval_size]
 
 
-def encode(record: Record, tokenizer, max_length: int, stats: DataStats | None = None) -> Example | None:
+def encode(
+    record: Record, tokenizer, max_length: int, stats: DataStats | None = None
+) -> Example | None:
     user = [{"role": "user", "content": record.prompt}]
     full = user + [{"role": "assistant", "content": record.response}]
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(full, tokenize=False)
     if not full_text.startswith(prompt_text):
-        raise DataError("the tokenizer's chat template does not extend the prompt with the response")
+        raise DataError(
+            "the tokenizer's chat template does not extend the prompt with the response"
+        )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(response_ids)
     labels = [IGNORE] * len(prompt_ids) + list(response_ids)
     if len(prompt_ids) >= max_length:
@@ -105,10 +111,18 @@ def encode(record: Record, tokenizer, max_length: int, stats: DataStats | None =
 def encode_all(records: list[Record], tokenizer, max_length: int, what: str) -> list[Example]:
     stats = DataStats()
     out = [e for r in records if (e := encode(r, tokenizer, max_length, stats)) is not None]
-    log.info("%s: %d examples kept, %d truncated, %d dropped (prompt >= data.max_length=%d)",
-             what, stats.kept, stats.truncated, stats.dropped, max_length)
+    log.info(
+        "%s: %d examples kept, %d truncated, %d dropped (prompt >= data.max_length=%d)",
+        what,
+        stats.kept,
+        stats.truncated,
+        stats.dropped,
+        max_length,
+    )
     if not out:
-        raise DataError(f"{what}: every example was dropped; raise data.max_length above {max_length}")
+        raise DataError(
+            f"{what}: every example was dropped; raise data.max_length above {max_length}"
+        )
     return out
 
 
@@ -131,7 +145,7 @@ def round_indices(n: int, round: int, steps: int, batch_size: int, seed: int) ->
     rng = np.random.default_rng([seed, 11, round])
     need = steps * batch_size
     idx = rng.choice(n, size=need, replace=need > n)
-    return [idx[k * batch_size:(k + 1) * batch_size].tolist() for k in range(steps)]
+    return [idx[k * batch_size : (k + 1) * batch_size].tolist() for k in range(steps)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ def _unpack(kind: str, payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         raise MessageError(f"{kind}: payload of {len(payload)} bytes is truncated")
     try:
         header_len = int.from_bytes(payload[:8], "little")
-        header = json.loads(payload[8:8 + header_len])
+        header = json.loads(payload[8 : 8 + header_len])
         info = header.get("__metadata__", {})
         tensors = st_load(bytes(payload))
     except Exception as e:  # safetensors raises several error types on a damaged header
@@ -85,8 +85,10 @@ class BlockUpdate:
         _check_tensors(self.tensors, f"BlockUpdate(client {self.client}, round {self.round})")
 
     def serialize(self) -> bytes:
-        meta = {k: getattr(self, k) for k in
-                ("client", "round", "block", "base_version", "num_examples", "train_loss")}
+        meta = {
+            k: getattr(self, k)
+            for k in ("client", "round", "block", "base_version", "num_examples", "train_loss")
+        }
         return _pack("BlockUpdate", meta, self.tensors)
 
     @classmethod

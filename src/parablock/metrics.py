@@ -104,8 +104,15 @@ def round_times(records: list[RoundRecord]) -> dict[int, float]:
     return out
 
 
-def summarize(records: list[RoundRecord], *, algorithm: str, clients: int, rounds: int,
-              wall_time_s: float, aggregate_s: float = 0.0) -> dict:
+def summarize(
+    records: list[RoundRecord],
+    *,
+    algorithm: str,
+    clients: int,
+    rounds: int,
+    wall_time_s: float,
+    aggregate_s: float = 0.0,
+) -> dict:
     """Per-run means and the ideal speed-up (compute + comm) / max(compute, comm)."""
     train = [r for r in records if not r.drain]
     compute = _mean([r.compute_s for r in train])

@@ -135,8 +135,12 @@ class Server:
         self.next_round = round + 1
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
-        log.debug("round %d: aggregated block %d from clients %s", round, block.index,
-                  self.stats.participants[round])
+        log.debug(
+            "round %d: aggregated block %d from clients %s",
+            round,
+            block.index,
+            self.stats.participants[round],
+        )
 
     # -- serving aggregates -----------------------------------------------------------------
     def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
@@ -154,8 +158,12 @@ class Server:
                 if now - first >= limit:
                     got = len(self._pending.get(round, {}))
                     if got >= self.min_clients and got > 0:
-                        log.warning("round %d: deadline passed, aggregating %d of %d updates",
-                                    round, got, self.clients)
+                        log.warning(
+                            "round %d: deadline passed, aggregating %d of %d updates",
+                            round,
+                            got,
+                            self.clients,
+                        )
                         self._aggregate(round)
                     else:
                         self._failed[round] = (

@@ -84,12 +84,14 @@ def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: in
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        batch = collate(data[i:i + batch_size], pad_id)
+        batch = collate(data[i : i + batch_size], pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-            ignore_index=-100, reduction="sum",
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         total += loss.item()
         count += int((labels != -100).sum())

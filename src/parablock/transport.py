@@ -31,7 +31,9 @@ class Connection:
         self.uplink = Link(up)
         self.downlink = Link(down)
 
-    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[BlockValue], int]:
+    def join(
+        self, client: int, versions: dict[int, int]
+    ) -> tuple[list[int], list[BlockValue], int]:
         """Returns the round plan, the blocks to catch up on, and the bytes downloaded."""
         plan, payloads = self.server.join(client, versions)
         values, nbytes = [], 0

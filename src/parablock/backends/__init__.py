@@ -40,9 +40,15 @@ def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> C
     """A client with its own freshly loaded model copy, connected to ``server``."""
     model = load_model(spec.model)
     return Client(
-        spec.client_id, model, model_blocks(model, spec.extra_blocks), list(spec.data),
-        spec.settings, Connection(server, spec.uplink, spec.downlink),
-        CORRECTIONS.get(spec.correction), seed=spec.seed, pad_id=spec.pad_id,
+        spec.client_id,
+        model,
+        model_blocks(model, spec.extra_blocks),
+        list(spec.data),
+        spec.settings,
+        Connection(server, spec.uplink, spec.downlink),
+        CORRECTIONS.get(spec.correction),
+        seed=spec.seed,
+        pad_id=spec.pad_id,
         on_barrier=on_barrier,
     )
 

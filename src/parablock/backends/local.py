@@ -24,8 +24,9 @@ def torch_threads(clients: int, requested: int = 0) -> int:
     return requested or max(1, (os.cpu_count() or 1) // clients)
 
 
-def run_local(specs: list[ClientSpec], server: Server, *, threads: int = 0,
-              on_barrier=None) -> list[ClientLog]:
+def run_local(
+    specs: list[ClientSpec], server: Server, *, threads: int = 0, on_barrier=None
+) -> list[ClientLog]:
     torch.set_num_threads(torch_threads(len(specs), threads))
     clients = [build_client(s, server, on_barrier) for s in specs]
     errors: list[BaseException] = []

@@ -1,0 +1,93 @@
+"""Server aggregation against a hand computation, and rejection of bad or late updates."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import make_model
+from parablock.blocks import block_state, model_blocks
+from parablock.messages import BlockUpdate
+from parablock.server import RoundFailedError, Server
+
+
+def _server(**kw):
+    model = make_model(vocab=64, layers=3)
+    blocks = model_blocks(model)
+    args = dict(clients=2)
+    args.update(kw)
+    return Server(model, blocks, [1, 2, 1], **args), blocks
+
+
+def _delta(blocks, b, value):
+    return {
+        n: torch.full_like(t, value) for n, t in block_state(_server()[0].model, blocks[b]).items()
+    }
+
+
+def _send(server, client, round, block, delta, n=1, base=-1):
+    return server.receive_update(BlockUpdate(client, round, block, base, n, 0.5, delta).serialize())
+
+
+def test_weighted_aggregation_with_server_lr_equals_hand_computation():
+    server, blocks = _server(server_lr=0.5)
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    d0, d1 = _delta(blocks, 1, 1.0), _delta(blocks, 1, 4.0)
+    assert _send(server, 0, 0, 1, d0, n=3) == (True, "accepted")
+    assert server.next_round == 0  # waits for client 1
+    assert _send(server, 1, 0, 1, d1, n=1)[0]
+    # (3*1 + 1*4) / 4 = 1.75, times server_lr 0.5 = 0.875
+    after = dict(server.model.named_parameters())
+    for n, p in after.items():
+        if n in blocks[1].param_names:
+            torch.testing.assert_close(p.detach(), before[n] + 0.875)
+        else:
+            assert torch.equal(p.detach(), before[n]), n
+    assert server.versions[1] == 0 and server.versions[2] == -1
+    value = server.wait_aggregate(0)
+    assert len(value) > 0
+
+
+def test_bad_updates_are_rejected_logged_and_never_applied(caplog):
+    server, blocks = _server()
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    caplog.set_level(logging.WARNING)
+    wrong_shape = {n: torch.zeros(2) for n in blocks[1].param_names}
+    assert not _send(server, 0, 0, 1, wrong_shape)[0]
+    assert not _send(server, 0, 0, 2, _delta(blocks, 2, 1.0))[0]  # not the round's block
+    assert not _send(server, 5, 0, 1, _delta(blocks, 1, 1.0))[0]  # unknown client
+    assert not _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=3)[0]  # wrong base
+    corrupt = bytearray(BlockUpdate(0, 0, 1, -1, 1, 0.1, _delta(blocks, 1, 1.0)).serialize())
+    corrupt[-1] ^= 1
+    assert not server.receive_update(bytes(corrupt))[0]
+    assert len(server.stats.rejected) == 5
+    assert "rejected an update" in caplog.text and "checksum" in caplog.text
+    for n, p in server.model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+    # a late update for a closed round
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    ok, reason = _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    assert not ok and "late" in reason
+
+
+def test_deadline_aggregates_with_min_clients_or_fails_clearly():
+    server, blocks = _server(min_clients=1, round_timeout_s=0.2)
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    server.wait_aggregate(0)
+    assert server.stats.participants[0] == [0]
+    strict, blocks = _server(min_clients=2, round_timeout_s=0.2)
+    _send(strict, 0, 0, 1, _delta(blocks, 1, 1.0))
+    with pytest.raises(RoundFailedError, match="1 update"):
+        strict.wait_aggregate(0)
+
+
+def test_join_sends_only_blocks_whose_version_differs():
+    server, blocks = _server()
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    plan, payloads = server.join(0, {b.index: -1 for b in blocks})
+    assert plan == [1, 2, 1] and len(payloads) == 1
+    assert server.join(0, {0: -1, 1: 0, 2: -1})[1] == []
