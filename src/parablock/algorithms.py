@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from parablock.client import Client
 from parablock.registry import Registry
+from parablock.server import RunStopped
 
 Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
@@ -22,7 +23,7 @@ ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 def parablock(client: Client) -> None:
     if len(set(client.plan)) < 2:
         raise ValueError("parablock needs at least 2 selected blocks (see model.blocks)")
-    for t in range(len(client.plan)):
+    for t in range(client.start_round, len(client.plan)):
         record = client.new_record(t)
         pending = client.pending
         # The communication thread moves round t-1's delta while this thread trains round t.
@@ -36,13 +37,14 @@ def parablock(client: Client) -> None:
             client.correct(value)
         client.pending = update
         client.barrier(record)
+        _check_stop(client)
     if client.correction.drain:
         _drain(client)
 
 
 @ALGORITHMS.register("fedbcd")
 def fedbcd(client: Client) -> None:
-    for t in range(len(client.plan)):
+    for t in range(client.start_round, len(client.plan)):
         record = client.new_record(t)
         if client.pending is not None:
             idle_from = time.time()
@@ -50,7 +52,13 @@ def fedbcd(client: Client) -> None:
             record.idle_s = time.time() - idle_from  # the compute side waits for the network
         client.pending = client.compute(t, record)
         client.barrier(record)
+        _check_stop(client)
     _drain(client)
+
+
+def _check_stop(client: Client) -> None:
+    if client.stopping():  # this barrier's state is saved; leave before starting another round
+        raise RunStopped(f"client {client.id} stopped")
 
 
 def _drain(client: Client) -> None:

@@ -16,12 +16,21 @@ from parablock.config import ConfigError, help_text, load
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from parablock.blocks import BlockError
+    from parablock.checkpoint import CheckpointError
     from parablock.data import DataError
     from parablock.model import ModelError
     from parablock.registry import UnknownNameError
     from parablock.runner import RunDirError
 
-    return (ConfigError, BlockError, DataError, ModelError, UnknownNameError, RunDirError)
+    return (
+        ConfigError,
+        BlockError,
+        DataError,
+        ModelError,
+        UnknownNameError,
+        RunDirError,
+        CheckpointError,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] key = value")
     r.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (its config.toml)",
+    )
+    r.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -61,15 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data never come from a hub
     try:
-        cfg = load(args.config, args.overrides)
+        if args.resume:
+            if args.config:
+                raise ConfigError("--resume takes the run's own config.toml; drop --config")
+            cfg_file = os.path.join(args.resume, "config.toml")
+            cfg = load(cfg_file, [*args.overrides, f"run.out={args.resume}"])
+        else:
+            cfg = load(args.config, args.overrides)
         logging.basicConfig(
             level=cfg.run.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
-        from parablock.runner import run
+        from parablock.runner import RunInterrupted, run
 
-        summary = run(cfg)
+        try:
+            summary = run(cfg, resume=bool(args.resume))
+        except RunInterrupted as e:
+            print(f"parablock: {e}", file=sys.stderr)
+            return 130
     except _user_errors() as e:
         print(f"parablock: error: {e}", file=sys.stderr)
         return 2

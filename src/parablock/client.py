@@ -9,6 +9,7 @@ the block-level correction. All of them record spans and per-round numbers in ``
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from torch import nn
 
 from parablock.aggregate import apply
-from parablock.blocks import Block, set_block
+from parablock.blocks import Block, block_state, set_block
+from parablock.checkpoint import CheckpointStore, ClientState
 from parablock.correction import Correction
 from parablock.data import Example, round_indices
 from parablock.messages import BlockUpdate, BlockValue
@@ -41,6 +43,9 @@ class Client:
         seed: int,
         pad_id: int,
         on_barrier: Callable[[Client, int], None] | None = None,
+        checkpoint: CheckpointStore | None = None,
+        resume: ClientState | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         if not data:
             raise ValueError(f"client {client_id} has no training data")
@@ -57,16 +62,50 @@ class Client:
         self.versions = {b.index: -1 for b in blocks}  # last global version known per block
         self.plan: list[int] = []
         self.pending: BlockUpdate | None = None  # the trained delta not yet uploaded
+        self.dirty: set[int] = set()  # blocks where this copy differs from the known global
+        self.start_round = 0
+        self.checkpoint = checkpoint
+        self.resume = resume
+        self.stop = stop
         self.log = ClientLog(client_id)
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def join(self) -> None:
+        """Get the round plan and catch up on every block whose global version we lack."""
         plan, values, _ = self.connection.join(self.id, self.versions)
         for v in values:
             set_block(self.model, self.blocks[v.block], v.tensors)
             self.versions[v.block] = v.version
         self.plan = plan
+        if self.resume is not None:
+            self._restore(self.resume)
+            self.resume = None
+
+    def _restore(self, state: ClientState) -> None:
+        for b, tensors in state.dirty.items():
+            set_block(self.model, self.blocks[b], tensors)
+        self.dirty = set(state.dirty)
+        self.versions = dict(state.versions)
+        self.pending = state.pending
+        self.log.rounds = list(state.records)
+        self.log.spans = list(state.spans)
+        self.start_round = state.round + 1
+
+    def state(self, round: int) -> ClientState:
+        """Everything needed to continue after barrier ``round`` (copies, safe to write later)."""
+        return ClientState(
+            self.id,
+            round,
+            dict(self.versions),
+            self.pending,
+            {b: block_state(self.model, self.blocks[b]) for b in sorted(self.dirty)},
+            list(self.log.rounds),
+            list(self.log.spans),
+        )
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
@@ -83,6 +122,7 @@ class Client:
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
             set_block(self.model, block, apply(result.before, result.delta, 1.0))
+        self.dirty.add(block.index)
         record.train_loss = result.loss
         record.examples = result.num_examples
         return BlockUpdate(
@@ -118,11 +158,14 @@ class Client:
         self.versions[value.block] = value.version
         if self.correction.apply_global:
             set_block(self.model, self.blocks[value.block], value.tensors)
+            self.dirty.discard(value.block)
 
     def barrier(self, record: RoundRecord) -> None:
         record.end = time.time()
         record.round_s = record.end - record.start
         self.log.rounds.append(record)
+        if self.checkpoint is not None and not record.drain:
+            self.checkpoint.save_client(self.state(record.round))
         if self.on_barrier is not None:
             self.on_barrier(self, record.round)
 

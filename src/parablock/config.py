@@ -151,6 +151,12 @@ class RunConfig:
         "local", "where clients run: local (threads in this process)", choices=_backends
     )
     threads: int = opt(0, "torch threads per client (0 = cores / clients, at least 1)", ge=0)
+    checkpoint: bool = opt(
+        True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
+    )
+    checkpoint: bool = opt(
+        True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
+    )
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
 
 

@@ -123,3 +123,8 @@ class BlockValue:
             return cls(tensors=tensors, **meta)
         except TypeError as e:
             raise MessageError(f"BlockValue: bad metadata ({e})") from None
+
+
+# The same checked envelope (safetensors + JSON metadata + digest) serves checkpoint files.
+pack = _pack
+unpack = _unpack

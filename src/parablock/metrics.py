@@ -99,7 +99,8 @@ def round_times(records: list[RoundRecord]) -> dict[int, float]:
         starts[r.round] = min(starts.get(r.round, float("inf")), r.start)
     out = {}
     for t in sorted(ends):
-        begin = ends.get(t - 1, starts[t])
+        # after a resume, round t starts later than round t-1 ended: the downtime is not counted
+        begin = max(ends[t - 1], starts[t]) if t - 1 in ends else starts[t]
         out[t] = ends[t] - begin
     return out
 

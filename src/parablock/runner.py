@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 
 from parablock.backends import BACKENDS, ClientSpec
 from parablock.blocks import block_nbytes, model_blocks, select_blocks
+from parablock.checkpoint import CheckpointStore
 from parablock.config import Config
 from parablock.data import Example, encode_all, partition, train_and_heldout
 from parablock.link import LinkSpec
@@ -32,13 +36,19 @@ log = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
-    """The run directory cannot be used (it already holds a finished run)."""
+    """The run directory cannot be used (it already holds a finished run, or nothing to resume)."""
 
 
-def run_dir(cfg: Config) -> Path:
+class RunInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the run after saving its state; the message says how to resume."""
+
+
+def run_dir(cfg: Config, resume: bool = False) -> Path:
     out = Path(cfg.run.out or f"runs/{cfg.federation.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "summary.json").exists():
         raise RunDirError(f"run.out={str(out)!r} already holds a finished run; choose another")
+    if resume and not (out / "checkpoint" / "run.json").is_file():
+        raise RunDirError(f"{out} holds no checkpoint to resume from")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -140,23 +150,49 @@ def prepare(cfg: Config) -> Federation:
     return Federation(cfg, server, specs, tokenizer, heldout, selected)
 
 
-def run(cfg: Config, *, on_barrier=None) -> dict:
-    """Run the configured federation; returns the summary (also written to the run directory)."""
-    out = run_dir(cfg)
-    (out / "config.toml").write_text(cfg.to_toml())
+def run(
+    cfg: Config, *, on_barrier=None, resume: bool = False, stop: threading.Event | None = None
+) -> dict:
+    """Run the configured federation; returns the summary (also written to the run directory).
+
+    With ``resume`` it continues the interrupted run in ``cfg.run.out`` from its checkpoint.
+    Setting ``stop`` (or Ctrl-C / SIGTERM) ends the run after the current round, state saved.
+    """
+    out = run_dir(cfg, resume)
+    if not resume:
+        (out / "config.toml").write_text(cfg.to_toml())
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
     f = prepare(cfg)
     model, server, tokenizer, heldout = f.model, f.server, f.tokenizer, f.heldout
     pad_id = tokenizer.pad_token_id
     plan, selected, specs = server.plan, f.selected, f.specs
+    stop = stop or threading.Event()
 
-    initial_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
-    log.info("held-out loss before training: %.4f", initial_loss)
+    store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
+    if resume:
+        point = store.load(fed.clients, selected)
+        server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
+        specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
+        started_at, initial_loss = point.started_at, point.initial_eval_loss
+        log.info("resuming %s after round %d of %d", out, point.round + 1, fed.rounds)
+    else:
+        initial_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
+        log.info("held-out loss before training: %.4f", initial_loss)
+        started_at = time.time()
+        if store is not None:
+            store.save_run(started_at, initial_loss)
+    if store is not None:
+        server.on_aggregate = lambda r, b, value, secs, who: store.save_block(
+            b, r, value, secs, who
+        )
+        specs = [replace(s, checkpoint_dir=str(store.dir)) for s in specs]
 
     def progress(client, t: int) -> None:
         if on_barrier is not None:
             on_barrier(client, t)
+        if stop.is_set():
+            server.stop()  # wake clients waiting on aggregates that will not come
         if client.id == 0:
             r = client.log.rounds[-1]
             what = "drain" if r.drain else f"round {t + 1}/{fed.rounds} block {r.block}"
@@ -174,14 +210,21 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
 
     backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
-    logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress)
-    wall = time.time() - start
+    with _stop_on_signals(stop, server):
+        logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress, stop=stop)
+    if store is not None:
+        store.flush()
+    if stop.is_set():
+        raise RunInterrupted(f"stopped; resume with: parablock run --resume {out}")
+    records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
+    # wall time excludes any downtime between an interruption and the resume
+    before = max((r.end for r in records if r.end < start), default=started_at) - started_at
+    wall = before + time.time() - start
     torch.set_num_threads(os.cpu_count() or 1)
 
     final_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
     log.info("held-out loss after training: %.4f (was %.4f)", final_loss, initial_loss)
 
-    records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
     agg = server.stats.aggregate_s
     summary = summarize(
         records,
@@ -204,7 +247,15 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
         else "",
     )
     _write(
-        out, records, logs, server, round_times(records), start, initial_loss, final_loss, summary
+        out,
+        records,
+        logs,
+        server,
+        round_times(records),
+        started_at,
+        initial_loss,
+        final_loss,
+        summary,
     )
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -212,6 +263,30 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
         "wall time %.1fs, mean round %.2fs; run directory: %s", wall, summary["mean_round_s"], out
     )
     return summary
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event, server: Server):
+    """Ctrl-C / SIGTERM: finish cleanly at the next barrier instead of dying mid-round."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now (the checkpoint still holds)
+        log.warning(
+            "%s: stopping at the next barrier; the run can be resumed", signal.Signals(signum).name
+        )
+        stop.set()
+        server.stop()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _write(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class RoundFailedError(RuntimeError):
     """A round that could not aggregate (too few updates before its deadline)."""
+
+
+class RunStopped(RuntimeError):
+    """The run is being stopped (Ctrl-C / SIGTERM); clients leave at their next wait."""
 
 
 @dataclass
@@ -63,6 +68,9 @@ class Server:
         self._aggregates: dict[int, bytes] = {}
         self._failed: dict[int, str] = {}
         self._cond = threading.Condition()
+        self._stopped = False
+        # called with (round, block, value, aggregate_s, participants) after each aggregation
+        self.on_aggregate: Callable[[int, int, dict, float, list[int]], None] | None = None
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     # -- joining and catch-up -------------------------------------------------------------
@@ -135,6 +143,14 @@ class Server:
         self.next_round = round + 1
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
+        if self.on_aggregate is not None:
+            self.on_aggregate(
+                round,
+                block.index,
+                value,
+                self.stats.aggregate_s[round],
+                self.stats.participants[round],
+            )
         log.debug(
             "round %d: aggregated block %d from clients %s",
             round,
@@ -149,6 +165,8 @@ class Server:
         started = time.monotonic()
         with self._cond:
             while True:
+                if self._stopped:
+                    raise RunStopped("the run is stopping")
                 if round in self._aggregates:
                     return self._aggregates[round]
                 if round in self._failed:
@@ -174,6 +192,28 @@ class Server:
                     self._cond.notify_all()
                     continue
                 self._cond.wait(timeout=min(1.0, limit - (now - first)))
+
+    def stop(self) -> None:
+        """Wake every waiting client with RunStopped (their last barrier state is saved)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def restore(
+        self,
+        round: int,
+        blocks: dict[int, tuple[int, dict]],
+        aggregate_s: dict[int, float],
+        participants: dict[int, list[int]],
+    ) -> None:
+        """Continue from a checkpoint: the global model after round ``round - 1``."""
+        with self._cond:
+            for b, (version, tensors) in blocks.items():
+                set_block(self.model, self.blocks[b], tensors)
+                self.versions[b] = version
+            self.next_round = round
+            self.stats.aggregate_s.update(aggregate_s)
+            self.stats.participants.update(participants)
 
     def global_value(self, block: int) -> BlockValue:
         with self._cond:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from parablock.blocks import model_blocks
+from parablock.checkpoint import CheckpointStore, ClientState
 from parablock.client import Client
 from parablock.correction import CORRECTIONS
 from parablock.data import Example
@@ -34,9 +35,11 @@ class ClientSpec:
     correction: str
     seed: int
     pad_id: int
+    checkpoint_dir: str | None = None  # where the client saves its state at every barrier
+    resume: ClientState | None = None  # the state to continue from
 
 
-def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> Client:
+def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None, stop=None) -> Client:
     """A client with its own freshly loaded model copy, connected to ``server``."""
     model = load_model(spec.model)
     return Client(
@@ -50,6 +53,9 @@ def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> C
         seed=spec.seed,
         pad_id=spec.pad_id,
         on_barrier=on_barrier,
+        stop=stop,
+        resume=spec.resume,
+        checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
     )
 
 

@@ -15,7 +15,7 @@ import torch
 from parablock.algorithms import run_client
 from parablock.backends import ClientSpec, build_client
 from parablock.metrics import ClientLog
-from parablock.server import Server
+from parablock.server import RunStopped, Server
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +25,22 @@ def torch_threads(clients: int, requested: int = 0) -> int:
 
 
 def run_local(
-    specs: list[ClientSpec], server: Server, *, threads: int = 0, on_barrier=None
+    specs: list[ClientSpec],
+    server: Server,
+    *,
+    threads: int = 0,
+    on_barrier=None,
+    stop: threading.Event | None = None,
 ) -> list[ClientLog]:
     torch.set_num_threads(torch_threads(len(specs), threads))
-    clients = [build_client(s, server, on_barrier) for s in specs]
+    clients = [build_client(s, server, on_barrier, stop) for s in specs]
     errors: list[BaseException] = []
 
     def work(client, algorithm: str) -> None:
         try:
             run_client(client, algorithm)
+        except RunStopped:
+            log.info("client %d stopped; its last barrier is saved", client.id)
         except BaseException as e:  # reported after every thread has stopped
             log.error("client %d failed: %s", client.id, e)
             errors.append(e)
@@ -46,6 +53,9 @@ def run_local(
         t.start()
     for t in threads_:
         t.join()
+    for c in clients:
+        if c.checkpoint is not None:
+            c.checkpoint.flush()
     if errors:
         raise errors[0]
     return [c.log for c in clients]

@@ -1,0 +1,269 @@
+"""Checkpoints: what a run needs to continue after Ctrl-C, SIGTERM or a hard kill.
+
+Written after every round, off the critical path (a background writer thread), each file atomically
+(write to a temp file, fsync, rename, fsync the directory) and checksummed:
+
+- ``block{b}.v{version}.st``: the server's global value of block b after the round ``version``
+  (the last ``KEEP`` versions of each block are kept, so the global model after any of the last
+  rounds can be rebuilt);
+- ``client{i}.r{t}.st``: client i at its barrier of round t: block versions it knows, its pending
+  delta, the values of blocks where it differs from the global model, and its round records/spans
+  (the last ``KEEP`` rounds are kept);
+- ``run.json``: when the run started.
+
+A resume picks the latest round R for which every client has a valid state and the server's global
+model after round R-1 can be rebuilt; a corrupt or truncated file is reported and skipped, so the
+previous good one is used. Random state needs no file: batches are a pure function of (seed, round)
+and a fresh optimizer starts every round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from parablock.messages import BlockUpdate, MessageError, pack, unpack
+from parablock.metrics import RoundRecord, Span
+
+log = logging.getLogger(__name__)
+
+KEEP = 3
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (the message says what was found)."""
+
+
+@dataclass
+class ClientState:
+    client: int
+    round: int  # the barrier this state was taken at
+    versions: dict[int, int]
+    pending: BlockUpdate | None
+    dirty: dict[int, dict[str, torch.Tensor]]  # block -> value where the client != global
+    records: list[RoundRecord] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"dirty.{b}.{n}": t for b, ts in self.dirty.items() for n, t in ts.items()}
+        meta = {
+            "client": self.client,
+            "round": self.round,
+            "versions": {str(k): v for k, v in self.versions.items()},
+            "records": [asdict(r) for r in self.records],
+            "spans": [asdict(s) for s in self.spans],
+            "pending": None,
+        }
+        if self.pending is not None:
+            p = self.pending
+            meta["pending"] = {
+                k: getattr(p, k)
+                for k in ("client", "round", "block", "base_version", "num_examples", "train_loss")
+            }
+            tensors.update({f"pending.{n}": t for n, t in p.tensors.items()})
+        return pack("ClientState", meta, tensors)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> ClientState:
+        meta, tensors = unpack("ClientState", payload)
+        dirty: dict[int, dict[str, torch.Tensor]] = {}
+        pending_t = {}
+        for key, t in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "pending":
+                pending_t[rest] = t
+            else:
+                b, _, name = rest.partition(".")
+                dirty.setdefault(int(b), {})[name] = t
+        pending = BlockUpdate(tensors=pending_t, **meta["pending"]) if meta["pending"] else None
+        return cls(
+            meta["client"],
+            meta["round"],
+            {int(k): v for k, v in meta["versions"].items()},
+            pending,
+            dirty,
+            [RoundRecord(**r) for r in meta["records"]],
+            [Span(**s) for s in meta["spans"]],
+        )
+
+
+@dataclass
+class ResumePoint:
+    round: int  # every client passed this barrier; the server aggregated rounds < round
+    blocks: dict[int, tuple[int, dict[str, torch.Tensor]]]  # block -> (version, global value)
+    clients: dict[int, ClientState]
+    aggregate_s: dict[int, float]
+    participants: dict[int, list[int]]
+    started_at: float
+    initial_eval_loss: float
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """One run's checkpoint directory; writes go through one background thread per store."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _submit(self, fn, *args) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="checkpoint", daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except BaseException as e:  # reported by flush(); never kills training
+                log.error("checkpoint write failed: %s", e)
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk."""
+        self._queue.join()
+        if self._error is not None:
+            raise CheckpointError(f"a checkpoint write failed: {self._error}")
+
+    def save_run(self, started_at: float, initial_eval_loss: float) -> None:
+        info = {"started_at": started_at, "initial_eval_loss": initial_eval_loss}
+        _atomic_write(self.dir / "run.json", json.dumps(info).encode())
+
+    def save_block(
+        self,
+        block: int,
+        version: int,
+        tensors: dict[str, torch.Tensor],
+        aggregate_s: float,
+        participants: list[int],
+    ) -> None:
+        meta = {
+            "block": block,
+            "version": version,
+            "aggregate_s": aggregate_s,
+            "participants": participants,
+        }
+        tensors = {n: t.detach().clone() for n, t in tensors.items()}
+        self._submit(
+            self._write,
+            f"block{block}.v{version}.st",
+            "BlockCheckpoint",
+            meta,
+            tensors,
+            rf"block{block}\.v(-?\d+)\.st",
+        )
+
+    def save_client(self, state: ClientState) -> None:
+        self._submit(self._write_client, state)
+
+    def _write_client(self, state: ClientState) -> None:
+        name = f"client{state.client}.r{state.round}.st"
+        _atomic_write(self.dir / name, state.to_bytes())
+        self._prune(rf"client{state.client}\.r(-?\d+)\.st")
+
+    def _write(self, name: str, kind: str, meta: dict, tensors, pattern: str) -> None:
+        _atomic_write(self.dir / name, pack(kind, meta, tensors))
+        self._prune(pattern)
+
+    def _prune(self, pattern: str) -> None:
+        found = sorted(self._versions(pattern), reverse=True)
+        for _, path in found[KEEP:]:
+            path.unlink(missing_ok=True)
+
+    def _versions(self, pattern: str) -> list[tuple[int, Path]]:
+        rx = re.compile(pattern + "$")
+        return [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := rx.match(p.name))]
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read(self, path: Path, kind: str):
+        try:
+            return unpack(kind, path.read_bytes())
+        except (MessageError, OSError, ValueError, KeyError) as e:
+            log.warning("checkpoint file %s is unusable (%s); using an earlier one", path, e)
+            return None
+
+    def load(self, clients: int, block_ids: list[int]) -> ResumePoint:
+        """The latest consistent point to resume from (see the module docstring)."""
+        run_file = self.dir / "run.json"
+        if not run_file.is_file():
+            raise CheckpointError(f"{self.dir} holds no checkpoint (no run.json)")
+        info = json.loads(run_file.read_text())
+        states: dict[int, dict[int, ClientState]] = {}
+        for i in range(clients):
+            states[i] = {}
+            for t, path in self._versions(rf"client{i}\.r(-?\d+)\.st"):
+                try:
+                    states[i][t] = ClientState.from_bytes(path.read_bytes())
+                except (MessageError, OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning(
+                        "checkpoint file %s is unusable (%s); using an earlier one", path, e
+                    )
+        blocks: dict[int, dict[int, tuple[dict, dict]]] = {}
+        for b in block_ids:
+            blocks[b] = {}
+            for v, path in self._versions(rf"block{b}\.v(-?\d+)\.st"):
+                got = self._read(path, "BlockCheckpoint")
+                if got is not None:
+                    blocks[b][v] = got
+        common = set.intersection(*(set(s) for s in states.values())) if states else set()
+        for r in sorted(common, reverse=True):
+            # At barrier r a client knows the global version of every block after round r-1;
+            # the server's files must hold exactly those versions.
+            known = states[0][r].versions
+            chosen = {}
+            for b in block_ids:
+                v = known.get(b, -1)
+                if v >= 0 and v not in blocks[b]:
+                    break
+                if v >= 0:
+                    chosen[b] = (v, blocks[b][v][1])
+            else:
+                agg, part = {}, {}
+                for versions in blocks.values():
+                    for v, (meta, _) in versions.items():
+                        if v <= r - 1:
+                            agg[v], part[v] = meta["aggregate_s"], meta["participants"]
+                log.info("resuming after round %d", r)
+                return ResumePoint(
+                    r,
+                    chosen,
+                    {i: states[i][r] for i in states},
+                    agg,
+                    part,
+                    info["started_at"],
+                    info["initial_eval_loss"],
+                )
+        raise CheckpointError(
+            f"{self.dir}: no round for which every client and the server have a valid checkpoint"
+        )
