@@ -140,8 +140,12 @@ def prepare(cfg: Config) -> Federation:
     return Federation(cfg, server, specs, tokenizer, heldout, selected)
 
 
-def run(cfg: Config, *, on_barrier=None) -> dict:
-    """Run the configured federation; returns the summary (also written to the run directory)."""
+def run(cfg: Config, *, on_barrier=None, on_phase=None) -> dict:
+    """Run the configured federation; returns the summary (also written to the run directory).
+
+    ``on_barrier(client, t)`` hears each client's round end, ``on_phase(client, round, phase,
+    started)`` each phase start and end (progress displays use both).
+    """
     out = run_dir(cfg)
     (out / "config.toml").write_text(cfg.to_toml())
     torch.set_num_threads(os.cpu_count() or 1)
@@ -174,7 +178,7 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
 
     backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
-    logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress)
+    logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress, on_phase=on_phase)
     wall = time.time() - start
     torch.set_num_threads(os.cpu_count() or 1)
 

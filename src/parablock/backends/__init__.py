@@ -14,7 +14,7 @@ from parablock.client import Client
 from parablock.correction import CORRECTIONS
 from parablock.data import Example
 from parablock.link import LinkSpec
-from parablock.metrics import ClientLog
+from parablock.metrics import ClientLog, PhaseListener
 from parablock.model import load_model
 from parablock.registry import Registry
 from parablock.train import TrainSettings
@@ -36,10 +36,15 @@ class ClientSpec:
     pad_id: int
 
 
-def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> Client:
-    """A client with its own freshly loaded model copy, connected to ``server``."""
+def build_client(
+    spec: ClientSpec, server: ServerEndpoint, on_barrier=None, on_phase: PhaseListener | None = None
+) -> Client:
+    """A client with its own freshly loaded model copy, connected to ``server``.
+
+    ``on_phase`` (optional) hears every phase span start and end, for progress displays.
+    """
     model = load_model(spec.model)
-    return Client(
+    client = Client(
         spec.client_id,
         model,
         model_blocks(model, spec.extra_blocks),
@@ -51,6 +56,8 @@ def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> C
         pad_id=spec.pad_id,
         on_barrier=on_barrier,
     )
+    client.log.listener = on_phase
+    return client
 
 
 Backend = Callable[..., list[ClientLog]]

@@ -25,10 +25,10 @@ def torch_threads(clients: int, requested: int = 0) -> int:
 
 
 def run_local(
-    specs: list[ClientSpec], server: Server, *, threads: int = 0, on_barrier=None
+    specs: list[ClientSpec], server: Server, *, threads: int = 0, on_barrier=None, on_phase=None
 ) -> list[ClientLog]:
     torch.set_num_threads(torch_threads(len(specs), threads))
-    clients = [build_client(s, server, on_barrier) for s in specs]
+    clients = [build_client(s, server, on_barrier, on_phase) for s in specs]
     errors: list[BaseException] = []
 
     def work(client, algorithm: str) -> None:
