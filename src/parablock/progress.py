@@ -60,10 +60,14 @@ class ProgressState:
     done: list[RoundDone] = field(default_factory=list)
     _pending: dict[int, list] = field(default_factory=dict)
     _last_end: float | None = None
+    _running: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def phase(self, client: int, round: int, phase: str, started: bool) -> None:
         with self._lock:
+            if not self._running:  # time from the first span, not from loading the models
+                self._running = True
+                self.start = time.time()
             phases = self.active.setdefault(client, {})
             if started:
                 phases[phase] = time.time()
@@ -130,7 +134,6 @@ class PlainProgress:
         self.state = ProgressState(cfg.federation.clients, cfg.federation.rounds)
 
     def __enter__(self) -> PlainProgress:
-        self.state.start = time.time()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,7 +179,6 @@ class LiveProgress:
         from rich.live import Live
         from rich.logging import RichHandler
 
-        self.state.start = time.time()
         # Log lines go through the live console so they print above the table, not through it.
         root = logging.getLogger()
         self._saved_handlers = list(root.handlers)

@@ -323,7 +323,13 @@ def plot_timeline(runs: list[RunData], out: Path) -> Path:
                     if s["phase"] == phase and int(s["client"]) == c
                 ]
                 if bars:
-                    ax.broken_barh(bars, (lanes[(c, lane)] + 0.1, 0.8), color=color)
+                    ax.broken_barh(
+                        bars,
+                        (lanes[(c, lane)] + 0.1, 0.8),
+                        facecolor=color,
+                        edgecolor="white",
+                        linewidth=0.6,
+                    )
         ax.set_yticks(
             [v + 0.5 for v in lanes.values()],
             [f"client {c} {'compute' if k == 'compute' else 'network'}" for c, k in lanes],
