@@ -121,10 +121,15 @@ def test_eval_series_supports_periodic_eval_records(compared, tmp_path):
     assert s.rounds == [0, ROUNDS] and s.times == [0.0, summary["wall_time_s"]]
     # the periodic format: with time_s, and without it (derived from the timeline)
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "eval", "round": 2, "time_s": 1.5, "eval_loss": 3.0,
-                            "eval_accuracy": 0.25}) + "\n")
-        f.write(json.dumps({"kind": "eval", "round": 3, "eval_loss": 2.0,
-                            "eval_accuracy": None}) + "\n")
+        f.write(
+            json.dumps(
+                {"kind": "eval", "round": 2, "time_s": 1.5, "eval_loss": 3.0, "eval_accuracy": 0.25}
+            )
+            + "\n"
+        )
+        f.write(
+            json.dumps({"kind": "eval", "round": 3, "eval_loss": 2.0, "eval_accuracy": None}) + "\n"
+        )
     run = load_run(run_dir)
     s = eval_series(run)
     ends = {}

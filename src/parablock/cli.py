@@ -225,15 +225,16 @@ def _estimate(args) -> int:
 def _generate(args) -> int:
     from parablock.generate import generate
 
-    print(
-        generate(
-            args.model_dir,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
+    reply = generate(
+        args.model_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
     )
+    print(reply)
+    if not reply:
+        print("parablock: the reply was empty (only whitespace or special tokens)", file=sys.stderr)
     return 0
 
 

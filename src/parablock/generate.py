@@ -7,6 +7,8 @@ temperature is given.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from parablock.model import ModelError, load_model, load_tokenizer
@@ -21,6 +23,21 @@ def generate(
     seed: int = 0,
 ) -> str:
     """The model's reply to ``prompt`` (the new tokens only, special tokens removed)."""
+    tokenizer, ids = reply_ids(
+        model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def reply_ids(
+    model_dir: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> tuple[Any, list[int]]:
+    """The tokenizer and the reply's new token ids."""
     if max_new_tokens < 1:
         raise ModelError(f"--max-new-tokens={max_new_tokens} must be >= 1")
     if temperature < 0:
@@ -47,5 +64,4 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-    new = out[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    return tokenizer, out[0, inputs["input_ids"].shape[1] :].tolist()
