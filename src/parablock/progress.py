@@ -207,7 +207,9 @@ class LiveProgress:
         self.state.barrier(client, t)
 
     def render(self):
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         s = self.state
         n = s.rounds_done()
@@ -221,7 +223,7 @@ class LiveProgress:
         )
         if last is not None and last.round < s.rounds:
             title += f" · last round {last.seconds:.2f}s, train loss {last.train_loss:.4f}"
-        table = Table(title=title, title_justify="left")
+        table = Table()
         table.add_column("client", justify="right")
         table.add_column("round", justify="right")
         table.add_column("phase")
@@ -229,7 +231,7 @@ class LiveProgress:
             r = s.client_round.get(c)
             where = "drain" if r == s.rounds else ("-" if r is None else str(r + 1))
             table.add_row(str(c), where, s.client_phase(c))
-        return table
+        return Group(Text(title, style="bold"), table)
 
 
 def make_progress(cfg: Config, quiet: bool = False, stream: IO[str] | None = None):
