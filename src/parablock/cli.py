@@ -2,6 +2,9 @@
 
 Expected user errors (bad config, missing model, bad data, unusable run directory) print one line
 ``parablock: error: ...`` and exit with code 2, without a traceback.
+
+Subcommands: ``run``, ``compare`` (every algorithm on one config, table and plots), ``report``
+(plots from run directories), ``estimate`` (the timing model), ``generate`` (try a model).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from parablock.blocks import BlockError
     from parablock.checkpoint import CheckpointError
     from parablock.data import DataError
+    from parablock.estimate import EstimateError
     from parablock.model import ModelError
     from parablock.registry import UnknownNameError
+    from parablock.report import ReportError
     from parablock.runner import RunDirError
 
     return (
@@ -29,7 +34,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelError,
         UnknownNameError,
         RunDirError,
+        ReportError,
+        EstimateError,
         CheckpointError,
+    )
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] key = value")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key (repeatable)",
+    )
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="one plain line per round and warnings only (the default when stdout is not a "
+        "terminal; on a terminal the default is a live table)",
     )
 
 
@@ -54,51 +82,119 @@ def _parser() -> argparse.ArgumentParser:
         "  parablock run --set federation.algorithm=fedbcd --set run.out=runs/fedbcd\n"
         "  parablock run --set link.up_mbps=inf --set link.down_mbps=inf",
     )
-    r.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] key = value")
+    _config_args(r)
     r.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run from its last checkpoint (its config.toml)",
+        help="continue an interrupted run from its last checkpoint (with its own config.toml)",
     )
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key (repeatable)",
+    _progress_args(r)
+
+    c = sub.add_parser(
+        "compare",
+        help="run several algorithms on identical config, data, seeds and links; table and plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run each algorithm on the same configuration (run.out becomes the compare "
+        "directory, each run goes to run.out/<algorithm>), then write compare.md, compare.json "
+        "and plots/ (held-out loss by round and time, round time split, per-client timeline).",
+        epilog="examples:\n"
+        "  parablock compare --set run.out=runs/cmp\n"
+        "  parablock compare --config configs/smollm2-math.toml --algorithms parablock,fedbcd",
     )
+    _config_args(c)
+    _progress_args(c)
+    c.add_argument(
+        "--algorithms",
+        default="parablock,fedbcd",
+        help="comma-separated algorithms to run (default: parablock,fedbcd)",
+    )
+
+    rep = sub.add_parser(
+        "report",
+        help="(re)draw the plots of a run or compare directory from its files",
+        description="Write plots/ into RUN_DIR from its config.toml, metrics.jsonl, "
+        "timeline.jsonl and summary.json (a compare directory: every run in it, on shared plots).",
+    )
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+
+    e = sub.add_parser(
+        "estimate",
+        help="per-round time of FedBCD and ParaBlock from block sizes, links and compute time",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The timing model: FedBCD round = T_comp + T_up + T_agg + T_down, ParaBlock "
+        "round = max(T_comp, T_comm), block bytes from the block's real parameter counts. "
+        "model.name_or_path may be a local model directory, 'smollm2-135m-instruct', or an "
+        "architecture built without weights: "
+        + ", ".join("arch:" + a for a in _architectures())
+        + ".",
+        epilog="[estimate] keys: estimate.compute_s, estimate.step_s, estimate.aggregate_s, "
+        "estimate.dtype {float32, bfloat16, float16}, estimate.seq_len\n"
+        "other keys: model.*, federation.*, link.*, data.max_length (see parablock run --help)"
+        "\n\nexamples:\n"
+        "  parablock estimate --config configs/estimate-llama3-8b.toml\n"
+        "  parablock estimate --measure --set federation.local_steps=2\n"
+        "  parablock estimate --from-run runs/cmp",
+    )
+    _config_args(e)
+    e.add_argument(
+        "--measure", action="store_true", help="time one round of local block training here"
+    )
+    e.add_argument(
+        "--from-run",
+        metavar="RUN_DIR",
+        help="predict a finished run's (or compare directory's) mean round time from its own "
+        "measured compute time and links, and print predicted vs measured",
+    )
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    g = sub.add_parser(
+        "generate",
+        help="reply to a prompt with a model directory (e.g. RUN_DIR/model), chat template applied",
+    )
+    g.add_argument("model_dir", metavar="MODEL_DIR")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (the default) = greedy decoding"
+    )
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data never come from a hub
-    try:
-        if args.resume:
-            if args.config:
-                raise ConfigError("--resume takes the run's own config.toml; drop --config")
-            cfg_file = os.path.join(args.resume, "config.toml")
-            cfg = load(cfg_file, [*args.overrides, f"run.out={args.resume}"])
-        else:
-            cfg = load(args.config, args.overrides)
-        logging.basicConfig(
-            level=cfg.run.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            datefmt="%H:%M:%S",
-        )
-        from parablock.runner import RunInterrupted, run
+def _architectures() -> list[str]:
+    from parablock.estimate import ARCHITECTURES
 
-        try:
-            summary = run(cfg, resume=bool(args.resume))
-        except RunInterrupted as e:
-            print(f"parablock: {e}", file=sys.stderr)
-            return 130
-    except _user_errors() as e:
-        print(f"parablock: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("parablock: interrupted", file=sys.stderr)
+    return list(ARCHITECTURES)
+
+
+def _setup_logging(level: str, quiet: bool = False) -> None:
+    logging.basicConfig(
+        level="WARNING" if quiet else level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _run(args) -> int:
+    from parablock.progress import make_progress
+    from parablock.runner import RunInterrupted, run
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.toml; drop --config")
+        cfg = load(
+            os.path.join(args.resume, "config.toml"), [*args.overrides, f"run.out={args.resume}"]
+        )
+    else:
+        cfg = load(args.config, args.overrides)
+    _setup_logging(cfg.run.log_level, args.quiet)
+    try:
+        with make_progress(cfg, args.quiet) as display:
+            summary = run(
+                cfg, on_barrier=display.barrier, on_phase=display.phase, resume=bool(args.resume)
+            )
+    except RunInterrupted as e:
+        print(f"parablock: {e}", file=sys.stderr)
         return 130
     print(
         f"done: held-out loss {summary['initial_eval_loss']:.4f} -> "
@@ -106,6 +202,82 @@ def main(argv: list[str] | None = None) -> int:
         f"run directory {summary['run_dir']}"
     )
     return 0
+
+
+def _compare(args) -> int:
+    from parablock.compare import compare, markdown, parse_algorithms
+    from parablock.progress import make_progress
+
+    cfg = load(args.config, args.overrides)
+    algorithms = parse_algorithms(args.algorithms)
+    _setup_logging(cfg.run.log_level, args.quiet)
+    result = compare(cfg, algorithms, hooks=lambda sub: make_progress(sub, args.quiet))
+    print(markdown(result["rows"], result["notes"]), end="")
+    print(f"compare directory {result['compare_dir']} (compare.md, compare.json, plots/)")
+    return 0
+
+
+def _report(args) -> int:
+    from parablock.report import report
+
+    files, notes = report(args.run_dir)
+    for n in notes:
+        print(f"note: {n}")
+    for f in files:
+        print(f)
+    return 0
+
+
+def _estimate(args) -> int:
+    from parablock import estimate as est
+
+    if args.from_run:
+        rows = est.from_run(args.from_run)
+        print(est.to_json(rows) if args.json else est.format_from_run(rows))
+        return 0
+    cfg, settings = est.load(args.config, args.overrides)
+    measured = est.measure_compute_s(cfg, settings) if args.measure else None
+    result = est.estimate(cfg, settings, measured)
+    print(est.to_json(result) if args.json else est.format_estimate(result))
+    return 0
+
+
+def _generate(args) -> int:
+    from parablock.generate import generate
+
+    reply = generate(
+        args.model_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(reply)
+    if not reply:
+        print("parablock: the reply was empty (only whitespace or special tokens)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "run": _run,
+    "compare": _compare,
+    "report": _report,
+    "estimate": _estimate,
+    "generate": _generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data never come from a hub
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as e:
+        print(f"parablock: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("parablock: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 PHASES = ("compute", "upload", "wait", "download", "idle")
+
+# Called as listener(client, round, phase, started) when a span starts (True) and ends (False);
+# progress displays use it. It runs on the client's threads, so it must be quick.
+PhaseListener = Callable[[int, int, str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,20 @@ class ClientLog:
     client: int
     spans: list[Span] = field(default_factory=list)
     rounds: list[RoundRecord] = field(default_factory=list)
+    listener: PhaseListener | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @contextmanager
     def span(self, round: int, phase: str, record: RoundRecord | None = None):
+        if self.listener is not None:
+            self.listener(self.client, round, phase, True)
         start = time.time()
         try:
             yield
         finally:
             end = time.time()
+            if self.listener is not None:
+                self.listener(self.client, round, phase, False)
             with self._lock:
                 self.spans.append(Span(self.client, round, phase, start, end))
                 if record is not None:

@@ -151,12 +151,19 @@ def prepare(cfg: Config) -> Federation:
 
 
 def run(
-    cfg: Config, *, on_barrier=None, resume: bool = False, stop: threading.Event | None = None
+    cfg: Config,
+    *,
+    on_barrier=None,
+    on_phase=None,
+    resume: bool = False,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Run the configured federation; returns the summary (also written to the run directory).
 
-    With ``resume`` it continues the interrupted run in ``cfg.run.out`` from its checkpoint.
-    Setting ``stop`` (or Ctrl-C / SIGTERM) ends the run after the current round, state saved.
+    ``on_barrier(client, t)`` hears each client's round end, ``on_phase(client, round, phase,
+    started)`` each phase start and end (progress displays use both). With ``resume`` it continues
+    the interrupted run in ``cfg.run.out`` from its checkpoint. Setting ``stop`` (or Ctrl-C /
+    SIGTERM) ends the run at the next barrier with its state saved.
     """
     out = run_dir(cfg, resume)
     if not resume:
@@ -211,7 +218,14 @@ def run(
     backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
     with _stop_on_signals(stop, server):
-        logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress, stop=stop)
+        logs = backend(
+            specs,
+            server,
+            threads=cfg.run.threads,
+            on_barrier=progress,
+            on_phase=on_phase,
+            stop=stop,
+        )
     if store is not None:
         store.flush()
     if stop.is_set():

@@ -15,7 +15,7 @@ from parablock.client import Client
 from parablock.correction import CORRECTIONS
 from parablock.data import Example
 from parablock.link import LinkSpec
-from parablock.metrics import ClientLog
+from parablock.metrics import ClientLog, PhaseListener
 from parablock.model import load_model
 from parablock.registry import Registry
 from parablock.train import TrainSettings
@@ -39,10 +39,20 @@ class ClientSpec:
     resume: ClientState | None = None  # the state to continue from
 
 
-def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None, stop=None) -> Client:
-    """A client with its own freshly loaded model copy, connected to ``server``."""
+def build_client(
+    spec: ClientSpec,
+    server: ServerEndpoint,
+    on_barrier=None,
+    stop=None,
+    on_phase: PhaseListener | None = None,
+) -> Client:
+    """A client with its own freshly loaded model copy, connected to ``server``.
+
+    ``on_phase`` (optional) hears every phase span start and end, for progress displays;
+    ``stop`` (a threading.Event) asks the client to leave at its next barrier.
+    """
     model = load_model(spec.model)
-    return Client(
+    client = Client(
         spec.client_id,
         model,
         model_blocks(model, spec.extra_blocks),
@@ -57,6 +67,8 @@ def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None, stop
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
     )
+    client.log.listener = on_phase
+    return client
 
 
 Backend = Callable[..., list[ClientLog]]

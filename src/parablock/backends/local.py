@@ -30,10 +30,11 @@ def run_local(
     *,
     threads: int = 0,
     on_barrier=None,
+    on_phase=None,
     stop: threading.Event | None = None,
 ) -> list[ClientLog]:
     torch.set_num_threads(torch_threads(len(specs), threads))
-    clients = [build_client(s, server, on_barrier, stop) for s in specs]
+    clients = [build_client(s, server, on_barrier, stop, on_phase) for s in specs]
     errors: list[BaseException] = []
 
     def work(client, algorithm: str) -> None:

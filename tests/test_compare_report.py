@@ -1,0 +1,156 @@
+"""``compare`` and ``report`` on the tiny model: table, plots, and the numbers behind them."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+
+from conftest import tiny_config
+from parablock.cli import main
+from parablock.compare import compare
+from parablock.progress import PlainProgress
+from parablock.report import PLOTS, eval_series, load_run, round_split
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ROUNDS = 4
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    cfg = tiny_config(tiny_model_dir, str(out), federation={"rounds": ROUNDS})
+    streams = {}
+
+    def hooks(sub):
+        streams[sub.federation.algorithm] = io.StringIO()
+        return PlainProgress(sub, streams[sub.federation.algorithm])
+
+    result = compare(cfg, ["parablock", "fedbcd"], hooks=hooks)
+    return out, result, streams
+
+
+def test_compare_writes_table_and_valid_plots(compared):
+    out, result, _ = compared
+    assert (out / "compare.md").is_file() and (out / "compare.json").is_file()
+    for name in PLOTS:
+        data = (out / "plots" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_compare_table_matches_each_runs_summary(compared):
+    out, result, _ = compared
+    rows = {r["algorithm"]: r for r in result["rows"]}
+    assert set(rows) == {"parablock", "fedbcd"}
+    summaries = {a: json.loads((out / a / "summary.json").read_text()) for a in rows}
+    for alg, s in summaries.items():
+        assert s["algorithm"] == alg
+        for key in (
+            "wall_time_s",
+            "mean_round_s",
+            "mean_compute_s",
+            "mean_comm_s",
+            "ideal_speedup",
+            "final_eval_loss",
+            "bytes_up",
+            "bytes_down",
+        ):
+            assert rows[alg][key] == s[key], (alg, key)
+    pb, fb = summaries["parablock"], summaries["fedbcd"]
+    assert rows["parablock"]["speedup"] == pytest.approx(fb["mean_round_s"] / pb["mean_round_s"])
+    assert rows["parablock"]["speedup_wall"] == pytest.approx(fb["wall_time_s"] / pb["wall_time_s"])
+    assert rows["fedbcd"]["speedup"] == 1.0
+    # identical data and links: both algorithms send the same bytes
+    assert pb["bytes_up"] == fb["bytes_up"]
+    md = (out / "compare.md").read_text()
+    for alg in rows:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {alg} |"))
+        assert f"{summaries[alg]['wall_time_s']:.2f}" in line
+        assert f"{summaries[alg]['final_eval_loss']:.4f}" in line
+        assert f"{summaries[alg]['bytes_up']:,}" in line
+
+
+def test_plain_progress_prints_one_line_per_round(compared):
+    _, _, streams = compared
+    for alg, stream in streams.items():
+        lines = stream.getvalue().splitlines()
+        assert [x.split(" block")[0] for x in lines[:-1]] == [
+            f"round {t}/{ROUNDS}" for t in range(1, ROUNDS + 1)
+        ], alg
+        assert lines[-1].startswith("drain:") and len(lines) == ROUNDS + 1
+
+
+def test_round_split_stacks_to_the_clients_round_time(compared):
+    out, _, _ = compared
+    for alg in ("parablock", "fedbcd"):
+        run = load_run(out / alg)
+        split = round_split(run)
+        assert split.rounds == list(range(ROUNDS))
+        for i, t in enumerate(split.rounds):
+            rows = [r for r in run.client_rounds if r["round"] == t and not r["drain"]]
+            mean = sum(r["round_s"] for r in rows) / len(rows)
+            total = split.compute[i] + split.comm[i] + split.idle[i]
+            assert total == pytest.approx(mean, abs=1e-9)
+    # FedBCD's computation thread waits for every transfer; round 0 has none
+    fb = round_split(load_run(out / "fedbcd"))
+    assert fb.comm[0] == 0 and all(c > 0 for c in fb.comm[1:])
+
+
+def test_report_regenerates_plots_from_the_run_directory(compared, tmp_path, capsys):
+    out, _, _ = compared
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "parablock", run_dir)
+    shutil.rmtree(run_dir / "plots", ignore_errors=True)
+    shutil.rmtree(run_dir / "model")  # the plots need the run's files only
+    assert main(["report", str(run_dir)]) == 0
+    for name in PLOTS:
+        assert (run_dir / "plots" / name).read_bytes().startswith(PNG)
+    assert "timeline.png" in capsys.readouterr().out
+
+
+def test_eval_series_supports_periodic_eval_records(compared, tmp_path):
+    out, _, _ = compared
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "fedbcd", run_dir)
+    # old format only: before (round -1) and after (round T), times 0 and the wall time
+    s = eval_series(load_run(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert s.rounds == [0, ROUNDS] and s.times == [0.0, summary["wall_time_s"]]
+    # the periodic format: with time_s, and without it (derived from the timeline)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(
+            json.dumps(
+                {"kind": "eval", "round": 2, "time_s": 1.5, "eval_loss": 3.0, "eval_accuracy": 0.25}
+            )
+            + "\n"
+        )
+        f.write(
+            json.dumps({"kind": "eval", "round": 3, "eval_loss": 2.0, "eval_accuracy": None}) + "\n"
+        )
+    run = load_run(run_dir)
+    s = eval_series(run)
+    ends = {}
+    for span in run.spans:
+        ends[span["round"]] = max(ends.get(span["round"], 0.0), span["end"])
+    assert s.rounds == [0, 2, 3, ROUNDS]
+    assert s.times[1] == 1.5 and s.times[2] == pytest.approx(ends[2])
+    assert s.accuracies == [None, 0.25, None, None]
+    assert main(["report", str(run_dir)]) == 0  # with an accuracy panel
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run" in err and err.count("\n") == 1
+    (tmp_path / "summary.json").write_text("{}")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "config.toml is missing" in capsys.readouterr().err
+
+
+def test_compare_rejects_unknown_algorithm(tiny_model_dir, tmp_path, capsys):
+    args = ["compare", "--algorithms", "parablock,fedsgd", "--set", f"run.out={tmp_path}"]
+    assert main(args) == 2
+    assert "valid: fedbcd, parablock" in capsys.readouterr().err
