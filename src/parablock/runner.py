@@ -2,7 +2,10 @@
 
 The run directory holds ``config.toml`` (resolved), ``metrics.jsonl`` (per client per round, per
 round, eval), ``timeline.jsonl`` (compute/upload/wait/download/idle spans, seconds from the start),
-``summary.json`` and ``model/`` (the final global model and tokenizer, ``save_pretrained`` format).
+``summary.json``, ``data.json`` (sources, examples kept/truncated/dropped), ``partition.json`` and
+``partition.png`` (per client: examples, tokens, examples per label), ``eval_items.jsonl`` (what the
+model answered on each accuracy item at each evaluation) and ``model/`` (the final global model and
+tokenizer, ``save_pretrained`` format).
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import torch
 from parablock.backends import BACKENDS, ClientSpec
 from parablock.blocks import block_nbytes, model_blocks, select_blocks
 from parablock.config import Config
-from parablock.data import Example, encode_all, partition, train_and_heldout
+from parablock.data import DataStats, Example, Record, encode_all
+from parablock.evaluate import AggregateHistory, EvalResult, EvalSettings, Evaluator, eval_rounds
 from parablock.link import LinkSpec
 from parablock.metrics import round_times, summarize
 from parablock.model import load_model, load_tokenizer
+from parablock.partition import client_stats, partition
+from parablock.partition import save as save_partition
 from parablock.schedule import make_plan
 from parablock.server import Server
-from parablock.train import TrainSettings, eval_loss
+from parablock.sources import train_and_heldout
+from parablock.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,9 @@ class Federation:
     tokenizer: Any
     heldout: list[Example]
     selected: list[int]
+    heldout_records: list[Record]
+    partition_stats: list[dict]
+    data_stats: dict
 
     @property
     def model(self):
@@ -92,11 +102,45 @@ def prepare(cfg: Config) -> Federation:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pad_id = tokenizer.pad_token_id
     train_records, heldout_records = train_and_heldout(
-        cfg.data.source, cfg.data.train_size, cfg.eval.size, seed
+        cfg.data.source,
+        cfg.data.train_size,
+        max(cfg.eval.size, cfg.eval.accuracy_size),
+        seed,
+        heldout_spec=cfg.eval.source,
+        label_field=cfg.data.label_field,
     )
-    train = encode_all(train_records, tokenizer, cfg.data.max_length, "train")
-    heldout = encode_all(heldout_records, tokenizer, cfg.data.max_length, "held-out")
-    parts = partition(len(train), fed.clients, cfg.data.partition, seed)
+    train_stats, heldout_stats = DataStats(), DataStats()
+    max_len = cfg.data.max_length
+    train = encode_all(train_records, tokenizer, max_len, "train", train_stats)
+    # The loss uses the first eval.size held-out items; accuracy the first eval.accuracy_size.
+    heldout = encode_all(heldout_records[: cfg.eval.size], tokenizer, max_len, "held-out")
+    encode_all(heldout_records, tokenizer, max_len, "held-out (all)", heldout_stats)
+    parts = partition(
+        [e.group for e in train],
+        fed.clients,
+        cfg.data.partition,
+        seed,
+        alpha=cfg.data.alpha,
+        weights=cfg.data.weights(),
+    )
+    pstats = client_stats(train, parts)
+    for c in pstats:
+        log.info(
+            "client %d: %d examples, %d tokens, %d label(s)",
+            c["client"],
+            c["examples"],
+            c["tokens"],
+            len(c["labels"]),
+        )
+    data_stats = {
+        "source": cfg.data.source,
+        "eval_source": cfg.eval.source or cfg.data.source,
+        "max_length": max_len,
+        "train_records": len(train_records),
+        "heldout_records": len(heldout_records),
+        "train": train_stats.to_json(),
+        "heldout": heldout_stats.to_json(),
+    }
 
     server = Server(
         model,
@@ -137,7 +181,17 @@ def prepare(cfg: Config) -> Federation:
         cfg.link.down_mbps,
         cfg.link.latency_ms,
     )
-    return Federation(cfg, server, specs, tokenizer, heldout, selected)
+    return Federation(
+        cfg,
+        server,
+        specs,
+        tokenizer,
+        heldout,
+        selected,
+        heldout_records,
+        pstats,
+        data_stats,
+    )
 
 
 def run(cfg: Config, *, on_barrier=None) -> dict:
@@ -147,12 +201,22 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
     f = prepare(cfg)
-    model, server, tokenizer, heldout = f.model, f.server, f.tokenizer, f.heldout
-    pad_id = tokenizer.pad_token_id
+    model, server, tokenizer = f.model, f.server, f.tokenizer
     plan, selected, specs = server.plan, f.selected, f.specs
+    (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
+    save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
 
-    initial_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
-    log.info("held-out loss before training: %.4f", initial_loss)
+    ev = cfg.eval
+    evaluate = Evaluator(
+        tokenizer,
+        f.heldout,
+        f.heldout_records,
+        EvalSettings(ev.batch_size, ev.accuracy_size, ev.max_new_tokens),
+    )
+    if ev.accuracy_size and not evaluate.accuracy_records:
+        log.info("no held-out item has a checkable answer: accuracy is off for this data")
+    evals = [evaluate(model, -1, 0.0)]
+    log.info("base model: %s", _describe(evals[0]))
 
     def progress(client, t: int) -> None:
         if on_barrier is not None:
@@ -174,12 +238,16 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
 
     backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
+    history = AggregateHistory(eval_rounds(fed.rounds, ev.every), start)
+    server.on_aggregate = history.record
     logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress)
     wall = time.time() - start
+    server.on_aggregate = None
     torch.set_num_threads(os.cpu_count() or 1)
 
-    final_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
-    log.info("held-out loss after training: %.4f (was %.4f)", final_loss, initial_loss)
+    evals += _evaluate_history(cfg, history, server, evaluate)
+    initial, final = evals[0], evals[-1]
+    log.info("after training: %s", _describe(final))
 
     records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
     agg = server.stats.aggregate_s
@@ -192,8 +260,14 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
         aggregate_s=sum(agg.values()) / len(agg) if agg else 0.0,
     )
     summary.update(
-        initial_eval_loss=initial_loss,
-        final_eval_loss=final_loss,
+        initial_eval_loss=initial.loss,
+        final_eval_loss=final.loss,
+        initial_eval_perplexity=initial.to_json()["eval_perplexity"],
+        final_eval_perplexity=final.to_json()["eval_perplexity"],
+        initial_eval_accuracy=initial.accuracy,
+        final_eval_accuracy=final.accuracy,
+        eval_loss_size=len(f.heldout),
+        eval_accuracy_size=len(evaluate.accuracy_records),
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
         blocks=selected,
@@ -203,15 +277,40 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",
     )
-    _write(
-        out, records, logs, server, round_times(records), start, initial_loss, final_loss, summary
-    )
+    _write(out, records, logs, server, round_times(records), start, evals, summary)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     log.info(
         "wall time %.1fs, mean round %.2fs; run directory: %s", wall, summary["mean_round_s"], out
     )
     return summary
+
+
+def _describe(r: EvalResult) -> str:
+    acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f} on {len(r.items)} items"
+    return f"held-out loss {r.loss:.4f}{acc}"
+
+
+def _evaluate_history(
+    cfg: Config, history: AggregateHistory, server: Server, evaluate: Evaluator
+) -> list[EvalResult]:
+    """Evaluate the global model after each evaluation round, replaying the recorded aggregates.
+
+    The last one is the server's final model itself; earlier ones are rebuilt on a fresh copy of
+    the initial model, so the timed rounds never paid for them.
+    """
+    last = cfg.federation.rounds - 1
+    results = []
+    if len(history.eval_at) > 1:
+        replica = load_model(cfg.model.name_or_path)
+        for t, time_s in history.replay(replica, server.blocks):
+            if t == last:
+                break
+            results.append(evaluate(replica, t, time_s))
+            log.info("after round %d: %s", t, _describe(results[-1]))
+        del replica
+    results.append(evaluate(server.model, last, history.times.get(last, float("nan"))))
+    return results
 
 
 def _write(
@@ -221,12 +320,11 @@ def _write(
     server: Server,
     rtimes: dict[int, float],
     start: float,
-    initial_loss: float,
-    final_loss: float,
+    evals: list[EvalResult],
     summary: dict,
 ) -> None:
     with open(out / "metrics.jsonl", "w") as f:
-        f.write(json.dumps({"kind": "eval", "round": -1, "eval_loss": initial_loss}) + "\n")
+        f.write(json.dumps(evals[0].to_json()) + "\n")
         for r in records:
             f.write(json.dumps(r.to_json()) + "\n")
         for t, secs in rtimes.items():
@@ -243,9 +341,12 @@ def _write(
                 )
                 + "\n"
             )
-        f.write(
-            json.dumps({"kind": "eval", "round": len(server.plan), "eval_loss": final_loss}) + "\n"
-        )
+        for e in evals[1:]:
+            f.write(json.dumps(e.to_json()) + "\n")
+    with open(out / "eval_items.jsonl", "w") as f:
+        for e in evals:
+            for item in e.items:
+                f.write(json.dumps(item) + "\n")
     with open(out / "timeline.jsonl", "w") as f:
         for lg in logs:
             for s in sorted(lg.spans, key=lambda s: s.start):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from parablock.aggregate import AGGREGATORS, apply
@@ -64,6 +66,9 @@ class Server:
         self._failed: dict[int, str] = {}
         self._cond = threading.Condition()
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        # Called as on_aggregate(round, block, new_value) with the lock held (keep it cheap):
+        # the run records the aggregate history here to evaluate past rounds afterwards.
+        self.on_aggregate: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None
 
     # -- joining and catch-up -------------------------------------------------------------
     def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
@@ -130,6 +135,8 @@ class Server:
         value = apply(block_state(self.model, block), delta, self.server_lr)
         set_block(self.model, block, value)
         self.versions[block.index] = round
+        if self.on_aggregate is not None:
+            self.on_aggregate(round, block.index, value)
         self._aggregates[round] = BlockValue(block.index, round, value).serialize()
         self._aggregates.pop(round - 2, None)  # every client has it by now
         self.next_round = round + 1
