@@ -182,13 +182,13 @@ class EvalConfig:
     )
     size: int = opt(32, "held-out examples (never trained on) for the eval loss", ge=1)
     accuracy_size: int = opt(
-        16,
+        8,
         "held-out items with a checkable answer scored by greedy generation (0 = off)",
         ge=0,
     )
-    max_new_tokens: int = opt(192, "tokens generated per item for accuracy", ge=1)
+    max_new_tokens: int = opt(128, "tokens generated per item for accuracy", ge=1)
     every: int = opt(
-        8,
+        0,
         "also evaluate the global model after every N-th round (replayed after training, so "
         "evaluation never slows the rounds; 0 = only before and after)",
         ge=0,
