@@ -24,8 +24,12 @@ def _model(out: Path) -> dict[str, torch.Tensor]:
     return dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
 
 
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _metrics(out: Path) -> list[tuple]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(out)
     keys = ("client", "round", "block", "train_loss", "examples", "bytes_up", "bytes_down", "drain")
     return sorted(tuple(r[k] for k in keys) for r in rows if r["kind"] == "client_round")
 
@@ -44,8 +48,9 @@ def _interrupt(cfg, after_round: int) -> None:
 @pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path, algorithm):
     fed = {"algorithm": algorithm, "rounds": 6}
-    full = run(tiny_config(tiny_model_dir, str(tmp_path / "full"), federation=fed))
-    cfg = tiny_config(tiny_model_dir, str(tmp_path / "cut"), federation=fed)
+    ev = {"every": 1, "accuracy_size": 0}
+    full = run(tiny_config(tiny_model_dir, str(tmp_path / "full"), federation=fed, eval=ev))
+    cfg = tiny_config(tiny_model_dir, str(tmp_path / "cut"), federation=fed, eval=ev)
     _interrupt(cfg, after_round=2)
     assert not (tmp_path / "cut" / "summary.json").exists()
     resumed = run(cfg, resume=True)
@@ -55,6 +60,14 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path,
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
     assert resumed["final_eval_loss"] == full["final_eval_loss"]
     assert resumed["initial_eval_loss"] == full["initial_eval_loss"]
+    # evaluations after the resume point replay from the checkpoint's global model
+    evals = {
+        name: {r["round"]: r["eval_loss"] for r in _rows(tmp_path / name) if r["kind"] == "eval"}
+        for name in ("full", "cut")
+    }
+    assert set(evals["full"]) == set(range(-1, 6))
+    assert {-1, 3, 4, 5} <= set(evals["cut"])
+    assert all(evals["cut"][t] == evals["full"][t] for t in evals["cut"])
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(

@@ -25,6 +25,8 @@ def _args(model_dir, out, *extra):
         "link.down_mbps=100",
         "link.latency_ms=2",
         "eval.size=4",
+        "eval.accuracy_size=2",
+        "eval.max_new_tokens=8",
         f"run.out={out}",
         "run.threads=1",
         *extra,
@@ -74,7 +76,7 @@ def test_run_end_to_end_writes_a_complete_run_directory(tiny_model_dir, tmp_path
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in all_client_rows) > 0
     assert summary["bytes_down"] == sum(r["bytes_down"] for r in all_client_rows) > 0
     assert len([r for r in rows if r["kind"] == "round"]) == 3
-    assert [r["round"] for r in rows if r["kind"] == "eval"] == [-1, 3]
+    assert [r["round"] for r in rows if r["kind"] == "eval"] == [-1, 2]
     spans = [json.loads(x) for x in (out / "timeline.jsonl").read_text().splitlines()]
     assert {s["phase"] for s in spans} >= {"compute", "upload", "wait", "download"}
     assert (out / "config.toml").is_file()
@@ -95,9 +97,30 @@ def test_run_end_to_end_writes_a_complete_run_directory(tiny_model_dir, tmp_path
         (["model.blocks=7-9"], "selects no valid block"),
         (["federation.bogus=1"], "unknown config key federation.bogus"),
         (["federation.rounds=-1"], "federation.rounds=-1 is out of range"),
+        (["data.source=reasoning_gym:nope"], "unknown reasoning-gym task 'nope'; valid: "),
+        (["data.source=csv:x.csv"], "unknown kind 'csv'; valid: reasoning_gym:..."),
+        (["data.partition=shards"], "data.partition='shards' is not allowed; valid: by_label"),
+        (["data.client_weights=1,2,3"], "data.client_weights has 3 value(s)"),
+        (["data.source=/no/such.jsonl"], "data file /no/such.jsonl does not exist"),
+        (
+            [
+                "federation.clients=3",
+                "data.partition=by_label",
+                "data.source=reasoning_gym:basic_arithmetic",
+            ],
+            "1 label(s) for 3 clients",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
     assert main(_args(tiny_model_dir, tmp_path / "r", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_malformed_data_file_names_file_and_line_exit_2(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": \n')
+    assert main(_args(tiny_model_dir, tmp_path / "r", f"data.source={data}")) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: malformed JSON" in err and "Traceback" not in err and err.count("\n") == 1

@@ -115,20 +115,22 @@ def test_eval_series_supports_periodic_eval_records(compared, tmp_path):
     out, _, _ = compared
     run_dir = tmp_path / "run"
     shutil.copytree(out / "fedbcd", run_dir)
-    # old format only: before (round -1) and after (round T), times 0 and the wall time
+    # before (round -1) and after the last round's aggregate (round T-1), with their times
     s = eval_series(load_run(run_dir))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert s.rounds == [0, ROUNDS] and s.times == [0.0, summary["wall_time_s"]]
-    # the periodic format: with time_s, and without it (derived from the timeline)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["kind"] == "eval"][-1]
+    assert final["round"] == ROUNDS - 1
+    assert s.rounds == [0, ROUNDS] and s.times == [0.0, final["time_s"]]
+    # periodic records: with time_s, and without it (derived from the timeline)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(
             json.dumps(
-                {"kind": "eval", "round": 2, "time_s": 1.5, "eval_loss": 3.0, "eval_accuracy": 0.25}
+                {"kind": "eval", "round": 1, "time_s": 1.5, "eval_loss": 3.0, "eval_accuracy": 0.25}
             )
             + "\n"
         )
         f.write(
-            json.dumps({"kind": "eval", "round": 3, "eval_loss": 2.0, "eval_accuracy": None}) + "\n"
+            json.dumps({"kind": "eval", "round": 2, "eval_loss": 2.0, "eval_accuracy": None}) + "\n"
         )
     run = load_run(run_dir)
     s = eval_series(run)
@@ -137,7 +139,7 @@ def test_eval_series_supports_periodic_eval_records(compared, tmp_path):
         ends[span["round"]] = max(ends.get(span["round"], 0.0), span["end"])
     assert s.rounds == [0, 2, 3, ROUNDS]
     assert s.times[1] == 1.5 and s.times[2] == pytest.approx(ends[2])
-    assert s.accuracies == [None, 0.25, None, None]
+    assert s.accuracies[1] == 0.25 and s.accuracies[2] is None
     assert main(["report", str(run_dir)]) == 0  # with an accuracy panel
 
 

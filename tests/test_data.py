@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from parablock.data import IGNORE, DataError, DataStats, Record, encode, partition, round_indices
+from parablock.data import IGNORE, DataError, DataStats, Record, encode, round_indices
+from parablock.partition import partition
 from parablock.schedule import SCHEDULES, make_plan
 
 

@@ -103,7 +103,7 @@ class ResumePoint:
     aggregate_s: dict[int, float]
     participants: dict[int, list[int]]
     started_at: float
-    initial_eval_loss: float
+    initial_eval: dict  # the base model's eval record
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -156,8 +156,8 @@ class CheckpointStore:
         if self._error is not None:
             raise CheckpointError(f"a checkpoint write failed: {self._error}")
 
-    def save_run(self, started_at: float, initial_eval_loss: float) -> None:
-        info = {"started_at": started_at, "initial_eval_loss": initial_eval_loss}
+    def save_run(self, started_at: float, initial_eval: dict) -> None:
+        info = {"started_at": started_at, "initial_eval": initial_eval}
         _atomic_write(self.dir / "run.json", json.dumps(info).encode())
 
     def save_block(
@@ -262,7 +262,7 @@ class CheckpointStore:
                     agg,
                     part,
                     info["started_at"],
-                    info["initial_eval_loss"],
+                    info["initial_eval"],
                 )
         raise CheckpointError(
             f"{self.dir}: no round for which every client and the server have a valid checkpoint"

@@ -196,9 +196,15 @@ def _run(args) -> int:
     except RunInterrupted as e:
         print(f"parablock: {e}", file=sys.stderr)
         return 130
+    acc = ""
+    if summary["final_eval_accuracy"] is not None:
+        acc = (
+            f", accuracy {summary['initial_eval_accuracy']:.3f} -> "
+            f"{summary['final_eval_accuracy']:.3f}"
+        )
     print(
         f"done: held-out loss {summary['initial_eval_loss']:.4f} -> "
-        f"{summary['final_eval_loss']:.4f}, wall {summary['wall_time_s']:.1f}s; "
+        f"{summary['final_eval_loss']:.4f}{acc}, wall {summary['wall_time_s']:.1f}s; "
         f"run directory {summary['run_dir']}"
     )
     return 0

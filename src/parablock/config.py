@@ -61,6 +61,12 @@ def _aggregators() -> list[str]:
     return AGGREGATORS.names()
 
 
+def _partitions() -> list[str]:
+    from parablock.partition import PARTITIONS
+
+    return PARTITIONS.names()
+
+
 def _backends() -> list[str]:
     from parablock.backends import BACKENDS
 
@@ -88,13 +94,43 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "reasoning_gym:gsm_symbolic",
-        "training data: 'reasoning_gym:<task>' (generated offline with run.seed)",
+        "training data, comma-separated sources with optional '@weight': "
+        "'reasoning_gym:<task>[?opt=v&...]' (generated offline with run.seed), "
+        "'alpaca:<file>', 'gsm8k:<file>', 'chat:<file>', 'file:<file>' or a .json/.jsonl path "
+        "(format detected); e.g. 'reasoning_gym:basic_arithmetic@1,alpaca:a.json@3'",
     )
-    train_size: int = opt(512, "training examples generated, split over the clients", ge=1)
+    train_size: int = opt(512, "training examples drawn from the sources, split over clients", ge=1)
     max_length: int = opt(
-        256, "tokens per example; longer examples are truncated from the right", ge=16
+        256,
+        "tokens per example; longer ones are truncated from the right, and one whose prompt "
+        "alone fills it is dropped (both counted in data.json)",
+        ge=16,
     )
-    partition: str = opt("iid", "how examples are split over clients", choices=("iid", "replicate"))
+    partition: str = opt("iid", "how examples are split over clients", choices=_partitions)
+    alpha: float = opt(
+        0.5, "Dirichlet concentration for data.partition=dirichlet (small = skewed)", gt=0.0
+    )
+    label_field: str = opt(
+        "",
+        "record field whose value labels a file record for non-IID partitions "
+        "(default: the file name; reasoning-gym: the task or template)",
+    )
+    client_weights: str = opt(
+        "", "relative client sizes for data.partition=iid, e.g. '4,2,1,1' ('' = equal)"
+    )
+
+    def weights(self) -> tuple[float, ...]:
+        if not self.client_weights.strip():
+            return ()
+        try:
+            w = tuple(float(x) for x in self.client_weights.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"data.client_weights={self.client_weights!r} must be comma-separated numbers"
+            ) from None
+        if any(not (x > 0 and math.isfinite(x)) for x in w):
+            raise ConfigError(f"data.client_weights={self.client_weights!r} must all be > 0")
+        return w
 
 
 @dataclass(frozen=True)
@@ -139,8 +175,25 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    source: str = opt(
+        "",
+        "held-out data, same syntax as data.source ('' = a draw of data.source disjoint from "
+        "training); training records that also appear here are removed",
+    )
     size: int = opt(32, "held-out examples (never trained on) for the eval loss", ge=1)
-    batch_size: int = opt(8, "examples per forward pass in evaluation", ge=1)
+    accuracy_size: int = opt(
+        8,
+        "held-out items with a checkable answer scored by greedy generation (0 = off)",
+        ge=0,
+    )
+    max_new_tokens: int = opt(128, "tokens generated per item for accuracy", ge=1)
+    every: int = opt(
+        0,
+        "also evaluate the global model after every N-th round (replayed after training, so "
+        "evaluation never slows the rounds; 0 = only before and after)",
+        ge=0,
+    )
+    batch_size: int = opt(8, "examples per forward pass / generation batch in evaluation", ge=1)
 
 
 @dataclass(frozen=True)
@@ -186,6 +239,17 @@ class Config:
         if fed.min_clients > fed.clients:
             raise ConfigError(
                 f"federation.min_clients={fed.min_clients} exceeds federation.clients={fed.clients}"
+            )
+        weights = self.data.weights()
+        if weights and len(weights) != fed.clients:
+            raise ConfigError(
+                f"data.client_weights has {len(weights)} value(s) but federation.clients="
+                f"{fed.clients}; give one weight per client"
+            )
+        if weights and self.data.partition != "iid":
+            raise ConfigError(
+                "data.client_weights applies to data.partition=iid only "
+                f"(got data.partition={self.data.partition!r})"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -1,14 +1,16 @@
-"""Training and held-out data: generation, chat formatting, response-only labels, partitions, batches.
+"""Formatting, encoding and batching: chat template, response-only labels, truncation, batches.
 
-Examples are formatted with the tokenizer's own chat template (user = question, assistant =
-response); the loss covers the response tokens only (prompt labels are -100). ``data.max_length``
-truncates from the right; an example whose prompt alone fills it is dropped (it has nothing to learn).
+Records come from ``sources.py``; here each becomes token ids through the tokenizer's own chat
+template (the prompt messages, then the assistant response), with the loss on the response tokens
+only (prompt labels are -100). ``data.max_length`` truncates from the right; an example whose
+prompt alone fills it is dropped (it has nothing to learn). Both are counted and reported.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,22 +21,45 @@ IGNORE = -100
 
 
 class DataError(ValueError):
-    """Bad or unusable data: the message names the source and what was wrong."""
+    """Bad or unusable data: the message names the source (file and line) and what was wrong."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One raw example before tokenization."""
+    """One raw example before tokenization.
+
+    ``context`` holds earlier chat turns (role, content) that come before the user ``prompt``
+    (a system message, earlier exchanges); ``response`` is the assistant turn the loss covers.
+    ``answer`` and ``scorer`` say how a generated answer is checked (see ``evaluate.py``);
+    ``entry`` is the reasoning-gym item its own scorer needs.
+    """
 
     prompt: str
     response: str
-    label: str = ""  # task/template name, used by non-IID partitions
+    label: str = ""  # task/template/field value, used by non-IID partitions
+    context: tuple[tuple[str, str], ...] = ()
+    answer: str = ""
+    scorer: str = ""
+    entry: Any = field(default=None, compare=False, hash=False, repr=False)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt side of the conversation, in the chat template's format."""
+        msgs = [{"role": r, "content": c} for r, c in self.context]
+        if self.prompt or not msgs:
+            msgs.append({"role": "user", "content": self.prompt})
+        return msgs
+
+    @property
+    def key(self) -> tuple:
+        """What makes two records the same question (train and held-out never share one)."""
+        return (self.context, self.prompt)
 
 
 @dataclass(frozen=True)
 class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    group: str = ""  # the record's partition label
 
     @property
     def response_tokens(self) -> int:
@@ -47,47 +72,22 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
 
-
-def reasoning_gym_records(task: str, size: int, seed: int) -> list[Record]:
-    import reasoning_gym
-
-    try:
-        ds = reasoning_gym.create_dataset(task, size=size, seed=seed)
-    except (KeyError, ValueError) as e:
-        raise DataError(f"data.source: unknown reasoning-gym task {task!r} ({e})") from None
-    records = []
-    for i in range(size):
-        item = ds[i]
-        meta = item.get("metadata", {})
-        # gsm_symbolic carries a worked solution ending '#### N'; other tasks only the answer.
-        response = meta.get("answer_cot") or str(item["answer"])
-        records.append(Record(item["question"], response, meta.get("source_dataset", task)))
-    return records
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
 
 
-def load_records(source: str, size: int, seed: int) -> list[Record]:
-    kind, _, name = source.partition(":")
-    if kind != "reasoning_gym" or not name:
-        raise DataError(f"data.source={source!r} is not supported; use 'reasoning_gym:<task>'")
-    return reasoning_gym_records(name, size, seed)
-
-
-def train_and_heldout(source: str, train_size: int, eval_size: int, seed: int):
-    """Disjoint train and held-out records (different seeds, overlapping prompts removed)."""
-    train = load_records(source, train_size, seed)
-    seen = {r.prompt for r in train}
-    heldout = [
-        r for r in load_records(source, eval_size * 2, seed + 1_000_003) if r.prompt not in seen
-    ]
-    return train, heldout[:eval_size]
+def render_prompt(record: Record, tokenizer) -> str:
+    """The prompt as the chat template renders it, ending where the assistant's answer begins."""
+    return tokenizer.apply_chat_template(
+        record.messages(), tokenize=False, add_generation_prompt=True
+    )
 
 
 def encode(
     record: Record, tokenizer, max_length: int, stats: DataStats | None = None
 ) -> Example | None:
-    user = [{"role": "user", "content": record.prompt}]
-    full = user + [{"role": "assistant", "content": record.response}]
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = record.messages() + [{"role": "assistant", "content": record.response}]
+    prompt_text = render_prompt(record, tokenizer)
     full_text = tokenizer.apply_chat_template(full, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise DataError(
@@ -98,18 +98,24 @@ def encode(
     ids = list(prompt_ids) + list(response_ids)
     labels = [IGNORE] * len(prompt_ids) + list(response_ids)
     if len(prompt_ids) >= max_length:
-        if stats:
+        if stats is not None:
             stats.dropped += 1
         return None
-    if len(ids) > max_length and stats:
-        stats.truncated += 1
-    if stats:
+    if stats is not None:
         stats.kept += 1
-    return Example(tuple(ids[:max_length]), tuple(labels[:max_length]))
+        stats.truncated += len(ids) > max_length
+    return Example(tuple(ids[:max_length]), tuple(labels[:max_length]), record.label)
 
 
-def encode_all(records: list[Record], tokenizer, max_length: int, what: str) -> list[Example]:
-    stats = DataStats()
+def encode_all(
+    records: list[Record],
+    tokenizer,
+    max_length: int,
+    what: str,
+    stats: DataStats | None = None,
+) -> list[Example]:
+    """Encode every record; log (and count into ``stats``) what was kept, truncated, dropped."""
+    stats = stats if stats is not None else DataStats()
     out = [e for r in records if (e := encode(r, tokenizer, max_length, stats)) is not None]
     log.info(
         "%s: %d examples kept, %d truncated, %d dropped (prompt >= data.max_length=%d)",
@@ -124,20 +130,6 @@ def encode_all(records: list[Record], tokenizer, max_length: int, what: str) -> 
             f"{what}: every example was dropped; raise data.max_length above {max_length}"
         )
     return out
-
-
-def partition(n: int, clients: int, kind: str, seed: int) -> list[list[int]]:
-    """Indices of the examples each client holds."""
-    if kind == "replicate":  # every client holds all data (tests: staleness changes nothing)
-        return [list(range(n)) for _ in range(clients)]
-    if kind != "iid":
-        raise DataError(f"data.partition={kind!r} is not supported; valid: iid, replicate")
-    if n < clients:
-        raise DataError(
-            f"{n} examples cannot give each of {clients} clients one; use fewer clients or more data"
-        )
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    return [sorted(int(i) for i in part) for part in np.array_split(perm, clients)]
 
 
 def round_indices(n: int, round: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:

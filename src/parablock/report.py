@@ -142,16 +142,16 @@ def eval_series(run: RunData) -> EvalSeries:
     out = EvalSeries([], [], [], [])
     missing = 0
     for e in sorted(run.evals, key=lambda e: e["round"]):
-        r = int(e["round"])
-        done = 0 if r < 0 else min(r, T)
+        r = int(e["round"])  # evaluated after round r's aggregate; -1 = the base model
+        done = 0 if r < 0 else min(r + 1, T)
         t = e.get("time_s")
         if t is None:
-            if r < 0 or r == 0:
+            if r < 0:
                 t = 0.0
-            elif r >= T and "wall_time_s" in run.summary:
+            elif r >= T - 1 and "wall_time_s" in run.summary:
                 t = float(run.summary["wall_time_s"])
             else:
-                t = ends.get(r - 1)
+                t = ends.get(r)
         if t is None:
             missing += 1
         out.rounds.append(done)

@@ -2,7 +2,10 @@
 
 The run directory holds ``config.toml`` (resolved), ``metrics.jsonl`` (per client per round, per
 round, eval), ``timeline.jsonl`` (compute/upload/wait/download/idle spans, seconds from the start),
-``summary.json`` and ``model/`` (the final global model and tokenizer, ``save_pretrained`` format).
+``summary.json``, ``data.json`` (sources, examples kept/truncated/dropped), ``partition.json`` and
+``partition.png`` (per client: examples, tokens, examples per label), ``eval_items.jsonl`` (what the
+model answered on each accuracy item at each evaluation) and ``model/`` (the final global model and
+tokenizer, ``save_pretrained`` format).
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from typing import Any
 import torch
 
 from parablock.backends import BACKENDS, ClientSpec
-from parablock.blocks import block_nbytes, model_blocks, select_blocks
-from parablock.checkpoint import CheckpointStore
+from parablock.blocks import block_nbytes, model_blocks, select_blocks, set_block
+from parablock.checkpoint import CheckpointStore, ResumePoint
 from parablock.config import Config
-from parablock.data import Example, encode_all, partition, train_and_heldout
+from parablock.data import DataStats, Example, Record, encode_all
+from parablock.evaluate import AggregateHistory, EvalResult, EvalSettings, Evaluator, eval_rounds
 from parablock.link import LinkSpec
 from parablock.metrics import round_times, summarize
 from parablock.model import load_model, load_tokenizer
+from parablock.partition import client_stats, partition
+from parablock.partition import save as save_partition
 from parablock.schedule import make_plan
 from parablock.server import Server
-from parablock.train import TrainSettings, eval_loss
+from parablock.sources import train_and_heldout
+from parablock.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,9 @@ class Federation:
     tokenizer: Any
     heldout: list[Example]
     selected: list[int]
+    heldout_records: list[Record]
+    partition_stats: list[dict]
+    data_stats: dict
 
     @property
     def model(self):
@@ -102,11 +112,45 @@ def prepare(cfg: Config) -> Federation:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pad_id = tokenizer.pad_token_id
     train_records, heldout_records = train_and_heldout(
-        cfg.data.source, cfg.data.train_size, cfg.eval.size, seed
+        cfg.data.source,
+        cfg.data.train_size,
+        max(cfg.eval.size, cfg.eval.accuracy_size),
+        seed,
+        heldout_spec=cfg.eval.source,
+        label_field=cfg.data.label_field,
     )
-    train = encode_all(train_records, tokenizer, cfg.data.max_length, "train")
-    heldout = encode_all(heldout_records, tokenizer, cfg.data.max_length, "held-out")
-    parts = partition(len(train), fed.clients, cfg.data.partition, seed)
+    train_stats, heldout_stats = DataStats(), DataStats()
+    max_len = cfg.data.max_length
+    train = encode_all(train_records, tokenizer, max_len, "train", train_stats)
+    # The loss uses the first eval.size held-out items; accuracy the first eval.accuracy_size.
+    heldout = encode_all(heldout_records[: cfg.eval.size], tokenizer, max_len, "held-out")
+    encode_all(heldout_records, tokenizer, max_len, "held-out (all)", heldout_stats)
+    parts = partition(
+        [e.group for e in train],
+        fed.clients,
+        cfg.data.partition,
+        seed,
+        alpha=cfg.data.alpha,
+        weights=cfg.data.weights(),
+    )
+    pstats = client_stats(train, parts)
+    for c in pstats:
+        log.info(
+            "client %d: %d examples, %d tokens, %d label(s)",
+            c["client"],
+            c["examples"],
+            c["tokens"],
+            len(c["labels"]),
+        )
+    data_stats = {
+        "source": cfg.data.source,
+        "eval_source": cfg.eval.source or cfg.data.source,
+        "max_length": max_len,
+        "train_records": len(train_records),
+        "heldout_records": len(heldout_records),
+        "train": train_stats.to_json(),
+        "heldout": heldout_stats.to_json(),
+    }
 
     server = Server(
         model,
@@ -147,7 +191,17 @@ def prepare(cfg: Config) -> Federation:
         cfg.link.down_mbps,
         cfg.link.latency_ms,
     )
-    return Federation(cfg, server, specs, tokenizer, heldout, selected)
+    return Federation(
+        cfg,
+        server,
+        specs,
+        tokenizer,
+        heldout,
+        selected,
+        heldout_records,
+        pstats,
+        data_stats,
+    )
 
 
 def run(
@@ -171,27 +225,41 @@ def run(
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
     f = prepare(cfg)
-    model, server, tokenizer, heldout = f.model, f.server, f.tokenizer, f.heldout
-    pad_id = tokenizer.pad_token_id
+    model, server, tokenizer = f.model, f.server, f.tokenizer
     plan, selected, specs = server.plan, f.selected, f.specs
     stop = stop or threading.Event()
+    (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
+    save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
+
+    ev = cfg.eval
+    evaluate = Evaluator(
+        tokenizer,
+        f.heldout,
+        f.heldout_records,
+        EvalSettings(ev.batch_size, ev.accuracy_size, ev.max_new_tokens),
+    )
+    if ev.accuracy_size and not evaluate.accuracy_records:
+        log.info("no held-out item has a checkable answer: accuracy is off for this data")
 
     store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
+    point = None
     if resume:
         point = store.load(fed.clients, selected)
         server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
         specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
-        started_at, initial_loss = point.started_at, point.initial_eval_loss
+        started_at, evals = point.started_at, [EvalResult.from_json(point.initial_eval)]
         log.info("resuming %s after round %d of %d", out, point.round + 1, fed.rounds)
     else:
-        initial_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
-        log.info("held-out loss before training: %.4f", initial_loss)
+        evals = [evaluate(model, -1, 0.0)]
+        log.info("base model: %s", _describe(evals[0]))
         started_at = time.time()
         if store is not None:
-            store.save_run(started_at, initial_loss)
+            store.save_run(started_at, evals[0].to_json())
+    history = AggregateHistory(eval_rounds(fed.rounds, ev.every), started_at)
+    server.aggregate_listeners.append(history.record)
     if store is not None:
-        server.on_aggregate = lambda r, b, value, secs, who: store.save_block(
-            b, r, value, secs, who
+        server.aggregate_listeners.append(
+            lambda r, b, value, secs, who: store.save_block(b, r, value, secs, who)
         )
         specs = [replace(s, checkpoint_dir=str(store.dir)) for s in specs]
 
@@ -226,6 +294,7 @@ def run(
             on_phase=on_phase,
             stop=stop,
         )
+    server.aggregate_listeners.clear()
     if store is not None:
         store.flush()
     if stop.is_set():
@@ -236,8 +305,9 @@ def run(
     wall = before + time.time() - start
     torch.set_num_threads(os.cpu_count() or 1)
 
-    final_loss = eval_loss(model, heldout, cfg.eval.batch_size, pad_id)
-    log.info("held-out loss after training: %.4f (was %.4f)", final_loss, initial_loss)
+    evals += _evaluate_history(cfg, history, server, evaluate, point)
+    initial, final = evals[0], evals[-1]
+    log.info("after training: %s", _describe(final))
 
     agg = server.stats.aggregate_s
     summary = summarize(
@@ -249,8 +319,14 @@ def run(
         aggregate_s=sum(agg.values()) / len(agg) if agg else 0.0,
     )
     summary.update(
-        initial_eval_loss=initial_loss,
-        final_eval_loss=final_loss,
+        initial_eval_loss=initial.loss,
+        final_eval_loss=final.loss,
+        initial_eval_perplexity=initial.to_json()["eval_perplexity"],
+        final_eval_perplexity=final.to_json()["eval_perplexity"],
+        initial_eval_accuracy=initial.accuracy,
+        final_eval_accuracy=final.accuracy,
+        eval_loss_size=len(f.heldout),
+        eval_accuracy_size=len(evaluate.accuracy_records),
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
         blocks=selected,
@@ -260,17 +336,7 @@ def run(
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",
     )
-    _write(
-        out,
-        records,
-        logs,
-        server,
-        round_times(records),
-        started_at,
-        initial_loss,
-        final_loss,
-        summary,
-    )
+    _write(out, records, logs, server, round_times(records), started_at, evals, summary)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     log.info(
@@ -303,6 +369,46 @@ def _stop_on_signals(stop: threading.Event, server: Server):
             signal.signal(sig, h)
 
 
+def _describe(r: EvalResult) -> str:
+    acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f} on {len(r.items)} items"
+    return f"held-out loss {r.loss:.4f}{acc}"
+
+
+def _evaluate_history(
+    cfg: Config,
+    history: AggregateHistory,
+    server: Server,
+    evaluate: Evaluator,
+    point: ResumePoint | None = None,
+) -> list[EvalResult]:
+    """Evaluate the global model after each evaluation round, replaying the recorded aggregates.
+
+    The last one is the server's final model itself; earlier ones are rebuilt on a fresh copy of
+    the initial model, so the timed rounds never paid for them. After a resume the replay starts
+    from the checkpoint's global model, so rounds before it cannot be evaluated any more.
+    """
+    last = cfg.federation.rounds - 1
+    results = []
+    if len(history.eval_at) > 1:
+        replica = load_model(cfg.model.name_or_path)
+        first = -1
+        if point is not None:
+            for b, (_, tensors) in point.blocks.items():
+                set_block(replica, server.blocks[b], tensors)
+            first = point.round - 1
+        for t, time_s in history.replay(replica, server.blocks):
+            if t == last:
+                break
+            if t < first:
+                log.info("round %d was aggregated before the interruption: not evaluated", t)
+                continue
+            results.append(evaluate(replica, t, time_s))
+            log.info("after round %d: %s", t, _describe(results[-1]))
+        del replica
+    results.append(evaluate(server.model, last, history.times.get(last, float("nan"))))
+    return results
+
+
 def _write(
     out: Path,
     records,
@@ -310,12 +416,11 @@ def _write(
     server: Server,
     rtimes: dict[int, float],
     start: float,
-    initial_loss: float,
-    final_loss: float,
+    evals: list[EvalResult],
     summary: dict,
 ) -> None:
     with open(out / "metrics.jsonl", "w") as f:
-        f.write(json.dumps({"kind": "eval", "round": -1, "eval_loss": initial_loss}) + "\n")
+        f.write(json.dumps(evals[0].to_json()) + "\n")
         for r in records:
             f.write(json.dumps(r.to_json()) + "\n")
         for t, secs in rtimes.items():
@@ -332,9 +437,12 @@ def _write(
                 )
                 + "\n"
             )
-        f.write(
-            json.dumps({"kind": "eval", "round": len(server.plan), "eval_loss": final_loss}) + "\n"
-        )
+        for e in evals[1:]:
+            f.write(json.dumps(e.to_json()) + "\n")
+    with open(out / "eval_items.jsonl", "w") as f:
+        for e in evals:
+            for item in e.items:
+                f.write(json.dumps(item) + "\n")
     with open(out / "timeline.jsonl", "w") as f:
         for lg in logs:
             for s in sorted(lg.spans, key=lambda s: s.start):

@@ -69,9 +69,11 @@ class Server:
         self._failed: dict[int, str] = {}
         self._cond = threading.Condition()
         self._stopped = False
-        # called with (round, block, value, aggregate_s, participants) after each aggregation
-        self.on_aggregate: Callable[[int, int, dict, float, list[int]], None] | None = None
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        # Each is called as listener(round, block, new_value, aggregate_s, participants) after an
+        # aggregation, with the lock held (keep them cheap): the run records the aggregate history
+        # there (evaluation of past rounds afterwards) and queues checkpoint writes.
+        self.aggregate_listeners: list[Callable[[int, int, dict, float, list[int]], None]] = []
 
     # -- joining and catch-up -------------------------------------------------------------
     def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
@@ -143,8 +145,8 @@ class Server:
         self.next_round = round + 1
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
-        if self.on_aggregate is not None:
-            self.on_aggregate(
+        for listener in self.aggregate_listeners:
+            listener(
                 round,
                 block.index,
                 value,

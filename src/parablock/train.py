@@ -75,25 +75,3 @@ def train_block(
     after = block_state(model, block)
     delta = {n: after[n] - before[n] for n in before}
     return TrainResult(before, delta, sum(len(b) for b in batches), sum(losses) / len(losses))
-
-
-@torch.no_grad()
-def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: int) -> float:
-    """Mean per-token loss on the response tokens of ``data``."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        batch = collate(data[i : i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += loss.item()
-        count += int((labels != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
