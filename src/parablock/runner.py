@@ -122,6 +122,8 @@ def prepare(cfg: Config) -> Federation:
             fed.correction,
             seed,
             pad_id,
+            cpus=cfg.run.client_cpus,
+            gpus=cfg.run.client_gpus,
         )
         for i in range(fed.clients)
     ]
@@ -174,7 +176,9 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
 
     backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
-    logs = backend(specs, server, threads=cfg.run.threads, on_barrier=progress)
+    logs = backend(
+        specs, server, threads=cfg.run.threads, on_barrier=progress, address=cfg.run.ray_address
+    )
     wall = time.time() - start
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -196,6 +200,7 @@ def run(cfg: Config, *, on_barrier=None) -> dict:
         final_eval_loss=final_loss,
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
+        clients_dropped=server.stats.dropped,
         blocks=selected,
         plan=plan,
         run_dir=str(out),

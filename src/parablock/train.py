@@ -36,6 +36,12 @@ class TrainResult:
     loss: float  # mean training loss over the K steps
 
 
+def _to(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (a client on a GPU trains there)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def lr_factor(step: int, s: TrainSettings) -> float:
     if step < s.warmup_steps:
         return (step + 1) / (s.warmup_steps + 1)
@@ -62,7 +68,7 @@ def train_block(
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings)
-        batch = collate([data[i] for i in idx], pad_id)
+        batch = _to(collate([data[i] for i in idx], pad_id), model)
         loss = model(**batch).loss
         loss.backward()
         if settings.grad_clip > 0:
@@ -84,7 +90,7 @@ def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: in
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        batch = collate(data[i : i + batch_size], pad_id)
+        batch = _to(collate(data[i : i + batch_size], pad_id), model)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(

@@ -1,13 +1,18 @@
 """Backends decide where clients run; the algorithm and the server never know which one is used.
 
-A backend takes one ``ClientSpec`` per client (everything needed to build that client, picklable)
-and the server, runs every client to the end, and returns each client's ``ClientLog``.
+A backend is called as ``backend(specs, server, *, threads, on_barrier, address)``: one
+``ClientSpec`` per client (everything needed to build that client, picklable), the server, torch
+threads per client, a progress callback ``on_barrier(client, round)`` and a cluster address (only
+the Ray backend uses one). It runs every client to the end, leaves the final global model in
+``server.model``, and returns each client's ``ClientLog``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from parablock.blocks import model_blocks
 from parablock.client import Client
@@ -34,11 +39,24 @@ class ClientSpec:
     correction: str
     seed: int
     pad_id: int
+    cpus: float = 1.0  # resources the client reserves where a backend places clients (Ray)
+    gpus: float = 0.0  # > 0: the client trains on a GPU
+
+
+def client_device(spec: ClientSpec) -> torch.device:
+    """Where the client trains: a GPU when it has one (Ray makes the one it got ``cuda:0``)."""
+    if spec.gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"client {spec.client_id}: run.client_gpus={spec.gpus:g} but no CUDA device is visible"
+        )
+    return torch.device("cuda")
 
 
 def build_client(spec: ClientSpec, server: ServerEndpoint, on_barrier=None) -> Client:
-    """A client with its own freshly loaded model copy, connected to ``server``."""
-    model = load_model(spec.model)
+    """A client with its own freshly loaded model copy on its device, connected to ``server``."""
+    model = load_model(spec.model).to(client_device(spec))
     return Client(
         spec.client_id,
         model,
@@ -57,10 +75,18 @@ Backend = Callable[..., list[ClientLog]]
 BACKENDS: Registry[Backend] = Registry("backend")
 
 
-def _local(*args, **kwargs) -> list[ClientLog]:
+# Backends import lazily, so that e.g. ``ray`` is imported only when the ray backend runs.
+def _local(specs, server, *, threads=0, on_barrier=None, address="") -> list[ClientLog]:
     from parablock.backends.local import run_local
 
-    return run_local(*args, **kwargs)
+    return run_local(specs, server, threads=threads, on_barrier=on_barrier)  # no cluster
+
+
+def _ray(specs, server, *, threads=0, on_barrier=None, address="") -> list[ClientLog]:
+    from parablock.backends.ray import run_ray
+
+    return run_ray(specs, server, threads=threads, on_barrier=on_barrier, address=address)
 
 
 BACKENDS.add("local", _local)
+BACKENDS.add("ray", _ray)

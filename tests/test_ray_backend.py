@@ -1,0 +1,118 @@
+"""The Ray backend against the local one (same final global model) and a client killed mid-run.
+
+One small local Ray instance serves the whole module and is shut down at its end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from parablock.backends import BACKENDS, client_device
+from parablock.backends.local import run_local
+from parablock.runner import prepare
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+def test_ray_and_local_end_with_the_same_global_model(
+    ray_session, tiny_model_dir, tmp_path, algorithm
+):
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"algorithm": algorithm})
+    local = prepare(cfg)
+    run_local(local.specs, local.server, threads=1)
+    remote = prepare(cfg)
+    seen = []
+    logs = BACKENDS.get("ray")(
+        remote.specs, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
+    )
+    want, got = _params(local.model), _params(remote.model)
+    # Bit for bit: the same code on the same bytes, with one torch thread per client on both sides.
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert remote.server.versions == local.server.versions
+    assert remote.server.next_round == cfg.federation.rounds  # the drain was aggregated too
+    rounds = cfg.federation.rounds + 1  # drain included
+    assert sorted(seen) == sorted((c, t) for c in (0, 1) for t in range(rounds))
+    assert [len(lg.rounds) for lg in logs] == [rounds, rounds]
+    assert all({s.phase for s in lg.spans} >= {"compute", "upload", "download"} for lg in logs)
+
+
+def test_killed_client_is_dropped_and_the_run_finishes(
+    ray_session, tiny_model_dir, tmp_path, caplog
+):
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"clients": 3, "min_clients": 2, "rounds": 6, "round_timeout_s": 3.0},
+    )
+    fed = prepare(cfg)
+    before = _params(fed.model)
+
+    def kill_client_2(client, t):
+        if client.id == 2 and t == 1:
+            ray.kill(client.actor, no_restart=True)
+
+    caplog.set_level(logging.WARNING, logger="parablock")
+    logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_2)
+    stats = fed.server.stats
+    assert stats.dropped == [2]
+    assert fed.server.next_round == 6  # every round and the drain aggregated
+    assert stats.participants[5] == [0, 1]
+    assert all(stats.participants[t] == [0, 1, 2] for t in range(2))  # before the kill
+    assert any("client 2 dropped: its actor died" in r.message for r in caplog.records)
+    assert len(logs[0].rounds) == len(logs[1].rounds) == 7
+    assert 2 <= len(logs[2].rounds) < 7
+    assert any(not torch.equal(p, before[n]) for n, p in _params(fed.model).items())
+
+
+def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
+    from parablock.server import RoundFailedError
+
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"rounds": 6})  # min = all
+    fed = prepare(cfg)
+
+    def kill_client_1(client, t):
+        if client.id == 1 and t == 0:
+            ray.kill(client.actor, no_restart=True)
+
+    with pytest.raises(RoundFailedError, match="only 1 of 2 clients remain"):
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_1)
+
+
+def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_session, tiny_model_dir, tmp_path):
+    from parablock.config import ConfigError
+
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), run={"client_cpus": 3.0})
+    fed = prepare(cfg)
+    with pytest.raises(ConfigError, match="run.client_cpus=3 for 2 clients needs 6 CPUs"):
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1)
+
+
+def test_client_device_is_the_cpu_unless_the_client_has_a_gpu(tiny_model_dir, tmp_path):
+    specs = prepare(tiny_config(tiny_model_dir, str(tmp_path), run={"client_gpus": 0.5})).specs
+    assert specs[0].gpus == 0.5
+    cpu_spec = prepare(tiny_config(tiny_model_dir, str(tmp_path))).specs[0]
+    assert client_device(cpu_spec) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert client_device(specs[0]).type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="client_gpus=0.5 but no CUDA device"):
+            client_device(specs[0])
