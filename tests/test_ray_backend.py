@@ -27,6 +27,11 @@ def ray_session():
         ray.shutdown()
 
 
+# Slow enough that a kill at an early barrier (seen by the driver up to POLL_S later) lands
+# before the client has finished: every transfer takes at least 0.3 s.
+_SLOW = {"latency_ms": 300.0}
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -62,6 +67,7 @@ def test_killed_client_is_dropped_and_the_run_finishes(
         tiny_model_dir,
         str(tmp_path),
         federation={"clients": 3, "min_clients": 2, "rounds": 6, "round_timeout_s": 3.0},
+        link=_SLOW,
     )
     fed = prepare(cfg)
     before = _params(fed.model)
@@ -86,7 +92,7 @@ def test_killed_client_is_dropped_and_the_run_finishes(
 def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
     from parablock.server import RoundFailedError
 
-    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"rounds": 6})  # min = all
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"rounds": 6}, link=_SLOW)
     fed = prepare(cfg)
 
     def kill_client_1(client, t):
