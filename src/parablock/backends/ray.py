@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,14 @@ class ClientActor:
         """Load the model and build the client (errors surface here, not as a dead actor)."""
         torch.set_num_threads(self.threads)
         self.client = build_client(self.spec, RemoteServer(self.server))
-        return f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}"
+        return (
+            f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}, "
+            f"{peak_rss_mb():.0f} MB resident after loading its model"
+        )
 
-    def run(self) -> None:
+    def run(self) -> str:
         run_client(self.client, self.spec.algorithm)
+        return f"peak resident memory {peak_rss_mb():.0f} MB"
 
     def progress(self) -> tuple[list[RoundRecord], list[Span]]:
         """Round records and spans added since the last call (list slices are atomic)."""
@@ -200,7 +205,7 @@ class _Fleet:
             if c not in self.dropped:
                 self.running[v.actor.run.remote()] = c
                 self.last_progress[c] = self.next_poll[c] = now
-        self._wait_all(self.running, lambda c, _: self._collect(c))
+        self._wait_all(self.running, self._collect)
 
     def _wait_all(self, refs: dict[Any, int], done) -> None:
         """Wait for every ref in ``refs``, polling progress and dropping failed actors."""
@@ -251,8 +256,9 @@ class _Fleet:
             if self.on_barrier is not None:
                 self.on_barrier(view, r.round)
 
-    def _collect(self, c: int) -> None:
+    def _collect(self, c: int, memory: str) -> None:
         """A finished client: fetch its last records."""
+        log.info("client %d finished, %s", c, memory)
         try:
             self._merge(c, ray.get(self.views[c].actor.progress.remote(), timeout=self.answer_s))
         except (RayActorError, GetTimeoutError) as e:
@@ -302,6 +308,11 @@ class _Fleet:
                 ray.kill(actor, no_restart=True)
             except Exception as e:  # already gone; nothing left to stop
                 log.debug("stopping an actor: %s", e)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _first_line(e: BaseException) -> str:
