@@ -121,13 +121,11 @@ class ClientActor:
         run_client(self.client, self.spec.algorithm)
         return f"peak resident memory {peak_rss_mb():.0f} MB"
 
-    def progress(self) -> tuple[list[RoundRecord], list[Span]]:
-        """Round records and spans added since the last call (list slices are atomic)."""
+    def progress(self, rounds_from: int, spans_from: int) -> tuple[int, int, list, list]:
+        """Round records and spans from the given positions on. Stateless, so a late or repeated
+        poll can never lose or duplicate a record (list slices are atomic)."""
         lg = self.client.log if self.client is not None else ClientLog(self.spec.client_id)
-        rounds, spans = lg.rounds[self._rounds :], lg.spans[self._spans :]
-        self._rounds += len(rounds)
-        self._spans += len(spans)
-        return rounds, spans
+        return rounds_from, spans_from, lg.rounds[rounds_from:], lg.spans[spans_from:]
 
 
 @dataclass
@@ -214,7 +212,7 @@ class _Fleet:
             now = time.monotonic()
             for c in set(self.running.values()):
                 if now >= self.next_poll.get(c, math.inf) and c not in self._polled():
-                    self.polls[self.views[c].actor.progress.remote()] = (c, now)
+                    self.polls[self._progress(c)] = (c, now)
             pending = list(self.running) + list(self.polls)
             ready, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             if ready:
@@ -223,7 +221,7 @@ class _Fleet:
                 if ref in self.polls:
                     c, _ = self.polls.pop(ref)
                     ok, value = self._get(ref, c)
-                    if ok:
+                    if ok and c not in self.dropped:
                         self._merge(c, value)
                         self.next_poll[c] = time.monotonic() + POLL_S
                 elif ref in self.running:
@@ -246,11 +244,16 @@ class _Fleet:
             raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         return False, None
 
-    def _merge(self, c: int, progress: tuple[list[RoundRecord], list[Span]]) -> None:
-        rounds, spans = progress
+    def _progress(self, c: int):
+        lg = self.views[c].log
+        return self.views[c].actor.progress.remote(len(lg.rounds), len(lg.spans))
+
+    def _merge(self, c: int, reply: tuple[int, int, list[RoundRecord], list[Span]]) -> None:
+        """Append what is new in a progress reply (it may overlap one merged before it)."""
+        rounds_from, spans_from, rounds, spans = reply
         view = self.views[c]
-        view.log.spans.extend(spans)
-        for r in rounds:
+        view.log.spans.extend(spans[len(view.log.spans) - spans_from :])
+        for r in rounds[len(view.log.rounds) - rounds_from :]:
             view.log.rounds.append(r)
             self.last_progress[c] = time.monotonic()
             if self.on_barrier is not None:
@@ -259,8 +262,9 @@ class _Fleet:
     def _collect(self, c: int, memory: str) -> None:
         """A finished client: fetch its last records."""
         log.info("client %d finished, %s", c, memory)
+        self.polls = {r: v for r, v in self.polls.items() if v[0] != c}  # superseded
         try:
-            self._merge(c, ray.get(self.views[c].actor.progress.remote(), timeout=self.answer_s))
+            self._merge(c, ray.get(self._progress(c), timeout=self.answer_s))
         except (RayActorError, GetTimeoutError) as e:
             log.warning("client %d finished but its last records were lost: %s", c, e)
 
