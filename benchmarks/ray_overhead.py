@@ -25,6 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
+from parablock.backends.ray import ray_init
 from parablock.blocks import block_nbytes, model_blocks, select_blocks
 from parablock.config import Config, from_dict
 from parablock.model import EMBEDDED, load_model, load_tokenizer
@@ -133,7 +134,7 @@ def main() -> None:
     link = {"up_mbps": mbps, "down_mbps": mbps, "latency_ms": args.latency_ms}
 
     cpus = base["run"]["client_cpus"] * args.clients
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False)
+    ray_init(num_cpus=max(os.cpu_count() or 1, int(cpus)))
     results: dict[tuple[str, str], dict] = {}
     try:
         for backend in ("ray", "local"):

@@ -16,11 +16,12 @@ from parablock.backends.local import run_local
 from parablock.runner import prepare
 
 ray = pytest.importorskip("ray")
+from parablock.backends.ray import ray_init  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    ray_init(num_cpus=4, logging_level=logging.WARNING)
     try:
         yield
     finally:

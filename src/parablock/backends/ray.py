@@ -333,15 +333,29 @@ def _adopt(server: Server, final: dict[str, Any]) -> None:
     server.stats = final["stats"]
 
 
+def ray_init(address: str = "", **kwargs: Any) -> None:
+    """``ray.init`` for ParaBlock: a local instance (empty ``address``) is started with this
+    process's parablock on its workers' path, so actors start from Ray's pool of ready workers
+    with no per-actor runtime environment; a cluster gets the environment per actor instead."""
+    global _INHERITING_NODE
+    if not address:
+        os.environ.update(_worker_env())  # the local raylet and its workers inherit it
+    ray.init(address=address or None, include_dashboard=False, **kwargs)
+    _INHERITING_NODE = "" if address else ray.get_runtime_context().get_node_id()
+
+
+_INHERITING_NODE = ""  # the node of a local instance started by ray_init (workers inherit env)
+
+
 def _connect(address: str, specs: list[ClientSpec]) -> bool:
     """Join ``address`` or start a local Ray instance; True when this call started Ray."""
     if ray.is_initialized():
-        return False  # a caller (a test, a notebook) owns the Ray session
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        return False  # a caller (a test, a notebook, a benchmark) owns the Ray session
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if not address:  # a local instance with enough logical CPUs for every client
         kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(sum(s.cpus for s in specs)))
     try:
-        ray.init(address=address or None, **kwargs)
+        ray_init(address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ConfigError(f"run.ray_address={address!r}: cannot connect to Ray: {e}") from None
     return True
@@ -363,12 +377,21 @@ def _check_resources(specs: list[ClientSpec]) -> None:
             )
 
 
-def _runtime_env() -> dict[str, Any]:
+def _worker_env() -> dict[str, str]:
     """Actors import the same parablock as the driver and never download from a hub."""
     env = {"HF_HUB_OFFLINE": "1"}
     if os.environ.get("PARABLOCK_CACHE"):
         env["PARABLOCK_CACHE"] = os.environ["PARABLOCK_CACHE"]
     src = Path(parablock.__file__).resolve().parent.parent
     if "site-packages" not in src.parts:  # a source checkout: put it first on the actors' path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
-    return {"env_vars": env}
+        paths = [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _runtime_env() -> dict[str, Any]:
+    """Nothing on a local instance from ``ray_init`` (its workers already have the environment:
+    a per-actor one would make Ray start fresh workers, several seconds each); else env_vars."""
+    if _INHERITING_NODE and _INHERITING_NODE == ray.get_runtime_context().get_node_id():
+        return {}
+    return {"env_vars": _worker_env()}
