@@ -5,18 +5,25 @@ One small local Ray instance serves the whole module and is shut down at its end
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import ray  # installed by scripts/install.sh: CI runs these tests, never skips them
 import torch
 
 from conftest import tiny_config
 from parablock.backends import BACKENDS, client_device
 from parablock.backends.local import run_local
+from parablock.backends.ray import ray_init
+from parablock.config import ConfigError
 from parablock.runner import prepare
 
-ray = pytest.importorskip("ray")
-from parablock.backends.ray import ray_init  # noqa: E402
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +112,6 @@ def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_pat
 
 
 def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_session, tiny_model_dir, tmp_path):
-    from parablock.config import ConfigError
-
     cfg = tiny_config(tiny_model_dir, str(tmp_path), run={"client_cpus": 3.0})
     fed = prepare(cfg)
     with pytest.raises(ConfigError, match="run.client_cpus=3 for 2 clients needs 6 CPUs"):
@@ -121,5 +126,41 @@ def test_client_device_is_the_cpu_unless_the_client_has_a_gpu(tiny_model_dir, tm
     if torch.cuda.is_available():
         assert client_device(specs[0]).type == "cuda"
     else:
-        with pytest.raises(RuntimeError, match="client_gpus=0.5 but no CUDA device"):
+        with pytest.raises(ConfigError, match="client_gpus=0.5 but no CUDA device"):
             client_device(specs[0])
+
+
+def test_ray_is_imported_only_when_the_ray_backend_runs():
+    code = (
+        "import sys, parablock.cli, parablock.runner, parablock.backends.local;"
+        "from parablock.config import help_text; help_text();"
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})
+
+
+def test_cli_run_on_ray_saves_the_same_model_as_a_local_run(ray_session, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from parablock.cli import main
+
+    sets = [
+        f"model.name_or_path={tiny_model_dir}",
+        "model.blocks=all",
+        "data.train_size=16",
+        "federation.rounds=3",
+        "federation.local_steps=1",
+        "federation.batch_size=2",
+        "eval.size=4",
+        "run.threads=1",
+    ]
+    saved = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend
+        extra = [f"run.out={out}", f"run.backend={backend}"]
+        assert main(["run"] + [a for s in sets + extra for a in ("--set", s)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["clients_dropped"] == [] and summary["updates_accepted"] == 2 * 3
+        saved[backend] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for n, t in saved["local"].items():
+        assert torch.equal(saved["ray"][n], t), n

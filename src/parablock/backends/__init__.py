@@ -16,6 +16,7 @@ import torch
 
 from parablock.blocks import model_blocks
 from parablock.client import Client
+from parablock.config import ConfigError
 from parablock.correction import CORRECTIONS
 from parablock.data import Example
 from parablock.link import LinkSpec
@@ -48,7 +49,7 @@ def client_device(spec: ClientSpec) -> torch.device:
     if spec.gpus <= 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"client {spec.client_id}: run.client_gpus={spec.gpus:g} but no CUDA device is visible"
         )
     return torch.device("cuda")
@@ -83,7 +84,15 @@ def _local(specs, server, *, threads=0, on_barrier=None, address="") -> list[Cli
 
 
 def _ray(specs, server, *, threads=0, on_barrier=None, address="") -> list[ClientLog]:
-    from parablock.backends.ray import run_ray
+    try:
+        from parablock.backends.ray import run_ray
+    except ModuleNotFoundError as e:
+        if e.name != "ray":
+            raise
+        raise ConfigError(
+            "run.backend=ray needs the package ray: pip install 'parablock[ray]' "
+            "(scripts/install.sh installs it)"
+        ) from None
 
     return run_ray(specs, server, threads=threads, on_barrier=on_barrier, address=address)
 

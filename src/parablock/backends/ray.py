@@ -238,10 +238,10 @@ class _Fleet:
         """``(True, ray.get(ref))``; a dead actor is dropped, an error in client code re-raised."""
         try:
             return True, ray.get(ref)
+        except RayTaskError as e:  # first: a client whose call to a dead server failed is this
+            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         except RayActorError as e:
             self.drop(c, f"its actor died: {_first_line(e)}")
-        except RayTaskError as e:
-            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         return False, None
 
     def _progress(self, c: int):
