@@ -5,9 +5,11 @@ One small local Ray instance serves the whole module and is shut down at its end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,39 @@ def test_killed_client_is_dropped_and_the_run_finishes(
     assert len(logs[0].rounds) == len(logs[1].rounds) == 7
     assert 2 <= len(logs[2].rounds) < 7
     assert any(not torch.equal(p, before[n]) for n, p in _params(fed.model).items())
+
+
+def test_frozen_client_stops_answering_and_is_dropped(
+    ray_session, tiny_model_dir, tmp_path, caplog, monkeypatch
+):
+    import parablock.backends.ray as ray_backend
+
+    monkeypatch.setattr(ray_backend, "MIN_ANSWER_S", 1.0)  # answer within the round timeout, 2 s
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"clients": 3, "min_clients": 2, "rounds": 6, "round_timeout_s": 2.0},
+        link=_SLOW,
+    )
+    fed = prepare(cfg)
+    frozen: list[int] = []
+
+    def freeze_client_2(client, t):  # SIGSTOP: alive, but answers nothing
+        if client.id == 2 and t == 1:
+            pid = ray.get(client.actor.__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    caplog.set_level(logging.WARNING, logger="parablock")
+    try:
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=freeze_client_2)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert frozen and fed.server.stats.dropped == [2]
+    assert fed.server.next_round == 6 and fed.server.stats.participants[5] == [0, 1]
+    assert any("client 2 dropped: it did not answer for 2s" in r.message for r in caplog.records)
 
 
 def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
