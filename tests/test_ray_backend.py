@@ -76,7 +76,7 @@ def test_killed_client_is_dropped_and_the_run_finishes(
     cfg = tiny_config(
         tiny_model_dir,
         str(tmp_path),
-        federation={"clients": 3, "min_clients": 2, "rounds": 6, "round_timeout_s": 3.0},
+        federation={"clients": 3, "min_clients": 2, "rounds": 5, "round_timeout_s": 3.0},
         link=_SLOW,
     )
     fed = prepare(cfg)
@@ -90,12 +90,12 @@ def test_killed_client_is_dropped_and_the_run_finishes(
     logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_2)
     stats = fed.server.stats
     assert stats.dropped == [2]
-    assert fed.server.next_round == 6  # every round and the drain aggregated
-    assert stats.participants[5] == [0, 1]
+    assert fed.server.next_round == 5  # every round and the drain aggregated
+    assert stats.participants[4] == [0, 1]
     assert stats.participants[0] == [0, 1, 2]  # uploaded before client 2's round-1 barrier
     assert any("client 2 dropped: its actor died" in r.message for r in caplog.records)
-    assert len(logs[0].rounds) == len(logs[1].rounds) == 7
-    assert 2 <= len(logs[2].rounds) < 7
+    assert len(logs[0].rounds) == len(logs[1].rounds) == 6
+    assert 2 <= len(logs[2].rounds) < 6
     assert any(not torch.equal(p, before[n]) for n, p in _params(fed.model).items())
 
 
@@ -108,34 +108,34 @@ def test_frozen_client_stops_answering_and_is_dropped(
     cfg = tiny_config(
         tiny_model_dir,
         str(tmp_path),
-        federation={"clients": 3, "min_clients": 2, "rounds": 6, "round_timeout_s": 2.0},
+        federation={"clients": 2, "min_clients": 1, "rounds": 4, "round_timeout_s": 2.0},
         link=_SLOW,
     )
     fed = prepare(cfg)
     frozen: list[int] = []
 
-    def freeze_client_2(client, t):  # SIGSTOP: alive, but answers nothing
-        if client.id == 2 and t == 1:
+    def freeze_client_1(client, t):  # SIGSTOP: alive, but answers nothing
+        if client.id == 1 and t == 1:
             pid = ray.get(client.actor.__ray_call__.remote(lambda self: os.getpid()))
             os.kill(pid, signal.SIGSTOP)
             frozen.append(pid)
 
     caplog.set_level(logging.WARNING, logger="parablock")
     try:
-        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=freeze_client_2)
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=freeze_client_1)
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    assert frozen and fed.server.stats.dropped == [2]
-    assert fed.server.next_round == 6 and fed.server.stats.participants[5] == [0, 1]
-    assert any("client 2 dropped: it did not answer for 2s" in r.message for r in caplog.records)
+    assert frozen and fed.server.stats.dropped == [1]
+    assert fed.server.next_round == 4 and fed.server.stats.participants[3] == [0]
+    assert any("client 1 dropped: it did not answer for 2s" in r.message for r in caplog.records)
 
 
 def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
     from parablock.server import RoundFailedError
 
-    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"rounds": 6}, link=_SLOW)
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), link=_SLOW)  # min_clients: all
     fed = prepare(cfg)
 
     def kill_client_1(client, t):
