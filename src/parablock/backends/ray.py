@@ -199,11 +199,12 @@ class _Fleet:
         setup = {v.actor.setup.remote(): c for c, v in self.views.items()}
         self._wait_all(setup, lambda c, where: log.info("client %d runs on %s", c, where))
         now = time.monotonic()
+        runs = {}
         for c, v in self.views.items():
             if c not in self.dropped:
-                self.running[v.actor.run.remote()] = c
+                runs[v.actor.run.remote()] = c
                 self.last_progress[c] = self.next_poll[c] = now
-        self._wait_all(self.running, self._collect)
+        self._wait_all(runs, self._collect)
 
     def _wait_all(self, refs: dict[Any, int], done) -> None:
         """Wait for every ref in ``refs``, polling progress and dropping failed actors."""
