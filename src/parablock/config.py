@@ -156,7 +156,8 @@ class RunConfig:
         0, "torch threads per client (0 = cores / clients locally, client_cpus on Ray)", ge=0
     )
     ray_address: str = opt(
-        "", "Ray cluster to join ('auto', 'ray://host:10001'; empty = start a local Ray instance)"
+        "",
+        "Ray cluster to join ('auto' or 'host:6379' of a running cluster; empty = start a local one)",
     )
     client_cpus: float = opt(1.0, "CPUs each client reserves on Ray", gt=0.0)
     client_gpus: float = opt(
