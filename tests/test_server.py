@@ -91,3 +91,38 @@ def test_join_sends_only_blocks_whose_version_differs():
     plan, payloads = server.join(0, {b.index: -1 for b in blocks})
     assert plan == [1, 2, 1] and len(payloads) == 1
     assert server.join(0, {0: -1, 1: 0, 2: -1})[1] == []
+
+
+def test_dropped_client_is_no_longer_waited_for_but_min_clients_still_holds():
+    server, blocks = _server(clients=3, min_clients=1, round_timeout_s=60.0)
+    _send(server, 2, 0, 1, _delta(blocks, 1, 1.0))  # the client that will drop had uploaded
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    server.drop_client(2, "its actor died")
+    assert server.next_round == 0  # client 1 is alive and has not uploaded: keep waiting
+    _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    assert server.stats.participants[0] == [0, 1, 2]  # an update sent before the drop counts
+    _send(server, 0, 1, 2, _delta(blocks, 2, 1.0))
+    server.drop_client(1, "did not answer")  # every live client has sent: aggregate now
+    assert server.next_round == 2 and server.stats.participants[1] == [0]
+    assert server.stats.dropped == [2, 1]
+    # below min_clients a round still does not aggregate, and fails at its deadline
+    strict, blocks = _server(clients=3, min_clients=2, round_timeout_s=0.2)
+    strict.drop_client(1, "x")
+    strict.drop_client(2, "x")
+    _send(strict, 0, 0, 1, _delta(blocks, 1, 1.0))
+    assert strict.next_round == 0
+    with pytest.raises(RoundFailedError, match="min_clients needs 2"):
+        strict.wait_aggregate(0)
+
+
+def test_server_pickles_with_its_state_and_a_fresh_lock():
+    import pickle
+
+    server, blocks = _server()
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    copy = pickle.loads(pickle.dumps(server))
+    assert copy._cond is not server._cond and copy.stats.accepted == 1
+    _send(copy, 1, 0, 1, _delta(blocks, 1, 1.0))
+    assert copy.next_round == 1 and server.next_round == 0
+    for (n, p), q in zip(copy.model.named_parameters(), server.model.parameters(), strict=True):
+        assert torch.equal(p, q) == (n not in blocks[1].param_names), n

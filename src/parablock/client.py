@@ -132,7 +132,7 @@ class Client:
             self.versions[block.index],
             result.num_examples,
             result.loss,
-            result.delta,
+            {n: t.cpu() for n, t in result.delta.items()},  # messages carry CPU tensors
         )
 
     def communicate(self, pending: BlockUpdate, record: RoundRecord) -> BlockValue:

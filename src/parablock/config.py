@@ -201,11 +201,22 @@ class RunConfig:
     seed: int = opt(0, "seed for data, partition, schedule, batches and initialisation", ge=0)
     out: str = opt("", "run directory (default: runs/<algorithm>-<timestamp>)")
     backend: str = opt(
-        "local", "where clients run: local (threads in this process)", choices=_backends
+        "local",
+        "where clients run: local (threads in this process) or ray (one Ray actor per client)",
+        choices=_backends,
     )
-    threads: int = opt(0, "torch threads per client (0 = cores / clients, at least 1)", ge=0)
-    checkpoint: bool = opt(
-        True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
+    threads: int = opt(
+        0, "torch threads per client (0 = cores / clients locally, client_cpus on Ray)", ge=0
+    )
+    ray_address: str = opt(
+        "",
+        "Ray cluster to join ('auto' or 'host:6379' of a running cluster; empty = start a local one)",
+    )
+    client_cpus: float = opt(1.0, "CPUs each client reserves on Ray", gt=0.0)
+    client_gpus: float = opt(
+        0.0,
+        "GPUs each client reserves (fractions share one); a client with a GPU trains on it",
+        ge=0.0,
     )
     checkpoint: bool = opt(
         True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"

@@ -176,6 +176,8 @@ def prepare(cfg: Config) -> Federation:
             fed.correction,
             seed,
             pad_id,
+            cpus=cfg.run.client_cpus,
+            gpus=cfg.run.client_gpus,
         )
         for i in range(fed.clients)
     ]
@@ -293,6 +295,7 @@ def run(
             on_barrier=progress,
             on_phase=on_phase,
             stop=stop,
+            address=cfg.run.ray_address,
         )
     server.aggregate_listeners.clear()
     if store is not None:
@@ -329,6 +332,7 @@ def run(
         eval_accuracy_size=len(evaluate.accuracy_records),
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
+        clients_dropped=server.stats.dropped,
         blocks=selected,
         plan=plan,
         run_dir=str(out),

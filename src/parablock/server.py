@@ -37,6 +37,7 @@ class ServerStats:
     rejected: list[str] = field(default_factory=list)
     aggregate_s: dict[int, float] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
 
 
 class Server:
@@ -67,6 +68,7 @@ class Server:
         self._first_arrival: dict[int, float] = {}
         self._aggregates: dict[int, bytes] = {}
         self._failed: dict[int, str] = {}
+        self._dropped: set[int] = set()
         self._cond = threading.Condition()
         self._stopped = False
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -74,6 +76,18 @@ class Server:
         # aggregation, with the lock held (keep them cheap): the run records the aggregate history
         # there (evaluation of past rounds afterwards) and queues checkpoint writes.
         self.aggregate_listeners: list[Callable[[int, int, dict, float, list[int]], None]] = []
+
+    # A copy of the server can be shipped to another process (the Ray backend hosts it in an
+    # actor); the lock is not picklable, so the copy gets a fresh one.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_cond"]
+        state["aggregate_listeners"] = []  # they belong to the process that registered them
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cond = threading.Condition()
 
     # -- joining and catch-up -------------------------------------------------------------
     def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
@@ -98,7 +112,7 @@ class Server:
                 self._pending.setdefault(update.round, {})[update.client] = update
                 self._first_arrival.setdefault(update.round, time.monotonic())
                 self.stats.accepted += 1
-                if len(self._pending[update.round]) >= self.clients:
+                if self._complete(update.round):
                     self._aggregate(update.round)
                 self._cond.notify_all()
             return True, "accepted"
@@ -108,6 +122,39 @@ class Server:
                 self.stats.rejected.append(reason)
             log.warning("rejected an update: %s", reason)
             return False, reason
+
+    def _expected(self) -> int:
+        return self.clients - len(self._dropped)
+
+    def _complete(self, round: int) -> bool:
+        """Every client not dropped has sent its update, and that is at least ``min_clients``."""
+        got = self._pending.get(round, {})
+        live = set(range(self.clients)) - self._dropped
+        return bool(got) and live <= got.keys() and len(got) >= self.min_clients
+
+    def drop_client(self, client: int, reason: str) -> None:
+        """Stop waiting for ``client`` (its process died or stopped answering).
+
+        Open rounds that already hold every remaining client's update aggregate now instead of
+        at their deadline. Whether enough clients remain is ``min_clients``' business: a round
+        with fewer updates still fails at its deadline.
+        """
+        with self._cond:
+            if client in self._dropped:
+                return
+            self._dropped.add(client)
+            self.stats.dropped.append(client)
+            log.info(
+                "client %d dropped (%s): %d of %d clients remain",
+                client,
+                reason,
+                self._expected(),
+                self.clients,
+            )
+            for round in sorted(self._pending):
+                if self._complete(round):
+                    self._aggregate(round)
+            self._cond.notify_all()
 
     def _validate(self, u: BlockUpdate) -> None:
         where = f"update from client {u.client} for round {u.round}"

@@ -36,6 +36,12 @@ class TrainResult:
     loss: float  # mean training loss over the K steps
 
 
+def _to(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (a client on a GPU trains there)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def lr_factor(step: int, s: TrainSettings) -> float:
     if step < s.warmup_steps:
         return (step + 1) / (s.warmup_steps + 1)
@@ -62,7 +68,7 @@ def train_block(
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings)
-        batch = collate([data[i] for i in idx], pad_id)
+        batch = _to(collate([data[i] for i in idx], pad_id), model)
         loss = model(**batch).loss
         loss.backward()
         if settings.grad_clip > 0:

@@ -1,7 +1,10 @@
 """Backends decide where clients run; the algorithm and the server never know which one is used.
 
-A backend takes one ``ClientSpec`` per client (everything needed to build that client, picklable)
-and the server, runs every client to the end, and returns each client's ``ClientLog``.
+A backend is called as ``backend(specs, server, *, threads, on_barrier, address)``: one
+``ClientSpec`` per client (everything needed to build that client, picklable), the server, torch
+threads per client, a progress callback ``on_barrier(client, round)`` and a cluster address (only
+the Ray backend uses one). It runs every client to the end, leaves the final global model in
+``server.model``, and returns each client's ``ClientLog``.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from parablock.blocks import model_blocks
 from parablock.checkpoint import CheckpointStore, ClientState
 from parablock.client import Client
+from parablock.config import ConfigError
 from parablock.correction import CORRECTIONS
 from parablock.data import Example
 from parablock.link import LinkSpec
@@ -37,6 +43,19 @@ class ClientSpec:
     pad_id: int
     checkpoint_dir: str | None = None  # where the client saves its state at every barrier
     resume: ClientState | None = None  # the state to continue from
+    cpus: float = 1.0  # resources the client reserves where a backend places clients (Ray)
+    gpus: float = 0.0  # > 0: the client trains on a GPU
+
+
+def client_device(spec: ClientSpec) -> torch.device:
+    """Where the client trains: a GPU when it has one (Ray makes the one it got ``cuda:0``)."""
+    if spec.gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"client {spec.client_id}: run.client_gpus={spec.gpus:g} but no CUDA device is visible"
+        )
+    return torch.device("cuda")
 
 
 def build_client(
@@ -46,12 +65,12 @@ def build_client(
     stop=None,
     on_phase: PhaseListener | None = None,
 ) -> Client:
-    """A client with its own freshly loaded model copy, connected to ``server``.
+    """A client with its own freshly loaded model copy on its device, connected to ``server``.
 
     ``on_phase`` (optional) hears every phase span start and end, for progress displays;
     ``stop`` (a threading.Event) asks the client to leave at its next barrier.
     """
-    model = load_model(spec.model)
+    model = load_model(spec.model).to(client_device(spec))
     client = Client(
         spec.client_id,
         model,
@@ -75,10 +94,26 @@ Backend = Callable[..., list[ClientLog]]
 BACKENDS: Registry[Backend] = Registry("backend")
 
 
-def _local(*args, **kwargs) -> list[ClientLog]:
+# Backends import lazily, so that e.g. ``ray`` is imported only when the ray backend runs.
+def _local(specs, server, *, address="", **kwargs) -> list[ClientLog]:
     from parablock.backends.local import run_local
 
-    return run_local(*args, **kwargs)
+    return run_local(specs, server, **kwargs)  # one process: no cluster address
+
+
+def _ray(specs, server, **kwargs) -> list[ClientLog]:
+    try:
+        from parablock.backends.ray import run_ray
+    except ModuleNotFoundError as e:
+        if e.name != "ray":
+            raise
+        raise ConfigError(
+            "run.backend=ray needs the package ray: pip install 'parablock[ray]' "
+            "(scripts/install.sh installs it)"
+        ) from None
+
+    return run_ray(specs, server, **kwargs)
 
 
 BACKENDS.add("local", _local)
+BACKENDS.add("ray", _ray)

@@ -1,0 +1,459 @@
+"""The Ray backend: every client a Ray actor in its own process, on one machine or a cluster.
+
+Each client actor builds its client with ``build_client`` and runs ``run_client``: the same code,
+computation thread and communication thread as the local backend. Blocks cross as serialized bytes
+through Ray, with the same emulated link pacing on top (``Connection`` paces in the client process
+before an upload and after a download, so constrained links can be studied on a fast cluster).
+
+The server: Ray actors can only call other actors, not plain objects in the driver, so the
+driver's ``Server`` is shipped (pickled, state and all) into a threaded ``ServerActor`` pinned to
+the driver's node, and clients reach it through ``RemoteServer``, a ``ServerEndpoint`` whose calls
+are Ray calls with bytes in and out. At the end its final global weights, block versions and
+statistics are copied back into the driver's ``Server``, so the runner evaluates and saves
+``server.model`` exactly as with the local backend.
+
+Progress: ``on_barrier`` cannot be called from another process. The driver polls every client for
+its new round records (every ``POLL_S``) and calls ``on_barrier(view, round)`` in the driver with a
+``ClientView`` (id, the log so far, the actor handle), shortly after the barrier happened; it never
+sees the client's live model.
+
+Failures: a client actor that dies, does not answer a poll within the round timeout, or makes no
+progress for a round timeout after every other client has finished, is dropped: killed, logged,
+and the server stops waiting for it (``Server.drop_client``). The run goes on while at least
+``federation.min_clients`` remain and fails with ``RoundFailedError`` otherwise. An exception raised
+by client code in a live actor stops the run and is re-raised, as in the local backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import parablock
+from parablock.algorithms import run_client
+from parablock.backends import ClientSpec, build_client, client_device
+from parablock.config import ConfigError
+from parablock.metrics import ClientLog, RoundRecord, Span
+from parablock.server import RoundFailedError, RunStopped, Server
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often the driver asks each client for new round records
+MIN_ANSWER_S = 10.0  # a poll unanswered this long (or the round timeout, if longer): not answering
+
+
+class ServerActor:
+    """The ``Server`` inside a threaded actor: every client's blocking wait gets its own thread."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._events: list[tuple] = []
+        self._lock = threading.Lock()
+        server.aggregate_listeners.append(self._record)
+
+    def _record(self, *event) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def take_events(self) -> list[tuple]:
+        """Aggregations since the last call, for the driver's listeners (history, checkpoints)."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
+        return self.server.join(client, versions)
+
+    def receive_update(self, payload: bytes) -> tuple[bool, str]:
+        return self.server.receive_update(payload)
+
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
+        return self.server.wait_aggregate(round, timeout)
+
+    def drop_client(self, client: int, reason: str) -> None:
+        self.server.drop_client(client, reason)
+
+    def final(self) -> dict[str, Any]:
+        s = self.server
+        return {
+            "model": s.model.state_dict(),
+            "versions": s.versions,
+            "next_round": s.next_round,
+            "stats": s.stats,
+        }
+
+
+class RemoteServer:
+    """The ``ServerEndpoint`` a client actor's ``Connection`` talks to: Ray calls to the server."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
+        return ray.get(self.handle.join.remote(client, versions))
+
+    def receive_update(self, payload: bytes) -> tuple[bool, str]:
+        return ray.get(self.handle.receive_update.remote(payload))
+
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
+        try:
+            return ray.get(self.handle.wait_aggregate.remote(round, timeout))
+        except RayTaskError as e:  # the server's own verdicts travel as themselves
+            if isinstance(e.cause, (RunStopped, RoundFailedError)):
+                raise e.cause from None
+            raise
+
+
+class ClientActor:
+    """One client in its own process; ``progress`` answers from a second actor thread."""
+
+    def __init__(self, spec: ClientSpec, server: Any, threads: int) -> None:
+        self.spec = spec
+        self.server = server
+        self.threads = threads
+        self.client = None
+        self._stop = threading.Event()
+        self._rounds = 0
+        self._spans = 0
+
+    def setup(self) -> str:
+        """Load the model and build the client (errors surface here, not as a dead actor)."""
+        torch.set_num_threads(self.threads)
+        self.client = build_client(self.spec, RemoteServer(self.server), stop=self._stop)
+        return (
+            f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}, "
+            f"{peak_rss_mb():.0f} MB resident after loading its model"
+        )
+
+    def run(self) -> str:
+        try:
+            run_client(self.client, self.spec.algorithm)
+        except RunStopped:
+            pass  # its last barrier is saved; the driver knows why it stopped
+        finally:
+            if self.client.checkpoint is not None:
+                self.client.checkpoint.flush()
+        return f"peak resident memory {peak_rss_mb():.0f} MB"
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def progress(self, rounds_from: int, spans_from: int) -> tuple[int, int, list, list]:
+        """Round records and spans from the given positions on. Stateless, so a late or repeated
+        poll can never lose or duplicate a record (list slices are atomic)."""
+        lg = self.client.log if self.client is not None else ClientLog(self.spec.client_id)
+        return rounds_from, spans_from, lg.rounds[rounds_from:], lg.spans[spans_from:]
+
+
+@dataclass
+class ClientView:
+    """What ``on_barrier`` sees of a remote client: its id, its log so far, its actor handle."""
+
+    id: int
+    log: ClientLog
+    actor: Any
+
+
+def run_ray(
+    specs: list[ClientSpec],
+    server: Server,
+    *,
+    threads: int = 0,
+    on_barrier=None,
+    on_phase=None,
+    stop: threading.Event | None = None,
+    address: str = "",
+) -> list[ClientLog]:
+    """``on_phase`` is not relayed from the actors (progress shows barriers only)."""
+    started = _connect(address, specs)
+    fleet = None
+    try:
+        _check_resources(specs)
+        fleet = _Fleet(specs, server, threads, on_barrier, stop)
+        fleet.run()
+        fleet.relay_aggregates()
+        _adopt(server, ray.get(fleet.server.final.remote()))
+        return [fleet.views[s.client_id].log for s in specs]
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if started:
+            ray.shutdown()
+
+
+class _Fleet:
+    """The driver's view of the actors: starts them, polls them, drops the ones that fail."""
+
+    def __init__(
+        self,
+        specs: list[ClientSpec],
+        server: Server,
+        threads: int,
+        on_barrier,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.on_barrier = on_barrier
+        self.listeners = list(server.aggregate_listeners)  # run here, fed by relay_aggregates
+        self.stop_event = stop
+        self.stopping = False
+        self.clients = len(specs)
+        self.min_clients = server.min_clients
+        self.answer_s = max(server.round_timeout_s, MIN_ANSWER_S)
+        env = _runtime_env()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Each client holds at most a join, an upload and a wait at once; the driver adds a few.
+        self.server = (
+            ray.remote(ServerActor)
+            .options(
+                num_cpus=0,
+                max_concurrency=3 * len(specs) + 4,
+                scheduling_strategy=here,
+                runtime_env=env,
+            )
+            .remote(server)
+        )
+        self.views: dict[int, ClientView] = {}
+        for s in specs:
+            actor = (
+                ray.remote(ClientActor)
+                .options(num_cpus=s.cpus, num_gpus=s.gpus, max_concurrency=3, runtime_env=env)
+                .remote(s, self.server, threads or max(1, int(s.cpus)))
+            )
+            self.views[s.client_id] = ClientView(s.client_id, ClientLog(s.client_id), actor)
+        self.dropped: set[int] = set()
+        self.running: dict[Any, int] = {}  # run (or setup) ref -> client
+        self.polls: dict[Any, tuple[int, float]] = {}  # progress ref -> (client, sent at)
+        self.next_poll: dict[int, float] = {}
+        self.last_progress: dict[int, float] = {}
+
+    def run(self) -> None:
+        setup = {v.actor.setup.remote(): c for c, v in self.views.items()}
+        self._wait_all(setup, lambda c, where: log.info("client %d runs on %s", c, where))
+        now = time.monotonic()
+        runs = {}
+        for c, v in self.views.items():
+            if c not in self.dropped:
+                runs[v.actor.run.remote()] = c
+                self.last_progress[c] = self.next_poll[c] = now
+        self._wait_all(runs, self._collect)
+
+    def _wait_all(self, refs: dict[Any, int], done) -> None:
+        """Wait for every ref in ``refs``, polling progress and dropping failed actors."""
+        self.running = refs
+        while self.running:
+            now = time.monotonic()
+            for c in set(self.running.values()):
+                if now >= self.next_poll.get(c, math.inf) and c not in self._polled():
+                    self.polls[self._progress(c)] = (c, now)
+            pending = list(self.running) + list(self.polls)
+            ready, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
+            if ready:
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+            for ref in ready:
+                if ref in self.polls:
+                    c, _ = self.polls.pop(ref)
+                    ok, value = self._get(ref, c)
+                    if ok and c not in self.dropped:
+                        self._merge(c, value)
+                        self.next_poll[c] = time.monotonic() + POLL_S
+                elif ref in self.running:
+                    c = self.running.pop(ref)
+                    ok, value = self._get(ref, c)
+                    if ok:
+                        done(c, value)
+            self._check_liveness()
+            self.relay_aggregates()
+            if self.stop_event is not None and self.stop_event.is_set() and not self.stopping:
+                self.stopping = True  # clients leave at their next barrier, state saved
+                self.server.stop.remote()
+                for c, v in self.views.items():
+                    if c not in self.dropped:
+                        v.actor.request_stop.remote()
+
+    def relay_aggregates(self) -> None:
+        """Hand the server actor's aggregations to the driver's listeners, in order."""
+        if not self.listeners:
+            return
+        for event in ray.get(self.server.take_events.remote()):
+            for listener in self.listeners:
+                listener(*event)
+
+    def _polled(self) -> set[int]:
+        return {c for c, _ in self.polls.values()}
+
+    def _get(self, ref, c: int) -> tuple[bool, Any]:
+        """``(True, ray.get(ref))``; a dead actor is dropped, an error in client code re-raised."""
+        try:
+            return True, ray.get(ref)
+        except RayTaskError as e:  # first: a client whose call to a dead server failed is this
+            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+        except RayActorError as e:
+            self.drop(c, f"its actor died: {_first_line(e)}")
+        return False, None
+
+    def _progress(self, c: int):
+        lg = self.views[c].log
+        return self.views[c].actor.progress.remote(len(lg.rounds), len(lg.spans))
+
+    def _merge(self, c: int, reply: tuple[int, int, list[RoundRecord], list[Span]]) -> None:
+        """Append what is new in a progress reply (it may overlap one merged before it)."""
+        rounds_from, spans_from, rounds, spans = reply
+        view = self.views[c]
+        view.log.spans.extend(spans[len(view.log.spans) - spans_from :])
+        for r in rounds[len(view.log.rounds) - rounds_from :]:
+            view.log.rounds.append(r)
+            self.last_progress[c] = time.monotonic()
+            if self.on_barrier is not None:
+                self.on_barrier(view, r.round)
+
+    def _collect(self, c: int, memory: str) -> None:
+        """A finished client: fetch its last records."""
+        log.info("client %d finished, %s", c, memory)
+        self.polls = {r: v for r, v in self.polls.items() if v[0] != c}  # superseded
+        try:
+            self._merge(c, ray.get(self._progress(c), timeout=self.answer_s))
+        except (RayActorError, GetTimeoutError) as e:
+            log.warning("client %d finished but its last records were lost: %s", c, e)
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for c, sent in list(self.polls.values()):
+            if now - sent > self.answer_s:
+                self.drop(c, f"it did not answer for {self.answer_s:g}s")
+        running = set(self.running.values())
+        finished = set(self.views) - running - self.dropped
+        if len(running) < len(set(self.views) - self.dropped) and finished:
+            for c in running:
+                if now - self.last_progress.get(c, now) > self.answer_s:
+                    self.drop(
+                        c,
+                        f"no progress for {self.answer_s:g}s after the other clients finished",
+                    )
+
+    def drop(self, c: int, reason: str) -> None:
+        if c in self.dropped:
+            return
+        self.dropped.add(c)
+        self.running = {r: x for r, x in self.running.items() if x != c}
+        self.polls = {r: v for r, v in self.polls.items() if v[0] != c}
+        ray.kill(self.views[c].actor, no_restart=True)
+        remaining = self.clients - len(self.dropped)
+        log.warning(
+            "client %d dropped: %s; %d of %d clients remain (federation.min_clients=%d)",
+            c,
+            reason,
+            remaining,
+            self.clients,
+            self.min_clients,
+        )
+        ray.get(self.server.drop_client.remote(c, reason))
+        if remaining < self.min_clients:
+            raise RoundFailedError(
+                f"only {remaining} of {self.clients} clients remain after client {c} dropped "
+                f"({reason}); federation.min_clients needs {self.min_clients}"
+            )
+
+    def stop(self) -> None:
+        for actor in [v.actor for v in self.views.values()] + [self.server]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # already gone; nothing left to stop
+                log.debug("stopping an actor: %s", e)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _adopt(server: Server, final: dict[str, Any]) -> None:
+    """Copy the server actor's final state into the driver's ``Server`` (its model in place)."""
+    with torch.no_grad():
+        server.model.load_state_dict(final["model"])
+    server.versions = final["versions"]
+    server.next_round = final["next_round"]
+    server.stats = final["stats"]
+
+
+def ray_init(address: str = "", **kwargs: Any) -> None:
+    """``ray.init`` for ParaBlock: a local instance (empty ``address``) is started with this
+    process's parablock on its workers' path, so actors start from Ray's pool of ready workers
+    with no per-actor runtime environment; a cluster gets the environment per actor instead."""
+    global _INHERITING_NODE
+    if not address:
+        os.environ.update(_worker_env())  # the local raylet and its workers inherit it
+    ray.init(address=address or None, include_dashboard=False, **kwargs)
+    _INHERITING_NODE = "" if address else ray.get_runtime_context().get_node_id()
+
+
+_INHERITING_NODE = ""  # the node of a local instance started by ray_init (workers inherit env)
+
+
+def _connect(address: str, specs: list[ClientSpec]) -> bool:
+    """Join ``address`` or start a local Ray instance; True when this call started Ray."""
+    if ray.is_initialized():
+        return False  # a caller (a test, a notebook, a benchmark) owns the Ray session
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if not address:  # a local instance with enough logical CPUs for every client
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(sum(s.cpus for s in specs)))
+    try:
+        ray_init(address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"run.ray_address={address!r}: cannot connect to Ray: {e}") from None
+    return True
+
+
+def _check_resources(specs: list[ClientSpec]) -> None:
+    """Fail now, not hang, when the cluster cannot place every client."""
+    have = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for key, field, need in (
+        ("CPU", "client_cpus", [s.cpus for s in specs]),
+        ("GPU", "client_gpus", [s.gpus for s in specs]),
+    ):
+        total, biggest = have.get(key, 0.0), max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if sum(need) > total + 1e-9 or max(need) > biggest + 1e-9:
+            raise ConfigError(
+                f"run.{field}={max(need):g} for {len(specs)} clients needs {sum(need):g} {key}s "
+                f"(at most {biggest:g} per machine here), but the Ray cluster has {total:g}"
+            )
+
+
+def _worker_env() -> dict[str, str]:
+    """Actors import the same parablock as the driver and never download from a hub."""
+    env = {"HF_HUB_OFFLINE": "1"}
+    if os.environ.get("PARABLOCK_CACHE"):
+        env["PARABLOCK_CACHE"] = os.environ["PARABLOCK_CACHE"]
+    src = Path(parablock.__file__).resolve().parent.parent
+    if "site-packages" not in src.parts:  # a source checkout: put it first on the actors' path
+        paths = [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _runtime_env() -> dict[str, Any]:
+    """Nothing on a local instance from ``ray_init`` (its workers already have the environment:
+    a per-actor one would make Ray start fresh workers, several seconds each); else env_vars."""
+    if _INHERITING_NODE and _INHERITING_NODE == ray.get_runtime_context().get_node_id():
+        return {}
+    return {"env_vars": _worker_env()}

@@ -1,0 +1,236 @@
+"""The Ray backend against the local one (same final global model) and a client killed mid-run.
+
+One small local Ray instance serves the whole module and is shut down at its end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray  # installed by scripts/install.sh: CI runs these tests, never skips them
+import torch
+
+from conftest import tiny_config
+from parablock.backends import BACKENDS, client_device
+from parablock.backends.local import run_local
+from parablock.backends.ray import ray_init
+from parablock.config import ConfigError
+from parablock.runner import prepare
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray_init(num_cpus=4, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# Slow enough that a kill at an early barrier (seen by the driver up to POLL_S later) lands
+# before the client has finished: every transfer takes at least 0.3 s.
+_SLOW = {"latency_ms": 300.0}
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+def test_ray_and_local_end_with_the_same_global_model(
+    ray_session, tiny_model_dir, tmp_path, algorithm
+):
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"algorithm": algorithm})
+    local = prepare(cfg)
+    run_local(local.specs, local.server, threads=1)
+    remote = prepare(cfg)
+    seen = []
+    logs = BACKENDS.get("ray")(
+        remote.specs, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
+    )
+    want, got = _params(local.model), _params(remote.model)
+    # Bit for bit: the same code on the same bytes, with one torch thread per client on both sides.
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert remote.server.versions == local.server.versions
+    assert remote.server.next_round == cfg.federation.rounds  # the drain was aggregated too
+    rounds = cfg.federation.rounds + 1  # drain included
+    assert sorted(seen) == sorted((c, t) for c in (0, 1) for t in range(rounds))
+    assert [len(lg.rounds) for lg in logs] == [rounds, rounds]
+    assert all({s.phase for s in lg.spans} >= {"compute", "upload", "download"} for lg in logs)
+
+
+def test_killed_client_is_dropped_and_the_run_finishes(
+    ray_session, tiny_model_dir, tmp_path, caplog
+):
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"clients": 3, "min_clients": 2, "rounds": 5, "round_timeout_s": 3.0},
+        link=_SLOW,
+    )
+    fed = prepare(cfg)
+    before = _params(fed.model)
+
+    def kill_client_2(client, t):
+        if client.id == 2 and t == 1:
+            ray.kill(client.actor, no_restart=True)
+
+    caplog.set_level(logging.WARNING, logger="parablock")
+    logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_2)
+    stats = fed.server.stats
+    assert stats.dropped == [2]
+    assert fed.server.next_round == 5  # every round and the drain aggregated
+    assert stats.participants[4] == [0, 1]
+    assert stats.participants[0] == [0, 1, 2]  # uploaded before client 2's round-1 barrier
+    assert any("client 2 dropped: its actor died" in r.message for r in caplog.records)
+    assert len(logs[0].rounds) == len(logs[1].rounds) == 6
+    assert 2 <= len(logs[2].rounds) < 6
+    assert any(not torch.equal(p, before[n]) for n, p in _params(fed.model).items())
+
+
+def test_frozen_client_stops_answering_and_is_dropped(
+    ray_session, tiny_model_dir, tmp_path, caplog, monkeypatch
+):
+    import parablock.backends.ray as ray_backend
+
+    monkeypatch.setattr(ray_backend, "MIN_ANSWER_S", 1.0)  # answer within the round timeout, 2 s
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"clients": 2, "min_clients": 1, "rounds": 4, "round_timeout_s": 2.0},
+        link=_SLOW,
+    )
+    fed = prepare(cfg)
+    frozen: list[int] = []
+
+    def freeze_client_1(client, t):  # SIGSTOP: alive, but answers nothing
+        if client.id == 1 and t == 1:
+            pid = ray.get(client.actor.__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    caplog.set_level(logging.WARNING, logger="parablock")
+    try:
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=freeze_client_1)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert frozen and fed.server.stats.dropped == [1]
+    assert fed.server.next_round == 4 and fed.server.stats.participants[3] == [0]
+    assert any("client 1 dropped: it did not answer for 2s" in r.message for r in caplog.records)
+
+
+def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
+    from parablock.server import RoundFailedError
+
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), link=_SLOW)  # min_clients: all
+    fed = prepare(cfg)
+
+    def kill_client_1(client, t):
+        if client.id == 1 and t == 0:
+            ray.kill(client.actor, no_restart=True)
+
+    with pytest.raises(RoundFailedError, match="only 1 of 2 clients remain"):
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_1)
+
+
+def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_session, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), run={"client_cpus": 3.0})
+    fed = prepare(cfg)
+    with pytest.raises(ConfigError, match="run.client_cpus=3 for 2 clients needs 6 CPUs"):
+        BACKENDS.get("ray")(fed.specs, fed.server, threads=1)
+
+
+def test_client_device_is_the_cpu_unless_the_client_has_a_gpu(tiny_model_dir, tmp_path):
+    specs = prepare(tiny_config(tiny_model_dir, str(tmp_path), run={"client_gpus": 0.5})).specs
+    assert specs[0].gpus == 0.5
+    cpu_spec = prepare(tiny_config(tiny_model_dir, str(tmp_path))).specs[0]
+    assert client_device(cpu_spec) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert client_device(specs[0]).type == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="client_gpus=0.5 but no CUDA device"):
+            client_device(specs[0])
+
+
+def test_ray_is_imported_only_when_the_ray_backend_runs():
+    code = (
+        "import sys, parablock.cli, parablock.runner, parablock.backends.local;"
+        "from parablock.config import help_text; help_text();"
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})
+
+
+def test_cli_run_on_ray_saves_the_same_model_as_a_local_run(ray_session, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from parablock.cli import main
+
+    sets = [
+        f"model.name_or_path={tiny_model_dir}",
+        "model.blocks=all",
+        "data.train_size=16",
+        "federation.rounds=3",
+        "federation.local_steps=1",
+        "federation.batch_size=2",
+        "eval.size=4",
+        "run.threads=1",
+    ]
+    saved = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend
+        extra = [f"run.out={out}", f"run.backend={backend}"]
+        assert main(["run"] + [a for s in sets + extra for a in ("--set", s)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["clients_dropped"] == [] and summary["updates_accepted"] == 2 * 3
+        saved[backend] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for n, t in saved["local"].items():
+        assert torch.equal(saved["ray"][n], t), n
+
+
+def test_ray_run_stops_resumes_and_matches_an_uninterrupted_local_run(
+    ray_session, tiny_model_dir, tmp_path
+):
+    """Checkpoints and per-round evaluation are fed from the server actor through the driver."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from parablock.runner import RunInterrupted, run
+
+    ev = {"every": 1, "accuracy_size": 0}
+    full = run(
+        tiny_config(tiny_model_dir, str(tmp_path / "local"), federation={"rounds": 6}, eval=ev)
+    )
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path / "ray"),
+        federation={"rounds": 6},
+        eval=ev,
+        link=_SLOW,
+        run={"backend": "ray"},
+    )
+    stop = threading.Event()
+    with pytest.raises(RunInterrupted):
+        run(cfg, stop=stop, on_barrier=lambda c, t: stop.set() if t == 1 else None)
+    resumed = run(cfg, resume=True)
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    a = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "local" / "model").named_parameters())
+    b = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ray" / "model").named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    rows = [json.loads(x) for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["round"] for r in rows if r["kind"] == "eval"}
+    assert {-1, 4, 5} <= evals  # rounds after the resume point were evaluated by replay
