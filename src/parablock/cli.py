@@ -15,6 +15,7 @@ import os
 import sys
 
 from parablock.config import ConfigError, help_text, load
+from parablock.server import RoundFailedError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"parablock: error: {e}", file=sys.stderr)
         return 2
+    except RoundFailedError as e:  # too few clients: the run cannot go on, and says why
+        print(f"parablock: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("parablock: interrupted", file=sys.stderr)
         return 130
