@@ -29,9 +29,9 @@ import torch
 from parablock.blocks import Block, model_blocks
 from parablock.config import Config, from_dict
 from parablock.data import Example, round_indices
-from parablock.sources import reasoning_gym_records
 from parablock.model import load_model, load_tokenizer
 from parablock.runner import run
+from parablock.sources import reasoning_gym_records
 from parablock.train import TrainSettings, train_block
 
 

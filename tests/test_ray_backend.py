@@ -54,9 +54,13 @@ def test_ray_and_local_end_with_the_same_global_model(
     local = prepare(cfg)
     run_local(local.specs, local.server, threads=1)
     remote = prepare(cfg)
-    seen = []
+    seen, phases = [], []
     logs = BACKENDS.get("ray")(
-        remote.specs, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
+        remote.specs,
+        remote.server,
+        threads=1,
+        on_barrier=lambda c, t: seen.append((c.id, t)),
+        on_phase=lambda *event: phases.append(event),
     )
     want, got = _params(local.model), _params(remote.model)
     # Bit for bit: the same code on the same bytes, with one torch thread per client on both sides.
@@ -68,6 +72,13 @@ def test_ray_and_local_end_with_the_same_global_model(
     assert sorted(seen) == sorted((c, t) for c in (0, 1) for t in range(rounds))
     assert [len(lg.rounds) for lg in logs] == [rounds, rounds]
     assert all({s.phase for s in lg.spans} >= {"compute", "upload", "download"} for lg in logs)
+    # Phases inside the actors reach the driver's display: a start and an end for every span
+    # (idle is recorded after the fact, never announced).
+    for lg in logs:
+        spans = sorted((s.round, s.phase) for s in lg.spans if s.phase != "idle")
+        mine = [(r, ph, started) for c, r, ph, started in phases if c == lg.client]
+        assert sorted((r, ph) for r, ph, started in mine if started) == spans
+        assert sorted((r, ph) for r, ph, started in mine if not started) == spans
 
 
 def test_killed_client_is_dropped_and_the_run_finishes(

@@ -12,10 +12,11 @@ are Ray calls with bytes in and out. At the end its final global weights, block 
 statistics are copied back into the driver's ``Server``, so the runner evaluates and saves
 ``server.model`` exactly as with the local backend.
 
-Progress: ``on_barrier`` cannot be called from another process. The driver polls every client for
-its new round records (every ``POLL_S``) and calls ``on_barrier(view, round)`` in the driver with a
-``ClientView`` (id, the log so far, the actor handle), shortly after the barrier happened; it never
-sees the client's live model.
+Progress: ``on_barrier`` and ``on_phase`` cannot be called from another process. The driver polls
+every client (every ``POLL_S``) for its new phase events and round records and replays them in the
+driver, in order: ``on_phase(client, round, phase, started)`` as in the local backend and
+``on_barrier(view, round)`` with a ``ClientView`` (id, the log so far, the actor handle), at most
+about ``POLL_S`` after they happened; the driver never sees the client's live model.
 
 Failures: a client actor that dies, does not answer a poll within the round timeout, or makes no
 progress for a round timeout after every other client has finished, is dropped: killed, logged,
@@ -128,13 +129,14 @@ class ClientActor:
         self.threads = threads
         self.client = None
         self._stop = threading.Event()
-        self._rounds = 0
-        self._spans = 0
+        self._phases: list[tuple[int, int, str, bool]] = []  # every span start and end, in order
 
     def setup(self) -> str:
         """Load the model and build the client (errors surface here, not as a dead actor)."""
         torch.set_num_threads(self.threads)
-        self.client = build_client(self.spec, RemoteServer(self.server), stop=self._stop)
+        self.client = build_client(
+            self.spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
+        )
         return (
             f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}, "
             f"{peak_rss_mb():.0f} MB resident after loading its model"
@@ -153,11 +155,22 @@ class ClientActor:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def progress(self, rounds_from: int, spans_from: int) -> tuple[int, int, list, list]:
-        """Round records and spans from the given positions on. Stateless, so a late or repeated
-        poll can never lose or duplicate a record (list slices are atomic)."""
+    def _on_phase(self, *event) -> None:
+        self._phases.append(event)  # list.append is atomic: both client threads call this
+
+    def progress(
+        self, since: tuple[int, int, int]
+    ) -> tuple[tuple[int, int, int], list, list, list]:
+        """Phase events, spans and round records from the given positions on. Stateless, so a late
+        or repeated poll can never lose or duplicate one (list slices are atomic)."""
         lg = self.client.log if self.client is not None else ClientLog(self.spec.client_id)
-        return rounds_from, spans_from, lg.rounds[rounds_from:], lg.spans[spans_from:]
+        phases_from, spans_from, rounds_from = since
+        return (
+            since,
+            self._phases[phases_from:],
+            lg.spans[spans_from:],
+            lg.rounds[rounds_from:],
+        )
 
 
 @dataclass
@@ -167,6 +180,7 @@ class ClientView:
     id: int
     log: ClientLog
     actor: Any
+    phases: int = 0  # phase events replayed so far
 
 
 def run_ray(
@@ -179,12 +193,11 @@ def run_ray(
     stop: threading.Event | None = None,
     address: str = "",
 ) -> list[ClientLog]:
-    """``on_phase`` is not relayed from the actors (progress shows barriers only)."""
     started = _connect(address, specs)
     fleet = None
     try:
         _check_resources(specs)
-        fleet = _Fleet(specs, server, threads, on_barrier, stop)
+        fleet = _Fleet(specs, server, threads, on_barrier, on_phase, stop)
         fleet.run()
         fleet.relay_aggregates()
         _adopt(server, ray.get(fleet.server.final.remote()))
@@ -205,9 +218,11 @@ class _Fleet:
         server: Server,
         threads: int,
         on_barrier,
+        on_phase=None,
         stop: threading.Event | None = None,
     ) -> None:
         self.on_barrier = on_barrier
+        self.on_phase = on_phase
         self.listeners = list(server.aggregate_listeners)  # run here, fed by relay_aggregates
         self.stop_event = stop
         self.stopping = False
@@ -307,13 +322,19 @@ class _Fleet:
         return False, None
 
     def _progress(self, c: int):
-        lg = self.views[c].log
-        return self.views[c].actor.progress.remote(len(lg.rounds), len(lg.spans))
+        v = self.views[c]
+        return v.actor.progress.remote((v.phases, len(v.log.spans), len(v.log.rounds)))
 
-    def _merge(self, c: int, reply: tuple[int, int, list[RoundRecord], list[Span]]) -> None:
-        """Append what is new in a progress reply (it may overlap one merged before it)."""
-        rounds_from, spans_from, rounds, spans = reply
+    def _merge(
+        self, c: int, reply: tuple[tuple[int, int, int], list, list[Span], list[RoundRecord]]
+    ):
+        """Replay what is new in a progress reply (it may overlap one merged before it)."""
+        (phases_from, spans_from, rounds_from), phases, spans, rounds = reply
         view = self.views[c]
+        for event in phases[view.phases - phases_from :]:
+            view.phases += 1
+            if self.on_phase is not None:
+                self.on_phase(*event)
         view.log.spans.extend(spans[len(view.log.spans) - spans_from :])
         for r in rounds[len(view.log.rounds) - rounds_from :]:
             view.log.rounds.append(r)
