@@ -255,6 +255,7 @@ class _Fleet:
         self.polls: dict[Any, tuple[int, float]] = {}  # progress ref -> (client, sent at)
         self.next_poll: dict[int, float] = {}
         self.last_progress: dict[int, float] = {}
+        self.next_relay = 0.0
 
     def run(self) -> None:
         setup = {v.actor.setup.remote(): c for c, v in self.views.items()}
@@ -292,7 +293,9 @@ class _Fleet:
                     if ok:
                         done(c, value)
             self._check_liveness()
-            self.relay_aggregates()
+            if now >= self.next_relay:  # at most one call to the server actor per POLL_S
+                self.next_relay = now + POLL_S
+                self.relay_aggregates()
             if self.stop_event is not None and self.stop_event.is_set() and not self.stopping:
                 self.stopping = True  # clients leave at their next barrier, state saved
                 self.server.stop.remote()
