@@ -12,11 +12,13 @@ are Ray calls with bytes in and out. At the end its final global weights, block 
 statistics are copied back into the driver's ``Server``, so the runner evaluates and saves
 ``server.model`` exactly as with the local backend.
 
-Progress: ``on_barrier`` and ``on_phase`` cannot be called from another process. The driver polls
-every client (every ``POLL_S``) for its new phase events and round records and replays them in the
-driver, in order: ``on_phase(client, round, phase, started)`` as in the local backend and
-``on_barrier(view, round)`` with a ``ClientView`` (id, the log so far, the actor handle), at most
-about ``POLL_S`` after they happened; the driver never sees the client's live model.
+Progress: ``on_barrier`` and ``on_phase`` cannot be called from another process. The driver asks
+every client for its new phase events and round records and replays them in the driver, in order:
+``on_phase(client, round, phase, started)`` as in the local backend and ``on_barrier(view, round)``
+with a ``ClientView`` (id, the log so far, the actor handle), at most about ``POLL_S`` after they
+happened; the driver never sees the client's live model. The asks are long polls: a client answers
+as soon as it has news, or after ``LONG_POLL_S`` with none, so a round costs a few Ray calls per
+client rather than two every second (on a small machine those calls take CPU from training).
 
 Failures: a client actor that dies, does not answer a poll within the round timeout, or makes no
 progress for a round timeout after every other client has finished, is dropped: killed, logged,
@@ -51,7 +53,8 @@ from parablock.server import RoundFailedError, RunStopped, Server
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.5  # how often the driver asks each client for new round records
+POLL_S = 0.5  # the shortest time between two progress asks to one client
+LONG_POLL_S = 5.0  # the longest a client (or the server) holds an ask that has no news
 MIN_ANSWER_S = 10.0  # a poll unanswered this long (or the round timeout, if longer): not answering
 
 
@@ -61,16 +64,24 @@ class ServerActor:
     def __init__(self, server: Server) -> None:
         self.server = server
         self._events: list[tuple] = []
-        self._lock = threading.Lock()
+        self._news = threading.Condition()
+        self._closing = False
         server.aggregate_listeners.append(self._record)
 
     def _record(self, *event) -> None:
-        with self._lock:
+        with self._news:
             self._events.append(event)
+            self._news.notify_all()
 
-    def take_events(self) -> list[tuple]:
-        """Aggregations since the last call, for the driver's listeners (history, checkpoints)."""
-        with self._lock:
+    def take_events(self, wait_s: float = 0.0, last: bool = False) -> list[tuple]:
+        """Aggregations since the last call, for the driver's listeners (history, checkpoints);
+        waits up to ``wait_s`` for one when there is none yet. ``last``: the run is over, and a
+        call still waiting returns now."""
+        with self._news:
+            if last:
+                self._closing = True
+                self._news.notify_all()
+            self._news.wait_for(lambda: self._events or self._closing, timeout=wait_s)
             events, self._events = self._events, []
         return events
 
@@ -130,6 +141,7 @@ class ClientActor:
         self.client = None
         self._stop = threading.Event()
         self._phases: list[tuple[int, int, str, bool]] = []  # every span start and end, in order
+        self._news = threading.Condition()
 
     def setup(self) -> str:
         """Load the model and build the client (errors surface here, not as a dead actor)."""
@@ -156,15 +168,23 @@ class ClientActor:
         self._stop.set()
 
     def _on_phase(self, *event) -> None:
-        self._phases.append(event)  # list.append is atomic: both client threads call this
+        with self._news:  # both client threads call this
+            self._phases.append(event)
+            self._news.notify_all()
 
     def progress(
-        self, since: tuple[int, int, int]
+        self, since: tuple[int, int, int], wait_s: float = 0.0
     ) -> tuple[tuple[int, int, int], list, list, list]:
-        """Phase events, spans and round records from the given positions on. Stateless, so a late
-        or repeated poll can never lose or duplicate one (list slices are atomic)."""
+        """Phase events, spans and round records from the given positions on, waiting up to
+        ``wait_s`` for a new phase event or round record when there is none yet. Stateless, so a
+        late or repeated poll can never lose or duplicate one (list slices are atomic)."""
         lg = self.client.log if self.client is not None else ClientLog(self.spec.client_id)
         phases_from, spans_from, rounds_from = since
+        with self._news:
+            self._news.wait_for(
+                lambda: len(self._phases) > phases_from or len(lg.rounds) > rounds_from,
+                timeout=wait_s,
+            )
         return (
             since,
             self._phases[phases_from:],
@@ -199,7 +219,7 @@ def run_ray(
         _check_resources(specs)
         fleet = _Fleet(specs, server, threads, on_barrier, on_phase, stop)
         fleet.run()
-        fleet.relay_aggregates()
+        fleet.relay_aggregates(last=True)
         _adopt(server, ray.get(fleet.server.final.remote()))
         return [fleet.views[s.client_id].log for s in specs]
     finally:
@@ -229,9 +249,11 @@ class _Fleet:
         self.clients = len(specs)
         self.min_clients = server.min_clients
         self.answer_s = max(server.round_timeout_s, MIN_ANSWER_S)
+        self.wait_s = min(LONG_POLL_S, self.answer_s / 2)  # a long poll ends well before a drop
         env = _runtime_env()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        # Each client holds at most a join, an upload and a wait at once; the driver adds a few.
+        # Each client holds at most a join, an upload and a wait at once; the driver adds a few
+        # (its long poll for aggregations, a stop, a drop, the final state).
         self.server = (
             ray.remote(ServerActor)
             .options(
@@ -246,7 +268,7 @@ class _Fleet:
         for s in specs:
             actor = (
                 ray.remote(ClientActor)
-                .options(num_cpus=s.cpus, num_gpus=s.gpus, max_concurrency=3, runtime_env=env)
+                .options(num_cpus=s.cpus, num_gpus=s.gpus, max_concurrency=4, runtime_env=env)
                 .remote(s, self.server, threads or max(1, int(s.cpus)))
             )
             self.views[s.client_id] = ClientView(s.client_id, ClientLog(s.client_id), actor)
@@ -255,7 +277,7 @@ class _Fleet:
         self.polls: dict[Any, tuple[int, float]] = {}  # progress ref -> (client, sent at)
         self.next_poll: dict[int, float] = {}
         self.last_progress: dict[int, float] = {}
-        self.next_relay = 0.0
+        self.relay = None  # the driver's long poll for the server actor's aggregations
 
     def run(self) -> None:
         setup = {v.actor.setup.remote(): c for c, v in self.views.items()}
@@ -276,7 +298,9 @@ class _Fleet:
             for c in set(self.running.values()):
                 if now >= self.next_poll.get(c, math.inf) and c not in self._polled():
                     self.polls[self._progress(c)] = (c, now)
-            pending = list(self.running) + list(self.polls)
+            if self.relay is None and self.listeners:
+                self.relay = self.server.take_events.remote(self.wait_s)
+            pending = list(self.running) + list(self.polls) + [self.relay] * bool(self.relay)
             ready, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             if ready:
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
@@ -292,10 +316,9 @@ class _Fleet:
                     ok, value = self._get(ref, c)
                     if ok:
                         done(c, value)
+                elif ref == self.relay:
+                    self.relay_aggregates()  # and a new long poll goes out with the next loop
             self._check_liveness()
-            if now >= self.next_relay:  # at most one call to the server actor per POLL_S
-                self.next_relay = now + POLL_S
-                self.relay_aggregates()
             if self.stop_event is not None and self.stop_event.is_set() and not self.stopping:
                 self.stopping = True  # clients leave at their next barrier, state saved
                 self.server.stop.remote()
@@ -303,11 +326,17 @@ class _Fleet:
                     if c not in self.dropped:
                         v.actor.request_stop.remote()
 
-    def relay_aggregates(self) -> None:
-        """Hand the server actor's aggregations to the driver's listeners, in order."""
+    def relay_aggregates(self, last: bool = False) -> None:
+        """Hand the server actor's aggregations to the driver's listeners, in order: those of the
+        long poll in flight, then (``last``: the run is over) any left."""
         if not self.listeners:
             return
-        for event in ray.get(self.server.take_events.remote()):
+        rest = self.server.take_events.remote(0, True) if last else None  # ends the long poll
+        events = ray.get(self.relay) if self.relay is not None else []
+        self.relay = None
+        if rest is not None:
+            events += ray.get(rest)
+        for event in events:
             for listener in self.listeners:
                 listener(*event)
 
@@ -324,9 +353,10 @@ class _Fleet:
             self.drop(c, f"its actor died: {_first_line(e)}")
         return False, None
 
-    def _progress(self, c: int):
+    def _progress(self, c: int, wait_s: float | None = None):
         v = self.views[c]
-        return v.actor.progress.remote((v.phases, len(v.log.spans), len(v.log.rounds)))
+        since = (v.phases, len(v.log.spans), len(v.log.rounds))
+        return v.actor.progress.remote(since, self.wait_s if wait_s is None else wait_s)
 
     def _merge(
         self, c: int, reply: tuple[tuple[int, int, int], list, list[Span], list[RoundRecord]]
@@ -350,7 +380,7 @@ class _Fleet:
         log.info("client %d finished, %s", c, memory)
         self.polls = {r: v for r, v in self.polls.items() if v[0] != c}  # superseded
         try:
-            self._merge(c, ray.get(self._progress(c), timeout=self.answer_s))
+            self._merge(c, ray.get(self._progress(c, wait_s=0), timeout=self.answer_s))
         except (RayActorError, GetTimeoutError) as e:
             log.warning("client %d finished but its last records were lost: %s", c, e)
 
