@@ -245,3 +245,44 @@ def test_ray_run_stops_resumes_and_matches_an_uninterrupted_local_run(
     rows = [json.loads(x) for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["round"] for r in rows if r["kind"] == "eval"}
     assert {-1, 4, 5} <= evals  # rounds after the resume point were evaluated by replay
+
+
+def test_long_polls_answer_on_news_and_the_last_relay_ends_a_waiting_one():
+    """The driver's asks wait for news instead of polling; these are the plain actor classes."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from parablock.backends.ray import ClientActor, ServerActor
+
+    server = SimpleNamespace(aggregate_listeners=[])
+    actor = ServerActor(server)
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(actor.take_events(wait_s=30)))
+    start = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    server.aggregate_listeners[0](3, 7)  # the Server announcing an aggregation
+    waiter.join(10)
+    assert got == [[(3, 7)]] and time.monotonic() - start < 10  # woke on news, not at 30 s
+    assert actor.take_events() == []  # taken once, never twice
+
+    waiter = threading.Thread(target=lambda: got.append(actor.take_events(wait_s=30)))
+    start = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)  # waiting, with nothing to take
+    assert actor.take_events(0, last=True) == []
+    waiter.join(10)
+    assert got[1] == [] and time.monotonic() - start < 10  # the run is over: it returned at once
+    server.aggregate_listeners[0](4, 8)
+    assert actor.take_events(wait_s=30) == [(4, 8)]  # later news is still handed over
+
+    client = ClientActor(SimpleNamespace(client_id=5), server=None, threads=1)
+    asked = threading.Thread(target=lambda: got.append(client.progress((0, 0, 0), wait_s=30)))
+    asked.start()
+    time.sleep(0.2)
+    client._on_phase(5, 0, "compute", True)
+    asked.join(10)
+    assert not asked.is_alive()
+    assert got[-1] == ((0, 0, 0), [(5, 0, "compute", True)], [], [])
+    assert client.progress((1, 0, 0)) == ((1, 0, 0), [], [], [])  # no news, no wait: empty
