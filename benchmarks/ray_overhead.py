@@ -31,8 +31,8 @@ import ray
 import torch
 
 from parablock.backends.ray import ray_init
-from parablock.blocks import block_nbytes, model_blocks, select_blocks
 from parablock.config import Config, from_dict
+from parablock.core.blocks import block_nbytes, model_blocks, select_blocks
 from parablock.model import EMBEDDED, load_model, load_tokenizer
 from parablock.runner import run
 

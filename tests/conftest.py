@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from parablock.config import Config  # noqa: E402
-from parablock.data import Record, encode_all  # noqa: E402
+from parablock.data.examples import Record, encode_all  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -25,7 +25,7 @@ CHATML = (
 
 
 def _corpus() -> list[str]:
-    from parablock.sources import reasoning_gym_records
+    from parablock.data.sources import reasoning_gym_records
 
     recs = reasoning_gym_records("gsm_symbolic", 64, seed=123)
     return [r.prompt + " " + r.response for r in recs]
@@ -84,7 +84,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_examples(tiny_tokenizer):
-    from parablock.sources import reasoning_gym_records
+    from parablock.data.sources import reasoning_gym_records
 
     recs = reasoning_gym_records("gsm_symbolic", 32, seed=7)
     return encode_all(recs, tiny_tokenizer, 320, "tiny")

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from parablock.checkpoint import CheckpointError, CheckpointStore
+from parablock.core.checkpoint import CheckpointError, CheckpointStore
 from parablock.runner import RunInterrupted, run
 
 

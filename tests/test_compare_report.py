@@ -10,9 +10,9 @@ import pytest
 
 from conftest import tiny_config
 from parablock.cli import main
-from parablock.compare import compare
-from parablock.progress import PlainProgress
-from parablock.report import PLOTS, eval_series, load_run, round_split
+from parablock.tools.compare import compare
+from parablock.tools.progress import PlainProgress
+from parablock.tools.report import PLOTS, eval_series, load_run, round_split
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROUNDS = 4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from parablock.data import IGNORE, DataError, DataStats, Record, encode, round_indices
-from parablock.partition import partition
-from parablock.schedule import SCHEDULES, make_plan
+from parablock.core.schedule import SCHEDULES, make_plan
+from parablock.data.examples import IGNORE, DataError, DataStats, Record, encode, round_indices
+from parablock.data.partition import partition
 
 
 def test_loss_only_on_response_tokens(tiny_tokenizer):

@@ -9,7 +9,8 @@ import pytest
 from conftest import tiny_config
 from parablock.cli import main
 from parablock.config import ConfigError
-from parablock.estimate import (
+from parablock.runner import run
+from parablock.tools.estimate import (
     EstimateError,
     EstimateSettings,
     estimate,
@@ -17,7 +18,6 @@ from parablock.estimate import (
     load,
     model_sizes,
 )
-from parablock.runner import run
 
 # One tiny-Llama layer (hidden 64, intermediate 128, 4 heads of 16, 2 KV heads), by hand:
 # q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate/up/down 3 x 64x128 + two RMSNorms of 64.

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_config
-from parablock import evaluate as ev
 from parablock.backends.local import run_local
-from parablock.data import Record, encode_all
-from parablock.evaluate import (
+from parablock.data.examples import Record, encode_all
+from parablock.data.sources import gsm8k_reference, reasoning_gym_records
+from parablock.evaluation import evaluate as ev
+from parablock.evaluation.evaluate import (
     AggregateHistory,
     EvalSettings,
     Evaluator,
@@ -26,7 +27,6 @@ from parablock.evaluate import (
 )
 from parablock.model import load_model
 from parablock.runner import prepare, run
-from parablock.sources import gsm8k_reference, reasoning_gym_records
 
 GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from parablock.cli import main
-from parablock.generate import generate, reply_ids
+from parablock.tools.generate import generate, reply_ids
 
 
 def _greedy_by_hand(model_dir: str, prompt: str, n: int) -> list[int]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from parablock.link import Link, LinkSpec
+from parablock.transport.link import Link, LinkSpec
 
 
 def test_transfer_takes_latency_plus_wire_time():

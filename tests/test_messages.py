@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parablock.link import Link, LinkSpec
-from parablock.messages import BlockUpdate, BlockValue, MessageError
+from parablock.core.messages import BlockUpdate, BlockValue, MessageError
+from parablock.transport.link import Link, LinkSpec
 
 
 def _update(**kw) -> BlockUpdate:

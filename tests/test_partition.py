@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from parablock.data import DataError, Example
-from parablock.partition import PARTITIONS, client_stats, partition, save
+from parablock.data.examples import DataError, Example
+from parablock.data.partition import PARTITIONS, client_stats, partition, save
 from parablock.registry import UnknownNameError
 
 LABELS = [f"L{i % 10}" for i in range(1000)]  # 10 labels, 100 examples each

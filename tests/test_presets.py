@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from parablock import config, estimate
+from parablock import config
+from parablock.tools import estimate
 
 PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 

@@ -6,8 +6,8 @@ import io
 
 from conftest import tiny_config
 from parablock.cli import main
-from parablock.metrics import ClientLog
-from parablock.progress import LiveProgress, PlainProgress, ProgressState, make_progress
+from parablock.core.metrics import ClientLog
+from parablock.tools.progress import LiveProgress, PlainProgress, ProgressState, make_progress
 
 
 def test_span_calls_the_phase_listener_on_start_and_end():

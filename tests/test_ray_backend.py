@@ -144,7 +144,7 @@ def test_frozen_client_stops_answering_and_is_dropped(
 
 
 def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
-    from parablock.server import RoundFailedError
+    from parablock.core.server import RoundFailedError
 
     cfg = tiny_config(tiny_model_dir, str(tmp_path), link=_SLOW)  # min_clients: all
     fed = prepare(cfg)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_model
-from parablock.blocks import block_state, model_blocks
-from parablock.messages import BlockUpdate
-from parablock.server import RoundFailedError, Server
+from parablock.core.blocks import block_state, model_blocks
+from parablock.core.messages import BlockUpdate
+from parablock.core.server import RoundFailedError, Server
 
 
 def _server(**kw):

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from parablock.data import IGNORE, DataError, encode
-from parablock.registry import UnknownNameError
-from parablock.sources import (
+from parablock.data.examples import IGNORE, DataError, encode
+from parablock.data.sources import (
     parse_sources,
     read_file,
     reasoning_gym_records,
     split_counts,
     train_and_heldout,
 )
+from parablock.registry import UnknownNameError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

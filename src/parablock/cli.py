@@ -14,31 +14,8 @@ import logging
 import os
 import sys
 
-from parablock.config import ConfigError, help_text, load
-from parablock.server import RoundFailedError
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from parablock.blocks import BlockError
-    from parablock.checkpoint import CheckpointError
-    from parablock.data import DataError
-    from parablock.estimate import EstimateError
-    from parablock.model import ModelError
-    from parablock.registry import UnknownNameError
-    from parablock.report import ReportError
-    from parablock.runner import RunDirError
-
-    return (
-        ConfigError,
-        BlockError,
-        DataError,
-        ModelError,
-        UnknownNameError,
-        RunDirError,
-        ReportError,
-        EstimateError,
-        CheckpointError,
-    )
+from parablock.config import help_text, load
+from parablock.errors import ConfigError, RunFailed, UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -163,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _architectures() -> list[str]:
-    from parablock.estimate import ARCHITECTURES
+    from parablock.tools.estimate import ARCHITECTURES
 
     return list(ARCHITECTURES)
 
@@ -177,8 +154,8 @@ def _setup_logging(level: str, quiet: bool = False) -> None:
 
 
 def _run(args) -> int:
-    from parablock.progress import make_progress
     from parablock.runner import RunInterrupted, run
+    from parablock.tools.progress import make_progress
 
     if args.resume:
         if args.config:
@@ -212,8 +189,8 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from parablock.compare import compare, markdown, parse_algorithms
-    from parablock.progress import make_progress
+    from parablock.tools.compare import compare, markdown, parse_algorithms
+    from parablock.tools.progress import make_progress
 
     cfg = load(args.config, args.overrides)
     algorithms = parse_algorithms(args.algorithms)
@@ -225,7 +202,7 @@ def _compare(args) -> int:
 
 
 def _report(args) -> int:
-    from parablock.report import report
+    from parablock.tools.report import report
 
     files, notes = report(args.run_dir)
     for n in notes:
@@ -236,7 +213,7 @@ def _report(args) -> int:
 
 
 def _estimate(args) -> int:
-    from parablock import estimate as est
+    from parablock.tools import estimate as est
 
     if args.from_run:
         rows = est.from_run(args.from_run)
@@ -250,7 +227,7 @@ def _estimate(args) -> int:
 
 
 def _generate(args) -> int:
-    from parablock.generate import generate
+    from parablock.tools.generate import generate
 
     reply = generate(
         args.model_dir,
@@ -279,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data never come from a hub
     try:
         return COMMANDS[args.command](args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"parablock: error: {e}", file=sys.stderr)
         return 2
-    except RoundFailedError as e:  # too few clients: the run cannot go on, and says why
+    except RunFailed as e:  # e.g. too few clients: the run cannot go on, and says why
         print(f"parablock: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,9 +17,7 @@ from typing import Any
 
 import tomli_w
 
-
-class ConfigError(ValueError):
-    """A bad configuration value, file or key; the message names the field and what is allowed."""
+from parablock.errors import ConfigError  # noqa: F401
 
 
 def opt(
@@ -38,31 +36,31 @@ def opt(
 
 
 def _algorithms() -> list[str]:
-    from parablock.algorithms import ALGORITHMS
+    from parablock.core.algorithms import ALGORITHMS
 
     return ALGORITHMS.names()
 
 
 def _schedules() -> list[str]:
-    from parablock.schedule import SCHEDULES
+    from parablock.core.schedule import SCHEDULES
 
     return SCHEDULES.names()
 
 
 def _corrections() -> list[str]:
-    from parablock.correction import CORRECTIONS
+    from parablock.core.correction import CORRECTIONS
 
     return CORRECTIONS.names()
 
 
 def _aggregators() -> list[str]:
-    from parablock.aggregate import AGGREGATORS
+    from parablock.core.aggregate import AGGREGATORS
 
     return AGGREGATORS.names()
 
 
 def _partitions() -> list[str]:
-    from parablock.partition import PARTITIONS
+    from parablock.data.partition import PARTITIONS
 
     return PARTITIONS.names()
 

@@ -19,14 +19,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from parablock.errors import ModelError  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what was tried."""
 
 
 def cache_root() -> Path:

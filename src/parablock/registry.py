@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from parablock.errors import UnknownNameError  # noqa: F401
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """An unknown registry name; the message lists the names that exist."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):

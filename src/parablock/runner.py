@@ -24,30 +24,29 @@ from typing import Any
 import torch
 
 from parablock.backends import BACKENDS, ClientSpec
-from parablock.blocks import block_nbytes, model_blocks, select_blocks, set_block
-from parablock.checkpoint import CheckpointStore, ResumePoint
 from parablock.config import Config
-from parablock.data import DataStats, Example, Record, encode_all
-from parablock.evaluate import AggregateHistory, EvalResult, EvalSettings, Evaluator, eval_rounds
-from parablock.link import LinkSpec
-from parablock.metrics import round_times, summarize
+from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
+from parablock.core.checkpoint import CheckpointStore, ResumePoint
+from parablock.core.metrics import round_times, summarize
+from parablock.core.schedule import make_plan
+from parablock.core.server import Server
+from parablock.core.train import TrainSettings
+from parablock.data.examples import DataStats, Example, Record, encode_all
+from parablock.data.partition import client_stats, partition
+from parablock.data.partition import save as save_partition
+from parablock.data.sources import train_and_heldout
+from parablock.errors import RunDirError, RunInterrupted  # noqa: F401
+from parablock.evaluation.evaluate import (
+    AggregateHistory,
+    EvalResult,
+    EvalSettings,
+    Evaluator,
+    eval_rounds,
+)
 from parablock.model import load_model, load_tokenizer
-from parablock.partition import client_stats, partition
-from parablock.partition import save as save_partition
-from parablock.schedule import make_plan
-from parablock.server import Server
-from parablock.sources import train_and_heldout
-from parablock.train import TrainSettings
+from parablock.transport.link import LinkSpec
 
 log = logging.getLogger(__name__)
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used (it already holds a finished run, or nothing to resume)."""
-
-
-class RunInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped the run after saving its state; the message says how to resume."""
 
 
 def run_dir(cfg: Config, resume: bool = False) -> Path:

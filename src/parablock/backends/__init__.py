@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from parablock.blocks import model_blocks
-from parablock.checkpoint import CheckpointStore, ClientState
-from parablock.client import Client
-from parablock.config import ConfigError
-from parablock.correction import CORRECTIONS
-from parablock.data import Example
-from parablock.link import LinkSpec
-from parablock.metrics import ClientLog, PhaseListener
+from parablock.core.blocks import model_blocks
+from parablock.core.checkpoint import CheckpointStore, ClientState
+from parablock.core.client import Client
+from parablock.core.correction import CORRECTIONS
+from parablock.core.metrics import ClientLog, PhaseListener
+from parablock.core.train import TrainSettings
+from parablock.data.examples import Example
+from parablock.errors import ConfigError
 from parablock.model import load_model
 from parablock.registry import Registry
-from parablock.train import TrainSettings
-from parablock.transport import Connection, ServerEndpoint
+from parablock.transport.inprocess import Connection, ServerEndpoint
+from parablock.transport.link import LinkSpec
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ import threading
 
 import torch
 
-from parablock.algorithms import run_client
 from parablock.backends import ClientSpec, build_client
-from parablock.metrics import ClientLog
-from parablock.server import RunStopped, Server
+from parablock.core.algorithms import run_client
+from parablock.core.metrics import ClientLog
+from parablock.core.server import Server
+from parablock.errors import RunStopped
 
 log = logging.getLogger(__name__)
 

@@ -45,11 +45,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import parablock
-from parablock.algorithms import run_client
 from parablock.backends import ClientSpec, build_client, client_device
-from parablock.config import ConfigError
-from parablock.metrics import ClientLog, RoundRecord, Span
-from parablock.server import RoundFailedError, RunStopped, Server
+from parablock.core.algorithms import run_client
+from parablock.core.metrics import ClientLog, RoundRecord, Span
+from parablock.core.server import Server
+from parablock.errors import ConfigError, RoundFailedError, RunStopped
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parablock.errors import BlockError  # noqa: F401
+
 SUPPORTED = (
     "decoder-only models whose decoder keeps its layers in `model.layers` "
     "(Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM)"
 )
 EXTRA_BLOCKS = ("embed", "norm", "head")
-
-
-class BlockError(ValueError):
-    """A block selection that is malformed, matches nothing, or an unsupported architecture."""
 
 
 @dataclass(frozen=True)

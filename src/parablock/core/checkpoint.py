@@ -30,16 +30,13 @@ from pathlib import Path
 
 import torch
 
-from parablock.messages import BlockUpdate, MessageError, pack, unpack
-from parablock.metrics import RoundRecord, Span
+from parablock.core.messages import BlockUpdate, MessageError, pack, unpack
+from parablock.core.metrics import RoundRecord, Span
+from parablock.errors import CheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 KEEP = 3
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint (the message says what was found)."""
 
 
 @dataclass

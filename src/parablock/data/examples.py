@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from parablock.errors import DataError  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """Bad or unusable data: the message names the source (file and line) and what was wrong."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from parablock.link import Link, LinkSpec
-from parablock.messages import BlockUpdate, BlockValue, MessageError
+from parablock.core.messages import BlockUpdate, BlockValue, MessageError
+from parablock.errors import UpdateRejected  # noqa: F401
+from parablock.transport.link import Link, LinkSpec
 
 
 class ServerEndpoint(Protocol):
@@ -19,10 +20,6 @@ class ServerEndpoint(Protocol):
     def receive_update(self, payload: bytes) -> tuple[bool, str]: ...
 
     def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes: ...
-
-
-class UpdateRejected(RuntimeError):
-    """The server refused this client's update (the reason is in the message)."""
 
 
 class Connection:

@@ -16,15 +16,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from torch import nn
 
-from parablock.aggregate import apply
-from parablock.blocks import Block, block_state, set_block
-from parablock.checkpoint import CheckpointStore, ClientState
-from parablock.correction import Correction
-from parablock.data import Example, round_indices
-from parablock.messages import BlockUpdate, BlockValue
-from parablock.metrics import ClientLog, RoundRecord
-from parablock.train import TrainSettings, train_block
-from parablock.transport import Connection, UpdateRejected
+from parablock.core.aggregate import apply
+from parablock.core.blocks import Block, block_state, set_block
+from parablock.core.checkpoint import CheckpointStore, ClientState
+from parablock.core.correction import Correction
+from parablock.core.messages import BlockUpdate, BlockValue
+from parablock.core.metrics import ClientLog, RoundRecord
+from parablock.core.train import TrainSettings, train_block
+from parablock.data.examples import Example, round_indices
+from parablock.errors import UpdateRejected
+from parablock.transport.inprocess import Connection
 
 log = logging.getLogger(__name__)
 

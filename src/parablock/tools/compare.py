@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from parablock.algorithms import ALGORITHMS
 from parablock.config import Config, ConfigError
-from parablock.report import report
+from parablock.core.algorithms import ALGORITHMS
 from parablock.runner import RunDirError, run
+from parablock.tools.report import report
 
 BASELINE = "fedbcd"
 DEFAULT_ALGORITHMS = ("parablock", "fedbcd")

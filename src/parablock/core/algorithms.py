@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from parablock.client import Client
+from parablock.core.client import Client
+from parablock.errors import RunStopped
 from parablock.registry import Registry
-from parablock.server import RunStopped
 
 Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parablock.data import DataError, Example
+from parablock.data.examples import DataError, Example
 from parablock.registry import Registry
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from parablock.errors import MessageError  # noqa: F401
+
 _FORMAT = "parablock/1"
-
-
-class MessageError(ValueError):
-    """A malformed, corrupt or inconsistent message."""
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -16,19 +16,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from parablock.aggregate import AGGREGATORS, apply
-from parablock.blocks import Block, block_state, set_block
-from parablock.messages import BlockUpdate, BlockValue, MessageError
+from parablock.core.aggregate import AGGREGATORS, apply
+from parablock.core.blocks import Block, block_state, set_block
+from parablock.core.messages import BlockUpdate, BlockValue, MessageError
+from parablock.errors import RoundFailedError, RunStopped  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-class RoundFailedError(RuntimeError):
-    """A round that could not aggregate (too few updates before its deadline)."""
-
-
-class RunStopped(RuntimeError):
-    """The run is being stopped (Ctrl-C / SIGTERM); clients leave at their next wait."""
 
 
 @dataclass

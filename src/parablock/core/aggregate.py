@@ -6,13 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from parablock.messages import BlockUpdate
+from parablock.core.messages import BlockUpdate
+from parablock.errors import AggregationError  # noqa: F401
 from parablock.registry import Registry
-
-
-class AggregationError(RuntimeError):
-    """Updates that cannot be aggregated together (an invariant is broken)."""
-
 
 Aggregator = Callable[[list[BlockUpdate]], dict[str, torch.Tensor]]
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from parablock.blocks import model_blocks, select_blocks
 from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
-from parablock.link import LinkSpec
+from parablock.core.blocks import model_blocks, select_blocks
+from parablock.core.schedule import make_plan
+from parablock.errors import EstimateError  # noqa: F401
 from parablock.registry import Registry
-from parablock.schedule import make_plan
+from parablock.transport.link import LinkSpec
 
 ARCH_PREFIX = "arch:"
 # Architecture presets (public config.json values); built without weights on the meta device.
@@ -101,10 +102,6 @@ class EstimateSettings:
     aggregate_s: float = opt(0.0, "server aggregation time per round in seconds", ge=0.0)
     dtype: str = opt("float32", "dtype of block payloads on the wire", choices=tuple(DTYPES))
     seq_len: int = opt(0, "tokens per example for --measure (0 = data.max_length)", ge=0)
-
-
-class EstimateError(ValueError):
-    """Estimate inputs that do not determine a timing (e.g. no compute time)."""
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -362,9 +359,9 @@ def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> f
     selected blocks (backward depth, hence cost, varies between them), torch threads shared out
     over ``federation.clients`` as in a local run."""
     from parablock.backends.local import torch_threads
-    from parablock.data import Example
+    from parablock.core.train import TrainSettings, train_block
+    from parablock.data.examples import Example
     from parablock.model import load_model
-    from parablock.train import TrainSettings, train_block
 
     if cfg.model.name_or_path.startswith(ARCH_PREFIX):
         sizes = model_sizes(cfg)
@@ -414,7 +411,7 @@ def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> f
 def from_run(path: str | Path) -> list[dict]:
     """Predict each run's mean round time from its measured compute, aggregation and links."""
     from parablock.config import load as load_config
-    from parablock.report import find_runs
+    from parablock.tools.report import find_runs
 
     out = []
     for run in find_runs(path):

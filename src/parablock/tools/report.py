@@ -24,6 +24,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from parablock.errors import ReportError  # noqa: F401
+
 PLOTS = ("eval_loss.png", "round_time_split.png", "timeline.png")
 PHASE_COLORS = {
     "compute": "#2e7d32",
@@ -33,10 +35,6 @@ PHASE_COLORS = {
     "idle": "#bdbdbd",
 }
 RUN_COLORS = ("#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f")
-
-
-class ReportError(ValueError):
-    """A run directory whose files are missing or unreadable; names the file (and line)."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from parablock.data import DataError, Record
+from parablock.data.examples import DataError, Record
 from parablock.registry import Registry, UnknownNameError
 
 log = logging.getLogger(__name__)

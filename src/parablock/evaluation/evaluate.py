@@ -25,8 +25,8 @@ from functools import cache
 import torch
 from torch import nn
 
-from parablock.blocks import Block, set_block
-from parablock.data import IGNORE, Example, Record, collate, render_prompt
+from parablock.core.blocks import Block, set_block
+from parablock.data.examples import IGNORE, Example, Record, collate, render_prompt
 from parablock.registry import Registry
 
 # -- loss ------------------------------------------------------------------------------------

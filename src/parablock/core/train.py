@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from parablock.blocks import Block, block_state, freeze_all_but
-from parablock.data import Example, collate
+from parablock.core.blocks import Block, block_state, freeze_all_but
+from parablock.data.examples import Example, collate
 
 
 @dataclass(frozen=True)

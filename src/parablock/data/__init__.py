@@ -1,0 +1,1 @@
+"""Training data: records and examples, data sources, federated partitions."""

@@ -1,0 +1,1 @@
+"""Tools around runs: compare, report (plots), estimate (timing model), progress, generate."""
