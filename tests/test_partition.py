@@ -68,9 +68,11 @@ def test_a_client_left_empty_is_a_clear_error():
         partition(["a"] * 5, 4, "dirichlet", seed=0, alpha=0.001)
     with pytest.raises(DataError, match="use fewer clients or more data"):
         partition(3, 4, "iid", seed=0)
-    with pytest.raises(UnknownNameError, match="valid: by_label, dirichlet, iid, replicate"):
+    with pytest.raises(
+        UnknownNameError, match="valid: by_label, dirichlet, iid, per_client, replicate"
+    ):
         partition(10, 2, "shards", seed=0)
-    assert PARTITIONS.names() == ["by_label", "dirichlet", "iid", "replicate"]
+    assert PARTITIONS.names() == ["by_label", "dirichlet", "iid", "per_client", "replicate"]
 
 
 def test_stats_count_examples_tokens_labels_and_are_saved_with_a_plot(tmp_path):

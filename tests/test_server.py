@@ -10,7 +10,9 @@ import torch
 from conftest import make_model
 from parablock.core.blocks import block_state, model_blocks
 from parablock.core.messages import BlockUpdate
+from parablock.core.protocol import PROTOCOL, AggregateReady, JoinRequest
 from parablock.core.server import RoundFailedError, Server
+from parablock.errors import MessageError
 
 
 def _server(**kw):
@@ -27,8 +29,10 @@ def _delta(blocks, b, value):
     }
 
 
-def _send(server, client, round, block, delta, n=1, base=-1):
-    return server.receive_update(BlockUpdate(client, round, block, base, n, 0.5, delta).serialize())
+def _send(server, client, round, block, delta, n=1, base=-1, claim=None):
+    claimed = client if claim is None else claim
+    update = BlockUpdate(claimed, round, block, base, n, 0.5, delta)
+    return server.receive_update(update.serialize(), client)
 
 
 def test_weighted_aggregation_with_server_lr_equals_hand_computation():
@@ -46,8 +50,11 @@ def test_weighted_aggregation_with_server_lr_equals_hand_computation():
         else:
             assert torch.equal(p.detach(), before[n]), n
     assert server.versions[1] == 0 and server.versions[2] == -1
-    value = server.wait_aggregate(0)
-    assert len(value) > 0
+    assert server.wait_aggregate(0) == AggregateReady(1, 0)
+    value = server.block_value(1, 0)
+    assert value.version == 0 and torch.equal(
+        value.tensors[blocks[1].param_names[0]], after[blocks[1].param_names[0]].detach()
+    )
 
 
 def test_bad_updates_are_rejected_logged_and_never_applied(caplog):
@@ -61,7 +68,7 @@ def test_bad_updates_are_rejected_logged_and_never_applied(caplog):
     assert not _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=3)[0]  # wrong base
     corrupt = bytearray(BlockUpdate(0, 0, 1, -1, 1, 0.1, _delta(blocks, 1, 1.0)).serialize())
     corrupt[-1] ^= 1
-    assert not server.receive_update(bytes(corrupt))[0]
+    assert not server.receive_update(bytes(corrupt), 0)[0]
     assert len(server.stats.rejected) == 5
     assert "rejected an update" in caplog.text and "checksum" in caplog.text
     for n, p in server.model.named_parameters():
@@ -88,9 +95,46 @@ def test_join_sends_only_blocks_whose_version_differs():
     server, blocks = _server()
     _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
     _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
-    plan, payloads = server.join(0, {b.index: -1 for b in blocks})
-    assert plan == [1, 2, 1] and len(payloads) == 1
-    assert server.join(0, {0: -1, 1: 0, 2: -1})[1] == []
+    reply = server.join(JoinRequest(PROTOCOL, 0, "", {b.index: -1 for b in blocks}), 0)
+    assert reply.settings.plan == [1, 2, 1] and reply.stale == {1: 0}
+    assert server.join(JoinRequest(PROTOCOL, 0, "", {0: -1, 1: 0, 2: -1}), 0).stale == {}
+
+
+def test_identity_comes_from_the_caller_and_only_the_open_round_is_accepted():
+    server, blocks = _server()
+    ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), claim=1)
+    assert not ok and "claims to come from client 1" in reason
+    ok, reason = _send(server, 0, 2, 1, _delta(blocks, 1, 1.0))  # a future round
+    assert not ok and "round 0 is the open round" in reason
+    assert server.stats.accepted == 0 and server.versions[1] == -1
+
+
+def test_join_refuses_another_protocol_or_base_model():
+    server, _ = _server(fingerprint="abc")
+    with pytest.raises(MessageError, match="protocol mismatch"):
+        server.join(JoinRequest(PROTOCOL + 1, 0, "abc"), 0)
+    with pytest.raises(MessageError, match="base model differs"):
+        server.join(JoinRequest(PROTOCOL, 0, "xyz"), 0)
+    with pytest.raises(MessageError, match="not one of this run"):
+        server.join(JoinRequest(PROTOCOL, 7, "abc"), 7)
+    assert server.join(JoinRequest(PROTOCOL, 0, "abc"), 0).start_round == 0
+
+
+def test_rejoin_keeps_a_pending_delta_for_the_open_round_and_drops_a_late_one():
+    server, blocks = _server(min_clients=1, round_timeout_s=0.1)
+    # client 1 restarts at its barrier of round 0: its round-0 delta is still wanted
+    reply = server.join(JoinRequest(PROTOCOL, 1, "", {1: -1}, 1, 0, [1]), 1)
+    assert reply.keep_pending and reply.start_round == 1 and reply.stale == {}
+    # round 0 closes without client 1 (deadline): it is dropped
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    server.wait_aggregate(0)
+    assert server.stats.dropped == [1] and server.stats.participants[0] == [0]
+    # now its pending delta is late: drop it, catch up on block 1, start at the open round
+    reply = server.join(JoinRequest(PROTOCOL, 1, "", {1: -1}, 1, 0, [1]), 1)
+    assert not reply.keep_pending and reply.start_round == 1 and reply.stale == {1: 0}
+    assert 1 not in server._dropped
+    ok, reason = _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    assert not ok and "late" in reason
 
 
 def test_dropped_client_is_no_longer_waited_for_but_min_clients_still_holds():

@@ -3,7 +3,8 @@
 Expected user errors (bad config, missing model, bad data, unusable run directory) print one line
 ``parablock: error: ...`` and exit with code 2, without a traceback.
 
-Subcommands: ``run``, ``compare`` (every algorithm on one config, table and plots), ``report``
+Subcommands: ``run`` (the simulator), ``server`` / ``client`` / ``certs`` (a real networked
+federation, cli_net.py), ``compare`` (every algorithm on one config, table and plots), ``report``
 (plots from run directories), ``estimate`` (the timing model), ``generate`` (try a model).
 """
 
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 
+from parablock import cli_net
 from parablock.config import help_text, load
 from parablock.errors import ConfigError, RunFailed, UserError
 
@@ -136,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="0 (the default) = greedy decoding"
     )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
+    cli_net.add_parsers(sub, _config_args, _progress_args)
     return p
 
 
@@ -243,6 +246,9 @@ def _generate(args) -> int:
 
 
 COMMANDS = {
+    "server": lambda args: cli_net.server(args, load, _setup_logging),
+    "client": lambda args: cli_net.client(args, _setup_logging),
+    "certs": cli_net.certs,
     "run": _run,
     "compare": _compare,
     "report": _report,

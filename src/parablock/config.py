@@ -97,7 +97,12 @@ class DataConfig:
         "'alpaca:<file>', 'gsm8k:<file>', 'chat:<file>', 'file:<file>' or a .json/.jsonl path "
         "(format detected); e.g. 'reasoning_gym:basic_arithmetic@1,alpaca:a.json@3'",
     )
-    train_size: int = opt(512, "training examples drawn from the sources, split over clients", ge=1)
+    train_size: int = opt(
+        512,
+        "training examples drawn from the sources, split over clients "
+        "(data.partition=per_client: at most this many per client, from its own source)",
+        ge=1,
+    )
     max_length: int = opt(
         256,
         "tokens per example; longer ones are truncated from the right, and one whose prompt "
@@ -116,6 +121,11 @@ class DataConfig:
     client_weights: str = opt(
         "", "relative client sizes for data.partition=iid, e.g. '4,2,1,1' ('' = equal)"
     )
+    client_sources: str = opt(
+        "",
+        "one data source per client for data.partition=per_client, separated by ';' (each any "
+        "data.source syntax), e.g. 'gsm8k:site0.jsonl;gsm8k:site1.jsonl'",
+    )
 
     def weights(self) -> tuple[float, ...]:
         if not self.client_weights.strip():
@@ -129,6 +139,18 @@ class DataConfig:
         if any(not (x > 0 and math.isfinite(x)) for x in w):
             raise ConfigError(f"data.client_weights={self.client_weights!r} must all be > 0")
         return w
+
+    def client_source_list(self) -> list[str]:
+        """``client_sources`` split on ';', one source spec per client ([] when unset)."""
+        if not self.client_sources.strip():
+            return []
+        items = [s.strip() for s in self.client_sources.split(";")]
+        if not all(items):
+            raise ConfigError(
+                f"data.client_sources={self.client_sources!r} has an empty item; give one "
+                "source per client separated by ';'"
+            )
+        return items
 
 
 @dataclass(frozen=True)
@@ -222,6 +244,31 @@ class RunConfig:
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = opt(
+        "127.0.0.1:8470",
+        "parablock server: host:port to listen on (0.0.0.0:PORT for every interface; port 0 = any)",
+    )
+    tls_cert: str = opt("", "parablock server: PEM certificate chain of the server")
+    tls_key: str = opt("", "parablock server: PEM private key of the server")
+    client_ca: str = opt(
+        "", "parablock server: PEM CA of client certificates; set = mutual TLS is required"
+    )
+    insecure: bool = opt(
+        False, "parablock server: plain text instead of TLS (trusted test networks only)"
+    )
+    clients_file: str = opt(
+        "", "parablock server: TOML file of client ids and token hashes (parablock certs makes one)"
+    )
+    join_timeout_s: float = opt(
+        600.0,
+        "parablock server: seconds to wait for all clients to join; then it starts with "
+        "federation.min_clients if that many joined",
+        gt=0.0,
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -229,6 +276,7 @@ SECTIONS: dict[str, type] = {
     "link": LinkConfig,
     "eval": EvalConfig,
     "run": RunConfig,
+    "server": ServerConfig,
 }
 
 
@@ -240,6 +288,7 @@ class Config:
     link: LinkConfig = field(default_factory=LinkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
@@ -258,6 +307,22 @@ class Config:
         if weights and self.data.partition != "iid":
             raise ConfigError(
                 "data.client_weights applies to data.partition=iid only "
+                f"(got data.partition={self.data.partition!r})"
+            )
+        sources = self.data.client_source_list()
+        if self.data.partition == "per_client" and not sources:
+            raise ConfigError(
+                "data.partition=per_client needs data.client_sources: one source per client "
+                f"separated by ';' (federation.clients={fed.clients})"
+            )
+        if self.data.partition == "per_client" and len(sources) != fed.clients:
+            raise ConfigError(
+                f"data.client_sources has {len(sources)} source(s) but federation.clients="
+                f"{fed.clients}; give one source per client"
+            )
+        if sources and self.data.partition != "per_client":
+            raise ConfigError(
+                "data.client_sources applies to data.partition=per_client only "
                 f"(got data.partition={self.data.partition!r})"
             )
 

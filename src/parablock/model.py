@@ -9,6 +9,7 @@ weights are a dequantised 4-bit copy of SmolLM2-135M-Instruct, not the original 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -112,3 +113,15 @@ def load_tokenizer(name_or_path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of every weight (names, shapes, dtypes, bytes): equal only for identical models.
+
+    A network server refuses a client whose base model's fingerprint differs from its own."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy())
+    return h.hexdigest()

@@ -28,14 +28,15 @@ from parablock.config import Config
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.metrics import round_times, summarize
+from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
 from parablock.core.server import Server
 from parablock.core.train import TrainSettings
 from parablock.data.examples import DataStats, Example, Record, encode_all
 from parablock.data.partition import client_stats, partition
 from parablock.data.partition import save as save_partition
-from parablock.data.sources import train_and_heldout
-from parablock.errors import RunDirError, RunInterrupted  # noqa: F401
+from parablock.data.sources import client_records, train_and_heldout
+from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.evaluation.evaluate import (
     AggregateHistory,
     EvalResult,
@@ -43,7 +44,7 @@ from parablock.evaluation.evaluate import (
     Evaluator,
     eval_rounds,
 )
-from parablock.model import load_model, load_tokenizer
+from parablock.model import load_model, load_tokenizer, model_fingerprint
 from parablock.transport.link import LinkSpec
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,74 @@ class Federation:
         return self.server.model
 
 
-def prepare(cfg: Config) -> Federation:
-    """Load the model, build blocks, plan, data, partition, server and client specs."""
+def _per_client_train(
+    cfg: Config,
+    sources: list[str],
+    tokenizer,
+    heldout_records: list[Record],
+    stats: DataStats,
+) -> tuple[list[Record], list[Example], list[list[int]]]:
+    """data.partition=per_client: client i encodes ``client_records(sources[i], ...)``.
+
+    Returns the records and examples of all clients concatenated in client order, and the
+    indices each client owns in them (contiguous ranges), for the partition statistics.
+    """
+    d, seed = cfg.data, cfg.run.seed
+    heldout_keys = {r.key for r in heldout_records}
+    records: list[Record] = []
+    examples: list[Example] = []
+    parts: list[list[int]] = []
+    for i, src in enumerate(sources):
+        recs = client_records(src, d.train_size, seed, d.label_field)
+        overlap = sum(r.key in heldout_keys for r in recs)
+        if overlap:
+            log.warning(
+                "client %d (%s): %d training prompt(s) are also held-out; evaluation is not "
+                "on unseen data",
+                i,
+                src,
+                overlap,
+            )
+        own = DataStats()
+        exs = encode_all(recs, tokenizer, d.max_length, f"train client {i} ({src})", own)
+        stats.kept += own.kept
+        stats.truncated += own.truncated
+        stats.dropped += own.dropped
+        parts.append(list(range(len(examples), len(examples) + len(exs))))
+        records += recs
+        examples += exs
+    return records, examples, parts
+
+
+def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
+    """The training settings a server hands every client at join."""
+    f, d = cfg.federation, cfg.data
+    return RunSettings(
+        f.algorithm,
+        f.correction,
+        list(plan),
+        cfg.model.extra_blocks,
+        f.local_steps,
+        f.batch_size,
+        f.lr,
+        f.weight_decay,
+        f.warmup_steps,
+        f.lr_schedule,
+        f.grad_clip,
+        cfg.run.seed,
+        d.max_length,
+        d.train_size,
+        d.label_field,
+    )
+
+
+def prepare(cfg: Config, serve: bool = False) -> Federation:
+    """Load the model, build blocks, plan, data, partition, server and client specs.
+
+    ``serve``: the clients are remote (``parablock server``): no training data here, only the
+    server's own held-out data (``eval.source``, if any), and the server checks each joining
+    client's base model against this one's fingerprint.
+    """
     fed, seed = cfg.federation, cfg.run.seed
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
@@ -110,6 +177,20 @@ def prepare(cfg: Config) -> Federation:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pad_id = tokenizer.pad_token_id
+    server = Server(
+        model,
+        blocks,
+        plan,
+        clients=fed.clients,
+        min_clients=fed.min_clients,
+        aggregator=fed.aggregator,
+        server_lr=fed.server_lr,
+        round_timeout_s=fed.round_timeout_s,
+        settings=run_settings(cfg, plan),
+        fingerprint=model_fingerprint(model) if serve else "",
+    )
+    if serve:
+        return _serving(cfg, server, tokenizer, selected)
     train_records, heldout_records = train_and_heldout(
         cfg.data.source,
         cfg.data.train_size,
@@ -120,18 +201,28 @@ def prepare(cfg: Config) -> Federation:
     )
     train_stats, heldout_stats = DataStats(), DataStats()
     max_len = cfg.data.max_length
-    train = encode_all(train_records, tokenizer, max_len, "train", train_stats)
+    client_sources = cfg.data.client_source_list()
+    if cfg.data.partition == "per_client":
+        # Each client's data is its own source, drawn exactly as a networked client draws it
+        # (no filtering against held-out data, which such a client cannot know); the records
+        # drawn from data.source above are not trained on.
+        train_records, train, parts = _per_client_train(
+            cfg, client_sources, tokenizer, heldout_records, train_stats
+        )
+    else:
+        train = encode_all(train_records, tokenizer, max_len, "train", train_stats)
     # The loss uses the first eval.size held-out items; accuracy the first eval.accuracy_size.
     heldout = encode_all(heldout_records[: cfg.eval.size], tokenizer, max_len, "held-out")
     encode_all(heldout_records, tokenizer, max_len, "held-out (all)", heldout_stats)
-    parts = partition(
-        [e.group for e in train],
-        fed.clients,
-        cfg.data.partition,
-        seed,
-        alpha=cfg.data.alpha,
-        weights=cfg.data.weights(),
-    )
+    if cfg.data.partition != "per_client":
+        parts = partition(
+            [e.group for e in train],
+            fed.clients,
+            cfg.data.partition,
+            seed,
+            alpha=cfg.data.alpha,
+            weights=cfg.data.weights(),
+        )
     pstats = client_stats(train, parts)
     for c in pstats:
         log.info(
@@ -150,17 +241,9 @@ def prepare(cfg: Config) -> Federation:
         "train": train_stats.to_json(),
         "heldout": heldout_stats.to_json(),
     }
+    if client_sources:
+        data_stats["client_sources"] = client_sources
 
-    server = Server(
-        model,
-        blocks,
-        plan,
-        clients=fed.clients,
-        min_clients=fed.min_clients,
-        aggregator=fed.aggregator,
-        server_lr=fed.server_lr,
-        round_timeout_s=fed.round_timeout_s,
-    )
     up, down = _links(cfg)
     specs = [
         ClientSpec(
@@ -205,6 +288,34 @@ def prepare(cfg: Config) -> Federation:
     )
 
 
+def _serving(cfg: Config, server: Server, tokenizer, selected: list[int]) -> Federation:
+    """A server whose clients are remote: held-out data from ``eval.source`` only."""
+    ev, stats = cfg.eval, DataStats()
+    records = []
+    if ev.source:
+        n = max(ev.size, ev.accuracy_size)
+        records = client_records(ev.source, n, cfg.run.seed, cfg.data.label_field)
+    heldout = encode_all(records[: ev.size], tokenizer, cfg.data.max_length, "held-out")
+    encode_all(records, tokenizer, cfg.data.max_length, "held-out (all)", stats)
+    if not records:
+        log.info("no eval.source: the server evaluates nothing (clients' data never leaves them)")
+    log.info(
+        "%s server: %d clients, %d rounds over blocks %s (%.1f MB per block)",
+        cfg.federation.algorithm,
+        cfg.federation.clients,
+        cfg.federation.rounds,
+        selected,
+        block_nbytes(server.model, server.blocks[selected[0]]) / 1e6,
+    )
+    data_stats = {
+        "eval_source": ev.source,
+        "heldout_records": len(records),
+        "heldout": stats.to_json(),
+        "training_data": "stays with the clients",
+    }
+    return Federation(cfg, server, [], tokenizer, heldout, selected, records, [], data_stats)
+
+
 def run(
     cfg: Config,
     *,
@@ -212,34 +323,51 @@ def run(
     on_phase=None,
     resume: bool = False,
     stop: threading.Event | None = None,
+    serve: bool = False,
+    on_listening=None,
 ) -> dict:
     """Run the configured federation; returns the summary (also written to the run directory).
 
     ``on_barrier(client, t)`` hears each client's round end, ``on_phase(client, round, phase,
     started)`` each phase start and end (progress displays use both). With ``resume`` it continues
     the interrupted run in ``cfg.run.out`` from its checkpoint. Setting ``stop`` (or Ctrl-C /
-    SIGTERM) ends the run at the next barrier with its state saved.
+    SIGTERM) ends the run at the next barrier with its state saved. With ``serve`` the clients
+    are remote ``parablock client`` processes that join over gRPC (``[server]`` settings);
+    ``on_listening(port)`` then hears the port once it is open.
     """
+    where = None
+    if serve:
+        from parablock.backends.remote import listener
+
+        if resume:
+            raise ConfigError(
+                "parablock server cannot --resume yet: start a new server run; clients keep "
+                "their own checkpoints"
+            )
+        where = listener(cfg)  # bad certificates or clients file: fail before loading anything
     out = run_dir(cfg, resume)
     if not resume:
         (out / "config.toml").write_text(cfg.to_toml())
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
-    f = prepare(cfg)
+    f = prepare(cfg, serve=serve)
     model, server, tokenizer = f.model, f.server, f.tokenizer
     plan, selected, specs = server.plan, f.selected, f.specs
     stop = stop or threading.Event()
     (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
-    save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
+    if not serve:
+        save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
 
     ev = cfg.eval
-    evaluate = Evaluator(
-        tokenizer,
-        f.heldout,
-        f.heldout_records,
-        EvalSettings(ev.batch_size, ev.accuracy_size, ev.max_new_tokens),
-    )
-    if ev.accuracy_size and not evaluate.accuracy_records:
+    evaluate = None
+    if f.heldout:
+        evaluate = Evaluator(
+            tokenizer,
+            f.heldout,
+            f.heldout_records,
+            EvalSettings(ev.batch_size, ev.accuracy_size, ev.max_new_tokens),
+        )
+    if evaluate is not None and ev.accuracy_size and not evaluate.accuracy_records:
         log.info("no held-out item has a checkable answer: accuracy is off for this data")
 
     store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
@@ -251,11 +379,12 @@ def run(
         started_at, evals = point.started_at, [EvalResult.from_json(point.initial_eval)]
         log.info("resuming %s after round %d of %d", out, point.round + 1, fed.rounds)
     else:
-        evals = [evaluate(model, -1, 0.0)]
-        log.info("base model: %s", _describe(evals[0]))
+        evals = [evaluate(model, -1, 0.0)] if evaluate is not None else []
+        if evals:
+            log.info("base model: %s", _describe(evals[0]))
         started_at = time.time()
         if store is not None:
-            store.save_run(started_at, evals[0].to_json())
+            store.save_run(started_at, evals[0].to_json() if evals else None)
     history = AggregateHistory(eval_rounds(fed.rounds, ev.every), started_at)
     server.aggregate_listeners.append(history.record)
     if store is not None:
@@ -284,22 +413,28 @@ def run(
                 loss,
             )
 
-    backend = BACKENDS.get(cfg.run.backend)
     start = time.time()
     with _stop_on_signals(stop, server):
-        logs = backend(
-            specs,
-            server,
-            threads=cfg.run.threads,
-            on_barrier=progress,
-            on_phase=on_phase,
-            stop=stop,
-            address=cfg.run.ray_address,
-        )
+        if where is not None:
+            from parablock.backends.remote import run_remote
+
+            logs = run_remote(server, where, stop=stop, on_listening=on_listening)
+        else:
+            logs = BACKENDS.get(cfg.run.backend)(
+                specs,
+                server,
+                threads=cfg.run.threads,
+                on_barrier=progress,
+                on_phase=on_phase,
+                stop=stop,
+                address=cfg.run.ray_address,
+            )
     server.aggregate_listeners.clear()
     if store is not None:
         store.flush()
     if stop.is_set():
+        if serve:
+            raise RunInterrupted(f"stopped; aggregated blocks are checkpointed in {out}")
         raise RunInterrupted(f"stopped; resume with: parablock run --resume {out}")
     records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
     # wall time excludes any downtime between an interruption and the resume
@@ -307,9 +442,10 @@ def run(
     wall = before + time.time() - start
     torch.set_num_threads(os.cpu_count() or 1)
 
-    evals += _evaluate_history(cfg, history, server, evaluate, point)
-    initial, final = evals[0], evals[-1]
-    log.info("after training: %s", _describe(final))
+    if evaluate is not None:
+        evals += _evaluate_history(cfg, history, server, evaluate, point)
+        log.info("after training: %s", _describe(evals[-1]))
+    initial, final = (evals[0], evals[-1]) if evals else (None, None)
 
     agg = server.stats.aggregate_s
     summary = summarize(
@@ -321,20 +457,22 @@ def run(
         aggregate_s=sum(agg.values()) / len(agg) if agg else 0.0,
     )
     summary.update(
-        initial_eval_loss=initial.loss,
-        final_eval_loss=final.loss,
-        initial_eval_perplexity=initial.to_json()["eval_perplexity"],
-        final_eval_perplexity=final.to_json()["eval_perplexity"],
-        initial_eval_accuracy=initial.accuracy,
-        final_eval_accuracy=final.accuracy,
+        initial_eval_loss=initial and initial.loss,
+        final_eval_loss=final and final.loss,
+        initial_eval_perplexity=initial and initial.to_json()["eval_perplexity"],
+        final_eval_perplexity=final and final.to_json()["eval_perplexity"],
+        initial_eval_accuracy=initial and initial.accuracy,
+        final_eval_accuracy=final and final.accuracy,
         eval_loss_size=len(f.heldout),
-        eval_accuracy_size=len(evaluate.accuracy_records),
+        eval_accuracy_size=len(evaluate.accuracy_records) if evaluate else 0,
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
         clients_dropped=server.stats.dropped,
         blocks=selected,
         plan=plan,
         run_dir=str(out),
+        backend="remote" if serve else cfg.run.backend,
+        final_model_fingerprint=model_fingerprint(model),
         model_note="embedded SmolLM2-135M-Instruct is a dequantised Q4_1 (4-bit) GGUF copy"
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",
@@ -423,7 +561,8 @@ def _write(
     summary: dict,
 ) -> None:
     with open(out / "metrics.jsonl", "w") as f:
-        f.write(json.dumps(evals[0].to_json()) + "\n")
+        if evals:
+            f.write(json.dumps(evals[0].to_json()) + "\n")
         for r in records:
             f.write(json.dumps(r.to_json()) + "\n")
         for t, secs in rtimes.items():

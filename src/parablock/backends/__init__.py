@@ -24,7 +24,7 @@ from parablock.data.examples import Example
 from parablock.errors import ConfigError
 from parablock.model import load_model
 from parablock.registry import Registry
-from parablock.transport.inprocess import Connection, ServerEndpoint
+from parablock.transport.inprocess import InProcessConnection, ServerEndpoint
 from parablock.transport.link import LinkSpec
 
 
@@ -77,7 +77,7 @@ def build_client(
         model_blocks(model, spec.extra_blocks),
         list(spec.data),
         spec.settings,
-        Connection(server, spec.uplink, spec.downlink),
+        InProcessConnection(server, spec.client_id, spec.uplink, spec.downlink),
         CORRECTIONS.get(spec.correction),
         seed=spec.seed,
         pad_id=spec.pad_id,

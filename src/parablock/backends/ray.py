@@ -48,6 +48,7 @@ import parablock
 from parablock.backends import ClientSpec, build_client, client_device
 from parablock.core.algorithms import run_client
 from parablock.core.metrics import ClientLog, RoundRecord, Span
+from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.core.server import Server
 from parablock.errors import ConfigError, RoundFailedError, RunStopped
 
@@ -88,14 +89,20 @@ class ServerActor:
     def stop(self) -> None:
         self.server.stop()
 
-    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
-        return self.server.join(client, versions)
+    def join(self, request: JoinRequest, client: int) -> JoinReply:
+        return self.server.join(request, client)
 
-    def receive_update(self, payload: bytes) -> tuple[bool, str]:
-        return self.server.receive_update(payload)
+    def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]:
+        return self.server.receive_update(payload, client)
 
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
         return self.server.wait_aggregate(round, timeout)
+
+    def block_payload(self, block: int, version: int) -> bytes:
+        return self.server.block_payload(block, version)
+
+    def report(self, report: RoundReport, client: int) -> None:
+        self.server.report(report, client)
 
     def drop_client(self, client: int, reason: str) -> None:
         self.server.drop_client(client, reason)
@@ -116,13 +123,19 @@ class RemoteServer:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
-        return ray.get(self.handle.join.remote(client, versions))
+    def join(self, request: JoinRequest, client: int) -> JoinReply:
+        return ray.get(self.handle.join.remote(request, client))
 
-    def receive_update(self, payload: bytes) -> tuple[bool, str]:
-        return ray.get(self.handle.receive_update.remote(payload))
+    def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]:
+        return ray.get(self.handle.receive_update.remote(payload, client))
 
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
+    def block_payload(self, block: int, version: int) -> bytes:
+        return ray.get(self.handle.block_payload.remote(block, version))
+
+    def report(self, report: RoundReport, client: int) -> None:
+        ray.get(self.handle.report.remote(report, client))
+
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
         try:
             return ray.get(self.handle.wait_aggregate.remote(round, timeout))
         except RayTaskError as e:  # the server's own verdicts travel as themselves

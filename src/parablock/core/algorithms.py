@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from parablock.core.client import Client
+from parablock.core.protocol import JoinReply
 from parablock.errors import RunStopped
 from parablock.registry import Registry
 
@@ -63,17 +64,22 @@ def _check_stop(client: Client) -> None:
 
 def _drain(client: Client) -> None:
     """Upload the last delta and apply its aggregate, so the client ends equal to the server."""
+    if client.pending is None:  # it rejoined after the last round: nothing of its own to send
+        return
     record = client.new_record(len(client.plan), drain=True)
     client.correct(client.communicate(client.pending, record))
     client.pending = None
     client.barrier(record)
 
 
-def run_client(client: Client, algorithm: str) -> None:
-    """Join, run the algorithm to the end, and release the client's threads."""
+def run_client(client: Client, algorithm: str, reply: JoinReply | None = None) -> None:
+    """Join (or use the join ``reply`` already received), run the algorithm to the end, and
+    release the client's threads."""
     run = ALGORITHMS.get(algorithm)
     try:
-        client.join()
+        client.join(reply)
         run(client)
+        if client.log.rounds:
+            client.report(client.log.rounds[-1], final=True)
     finally:
         client.close()

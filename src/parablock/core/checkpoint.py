@@ -210,6 +210,16 @@ class CheckpointStore:
             log.warning("checkpoint file %s is unusable (%s); using an earlier one", path, e)
             return None
 
+    def latest_client(self, client: int) -> ClientState | None:
+        """This client's newest readable barrier state (a client at its own site keeps only its
+        own states), or None when there is none."""
+        for _, path in sorted(self._versions(rf"client{client}\.r(-?\d+)\.st"), reverse=True):
+            try:
+                return ClientState.from_bytes(path.read_bytes())
+            except (MessageError, OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("checkpoint file %s is unusable (%s); using an earlier one", path, e)
+        return None
+
     def load(self, clients: int, block_ids: list[int]) -> ResumePoint:
         """The latest consistent point to resume from (see the module docstring)."""
         run_file = self.dir / "run.json"

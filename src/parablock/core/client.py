@@ -20,12 +20,20 @@ from parablock.core.aggregate import apply
 from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.correction import Correction
-from parablock.core.messages import BlockUpdate, BlockValue
+from parablock.core.messages import BlockUpdate, BlockValue, Expected
 from parablock.core.metrics import ClientLog, RoundRecord
+from parablock.core.protocol import (
+    PROTOCOL,
+    JoinReply,
+    JoinRequest,
+    RecordReport,
+    RoundReport,
+    SpanReport,
+)
 from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import Example, round_indices
-from parablock.errors import UpdateRejected
-from parablock.transport.inprocess import Connection
+from parablock.errors import DataError, UpdateRejected
+from parablock.transport import ServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ class Client:
         blocks: list[Block],
         data: list[Example],
         settings: TrainSettings,
-        connection: Connection,
+        connection: ServerConnection,
         correction: Correction,
         *,
         seed: int,
@@ -47,9 +55,10 @@ class Client:
         checkpoint: CheckpointStore | None = None,
         resume: ClientState | None = None,
         stop: threading.Event | None = None,
+        fingerprint: str = "",
     ) -> None:
         if not data:
-            raise ValueError(f"client {client_id} has no training data")
+            raise DataError(f"client {client_id} has no training data")
         self.id = client_id
         self.model = model
         self.blocks = blocks
@@ -68,29 +77,70 @@ class Client:
         self.checkpoint = checkpoint
         self.resume = resume
         self.stop = stop
+        self.fingerprint = fingerprint  # of the base model, checked by a network server
         self.log = ClientLog(client_id)
+        self._reported_spans = 0
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def join(self) -> None:
-        """Get the round plan and catch up on every block whose global version we lack."""
-        plan, values, _ = self.connection.join(self.id, self.versions)
-        for v in values:
-            set_block(self.model, self.blocks[v.block], v.tensors)
-            self.versions[v.block] = v.version
-        self.plan = plan
+    def join_request(self) -> JoinRequest:
+        """What this client holds: block versions and, after a restart, its checkpoint's state."""
+        self.restore()
+        return JoinRequest(
+            PROTOCOL,
+            self.id,
+            self.fingerprint,
+            dict(self.versions),
+            self.start_round,
+            -1 if self.pending is None else self.pending.round,
+            sorted(self.dirty),
+        )
+
+    def join(self, reply: JoinReply | None = None) -> None:
+        """Join (or rejoin): take the round plan and catch up on every block that moved."""
+        if reply is None:
+            reply = self.connection.join(self.join_request())
+        if not reply.keep_pending and self.pending is not None:
+            log.info(
+                "client %d: its round %d delta is too late; catching up",
+                self.id,
+                self.pending.round,
+            )
+            self.pending = None
+        for b, version in sorted(reply.stale.items()):
+            value, _ = self.connection.download(b, version, self._expected(b))
+            set_block(self.model, self.blocks[b], value.tensors)
+            self.versions[b] = value.version
+            self.dirty.discard(b)
+        self.plan = list(reply.settings.plan)
+        self.start_round = reply.start_round
+
+    def _expected(self, block: int) -> Expected:
+        params = dict(self.model.named_parameters())
+        return {
+            n: (tuple(params[n].shape), params[n].dtype) for n in self.blocks[block].param_names
+        }
+
+    def restore(self) -> None:
+        """Apply the checkpoint state this client was built with (once)."""
         if self.resume is not None:
             self._restore(self.resume)
             self.resume = None
 
     def _restore(self, state: ClientState) -> None:
+        """Continue from a checkpoint. The model is the freshly loaded base model plus the dirty
+        blocks the checkpoint holds, so every other block counts as the base (-1) until the join
+        downloads its global value."""
         for b, tensors in state.dirty.items():
             set_block(self.model, self.blocks[b], tensors)
         self.dirty = set(state.dirty)
-        self.versions = dict(state.versions)
+        self.versions = {
+            b: state.versions.get(b, -1) if b in self.dirty else -1 for b in self.versions
+        }
         self.pending = state.pending
         self.log.rounds = list(state.records)
         self.log.spans = list(state.spans)
+        self._reported_spans = len(self.log.spans)
         self.start_round = state.round + 1
 
     def state(self, round: int) -> ClientState:
@@ -110,6 +160,7 @@ class Client:
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
+        self.connection.close()
 
     # -- primitives ----------------------------------------------------------------------------
     def compute(self, round: int, record: RoundRecord) -> BlockUpdate:
@@ -145,10 +196,12 @@ class Client:
             except UpdateRejected as e:
                 log.warning("client %d: round %d update rejected: %s", self.id, round, e)
         with self.log.span(round + 1, "wait", record):
-            payload = self.connection.wait_aggregate(round)
+            ready = self.connection.wait_aggregate(round)
         with self.log.span(round + 1, "download", record):
-            value = self.connection.download(payload)
-        record.bytes_down += len(payload)
+            value, nbytes = self.connection.download(
+                ready.block, ready.version, self._expected(ready.block)
+            )
+        record.bytes_down += nbytes
         return value
 
     def communicate_async(self, pending: BlockUpdate, record: RoundRecord) -> Future[BlockValue]:
@@ -167,8 +220,25 @@ class Client:
         self.log.rounds.append(record)
         if self.checkpoint is not None and not record.drain:
             self.checkpoint.save_client(self.state(record.round))
+        self.report(record)
         if self.on_barrier is not None:
             self.on_barrier(self, record.round)
+
+    def report(self, record: RoundRecord, final: bool = False) -> None:
+        """Tell the server this round's record and the spans since the last report."""
+        with self.log._lock:
+            spans = self.log.spans[self._reported_spans :]
+            self._reported_spans = len(self.log.spans)
+        fields = {k: getattr(record, k) for k in RecordReport.__dataclass_fields__}
+        if fields["train_loss"] != fields["train_loss"]:  # NaN (drain rounds): JSON has none
+            fields["train_loss"] = None
+        self.connection.report(
+            RoundReport(
+                RecordReport(**fields),
+                [SpanReport(s.round, s.phase, s.start, s.end) for s in spans],
+                final,
+            )
+        )
 
     def new_record(self, round: int, drain: bool = False) -> RoundRecord:
         block = self.plan[round] if round < len(self.plan) else -1

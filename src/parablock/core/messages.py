@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from parablock.errors import MessageError  # noqa: F401
 
@@ -25,8 +24,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(_bytes_view(tensors[name]))
     return h.hexdigest()
+
+
+def _bytes_view(t: torch.Tensor):
+    """The tensor's bytes without a copy (a uint8 numpy view of a contiguous CPU tensor)."""
+    return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -39,26 +43,201 @@ def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise MessageError(f"{what}: {name} holds NaN or Inf")
 
 
+# -- the byte format, as a stream of chunks ----------------------------------------------------
+# A message is a safetensors file: 8-byte little-endian header length, a JSON header (tensor
+# names, dtypes, shapes, byte offsets, and our metadata), then the tensors' bytes in name order.
+# It can be produced and consumed chunk by chunk, so a block of any size crosses a network with
+# one chunk in flight at a time, and the receiver writes the bytes straight into tensors it
+# allocated from a header it has already checked.
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB message limit
+MAX_HEADER_BYTES = 1 << 20
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+# What a receiver expects: tensor name -> (shape, dtype). A stream whose header differs is
+# refused before anything is allocated for it.
+Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def encode(
+    kind: str, meta: dict, tensors: dict[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """The message as chunks of at most ``chunk_bytes`` (the header comes first, alone)."""
+    names = sorted(tensors)
+    entries, offset = {}, 0
+    for n in names:
+        t = tensors[n]
+        if t.dtype not in _CODES:
+            raise MessageError(f"{kind}: {n} has unsupported dtype {t.dtype}")
+        size = t.numel() * t.element_size()
+        entries[n] = {
+            "dtype": _CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    entries["__metadata__"] = {
+        "format": _FORMAT,
+        "kind": kind,
+        "meta": json.dumps(meta),
+        "digest": _digest(tensors),
+    }
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    yield len(header).to_bytes(8, "little") + header
+    for n in names:
+        view = _bytes_view(tensors[n])
+        for pos in range(0, len(view), chunk_bytes):
+            yield view[pos : pos + chunk_bytes].tobytes()
+
+
+def decode(
+    kind: str,
+    chunks: Iterable[bytes],
+    expected: Callable[[dict], Expected | None] | None = None,
+    max_bytes: int | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a message from its chunks; returns (metadata, fresh tensors).
+
+    ``expected(meta)`` may name the exact tensors the receiver will accept for this metadata;
+    otherwise ``max_bytes`` bounds what the header may claim. Anything malformed, truncated,
+    oversized, unexpected or whose checksum fails raises ``MessageError``.
+    """
+    it = iter(chunks)
+    buf = bytearray()
+    try:
+        while len(buf) < 8:
+            buf += _next_chunk(it, kind)
+        size = int.from_bytes(buf[:8], "little")
+        if size > MAX_HEADER_BYTES:
+            raise MessageError(f"{kind}: header of {size} bytes is too large")
+        while len(buf) < 8 + size:
+            buf += _next_chunk(it, kind)
+        header = json.loads(bytes(buf[8 : 8 + size]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MessageError(f"{kind}: unreadable header ({type(e).__name__}: {e})") from None
+    meta, layout, digest = _parse_header(kind, header)
+    if expected is not None:
+        want = expected(meta)
+        if want is not None:
+            got = {n: (shape, dtype) for n, (shape, dtype, _, _) in layout.items()}
+            if got != want:
+                raise MessageError(
+                    f"{kind}: tensors {_describe(got)} do not match {_describe(want)}"
+                )
+    total = max((end for *_, end in layout.values()), default=0)
+    if max_bytes is not None and total > max_bytes:
+        raise MessageError(f"{kind}: {total} bytes exceed the limit of {max_bytes}")
+    tensors = {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype, _, _) in layout.items()}
+    order = sorted(layout, key=lambda n: layout[n][2])
+    pos = 0  # bytes of data received so far
+    pending = memoryview(buf)[8 + size :]
+    for n in order:
+        view = _bytes_view(tensors[n]) if tensors[n].numel() else None
+        start, end = layout[n][2], layout[n][3]
+        if start != pos:
+            raise MessageError(f"{kind}: tensor {n} does not start where the previous one ended")
+        filled = 0
+        while filled < end - start:
+            if not len(pending):
+                pending = memoryview(_next_chunk(it, kind))
+                continue
+            take = min(len(pending), end - start - filled)
+            view[filled : filled + take] = pending[:take]
+            pending, filled = pending[take:], filled + take
+        pos = end
+    if len(pending) or next(it, None):
+        raise MessageError(f"{kind}: bytes after the last tensor")
+    if _digest(tensors) != digest:
+        raise MessageError(f"{kind}: checksum mismatch (corrupted in transit)")
+    return meta, tensors
+
+
+def _next_chunk(it: Iterator[bytes], kind: str) -> bytes:
+    chunk = next(it, None)
+    if chunk is None:
+        raise MessageError(f"{kind}: payload is truncated")
+    if not isinstance(chunk, bytes | bytearray | memoryview):
+        raise MessageError(f"{kind}: a chunk is not bytes")
+    return chunk
+
+
+def _parse_header(kind: str, header) -> tuple[dict, dict, str]:
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise MessageError(f"{kind}: header without metadata")
+    info = header["__metadata__"]
+    if info.get("format") != _FORMAT or info.get("kind") != kind:
+        raise MessageError(f"{kind}: wrong message kind {info.get('kind')!r}")
+    try:
+        meta = json.loads(info.get("meta"))
+    except (TypeError, ValueError):
+        raise MessageError(f"{kind}: metadata is not JSON") from None
+    if not isinstance(meta, dict) or not isinstance(info.get("digest"), str):
+        raise MessageError(f"{kind}: metadata must be an object with a digest")
+    layout = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(e, dict)
+            and e.get("dtype") in _DTYPES
+            and isinstance(e.get("shape"), list)
+            and all(type(d) is int and 0 <= d < 1 << 40 for d in e["shape"])
+            and isinstance(e.get("data_offsets"), list)
+            and len(e["data_offsets"]) == 2
+            and all(type(o) is int and o >= 0 for o in e["data_offsets"])
+        )
+        if not ok:
+            raise MessageError(f"{kind}: malformed header entry for {name!r}")
+        dtype, shape = _DTYPES[e["dtype"]], tuple(e["shape"])
+        start, end = e["data_offsets"]
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise MessageError(f"{kind}: {name} offsets do not match its shape")
+        layout[name] = (shape, dtype, start, end)
+    return meta, layout, info["digest"]
+
+
+def _describe(tensors: Expected) -> str:
+    items = [
+        f"{n}{list(s)}:{str(d).removeprefix('torch.')}" for n, (s, d) in sorted(tensors.items())
+    ]
+    return "{" + ", ".join(items[:3]) + (", ..." if len(items) > 3 else "") + "}"
+
+
 def _pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    header = {"format": _FORMAT, "kind": kind, "meta": json.dumps(meta), "digest": _digest(tensors)}
-    return st_save({n: t.contiguous() for n, t in tensors.items()}, metadata=header)
+    return b"".join(encode(kind, meta, tensors, chunk_bytes=1 << 62))
 
 
 def _unpack(kind: str, payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    if len(payload) < 8:
-        raise MessageError(f"{kind}: payload of {len(payload)} bytes is truncated")
-    try:
-        header_len = int.from_bytes(payload[:8], "little")
-        header = json.loads(payload[8 : 8 + header_len])
-        info = header.get("__metadata__", {})
-        tensors = st_load(bytes(payload))
-    except Exception as e:  # safetensors raises several error types on a damaged header
-        raise MessageError(f"{kind}: unreadable payload ({type(e).__name__}: {e})") from None
-    if info.get("format") != _FORMAT or info.get("kind") != kind:
-        raise MessageError(f"{kind}: wrong message kind {info.get('kind')!r}")
-    if _digest(tensors) != info.get("digest"):
-        raise MessageError(f"{kind}: checksum mismatch (corrupted in transit)")
-    return json.loads(info["meta"]), tensors
+    return decode(kind, [payload])
+
+
+_UPDATE_FIELDS = ("client", "round", "block", "base_version", "num_examples", "train_loss")
+
+
+def _strict_meta(kind: str, meta: dict, ints: tuple[str, ...], floats: tuple[str, ...] = ()):
+    """Exactly these fields, integers as JSON integers and floats as finite numbers."""
+    if set(meta) != set(ints) | set(floats):
+        raise MessageError(f"{kind}: metadata fields {sorted(meta)} != {sorted(ints + floats)}")
+    for k in ints:
+        if type(meta[k]) is not int or abs(meta[k]) > 1 << 62:
+            raise MessageError(f"{kind}: {k} must be an integer, got {meta[k]!r:.40}")
+    for k in floats:
+        if type(meta[k]) not in (int, float) or not math.isfinite(meta[k]):
+            raise MessageError(f"{kind}: {k} must be a finite number, got {meta[k]!r:.40}")
+    return meta
 
 
 @dataclass(frozen=True)
@@ -82,20 +261,29 @@ class BlockUpdate:
             raise MessageError(f"BlockUpdate: train_loss is {self.train_loss}")
         _check_tensors(self.tensors, f"BlockUpdate(client {self.client}, round {self.round})")
 
+    def meta(self) -> dict:
+        return {k: getattr(self, k) for k in _UPDATE_FIELDS}
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        return encode("BlockUpdate", self.meta(), self.tensors, chunk_bytes)
+
     def serialize(self) -> bytes:
-        meta = {
-            k: getattr(self, k)
-            for k in ("client", "round", "block", "base_version", "num_examples", "train_loss")
-        }
-        return _pack("BlockUpdate", meta, self.tensors)
+        return _pack("BlockUpdate", self.meta(), self.tensors)
+
+    @classmethod
+    def from_chunks(
+        cls, chunks: Iterable[bytes], expected: Callable[[dict], Expected | None] | None = None
+    ) -> BlockUpdate:
+        def check(meta: dict) -> Expected | None:
+            _strict_meta("BlockUpdate", meta, _UPDATE_FIELDS[:-1], ("train_loss",))
+            return expected(meta) if expected is not None else None
+
+        meta, tensors = decode("BlockUpdate", chunks, check)
+        return cls(tensors=tensors, **meta)
 
     @classmethod
     def deserialize(cls, payload: bytes) -> BlockUpdate:
-        meta, tensors = _unpack("BlockUpdate", payload)
-        try:
-            return cls(tensors=tensors, **meta)
-        except TypeError as e:
-            raise MessageError(f"BlockUpdate: bad metadata ({e})") from None
+        return cls.from_chunks([payload])
 
 
 @dataclass(frozen=True)
@@ -111,16 +299,28 @@ class BlockValue:
             raise MessageError(f"BlockValue: bad block/version in {self}")
         _check_tensors(self.tensors, f"BlockValue(block {self.block})")
 
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        return encode(
+            "BlockValue", {"block": self.block, "version": self.version}, self.tensors, chunk_bytes
+        )
+
     def serialize(self) -> bytes:
         return _pack("BlockValue", {"block": self.block, "version": self.version}, self.tensors)
 
     @classmethod
+    def from_chunks(
+        cls, chunks: Iterable[bytes], expected: Callable[[dict], Expected | None] | None = None
+    ) -> BlockValue:
+        def check(meta: dict) -> Expected | None:
+            _strict_meta("BlockValue", meta, ("block", "version"))
+            return expected(meta) if expected is not None else None
+
+        meta, tensors = decode("BlockValue", chunks, check)
+        return cls(tensors=tensors, **meta)
+
+    @classmethod
     def deserialize(cls, payload: bytes) -> BlockValue:
-        meta, tensors = _unpack("BlockValue", payload)
-        try:
-            return cls(tensors=tensors, **meta)
-        except TypeError as e:
-            raise MessageError(f"BlockValue: bad metadata ({e})") from None
+        return cls.from_chunks([payload])
 
 
 # The same checked envelope (safetensors + JSON metadata + digest) serves checkpoint files.

@@ -1,9 +1,15 @@
 """The server: global model, per-block versions, validation and aggregation of block updates.
 
-Transport-agnostic: it takes and returns bytes. Clients upload ``BlockUpdate`` payloads; once a
-round has every expected update (or its deadline passed with at least ``min_clients``), the server
-aggregates them, advances the block's version, and serves the new ``BlockValue`` to every client.
-A rejected update is logged and counted, never applied.
+Transport-agnostic: it takes bytes (or chunks of them) and typed control messages, and the caller
+says which client is speaking (a network transport takes that from the authenticated session,
+never from the payload). Once a round has every expected update (or its deadline passed with at
+least ``min_clients``), the server aggregates them, advances the block's version, and serves the
+new ``BlockValue``. A rejected update is logged and counted, never applied.
+
+Participation: a client is expected in round r if it has not been dropped and joined for a round
+<= r. A client missing at a round's deadline is dropped; it can join again (after a crash or a
+lost connection) with what its checkpoint holds, catches up on every block that moved, and is
+expected again from the round it is given.
 """
 
 from __future__ import annotations
@@ -14,11 +20,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from parablock.core.aggregate import AGGREGATORS, apply
 from parablock.core.blocks import Block, block_state, set_block
-from parablock.core.messages import BlockUpdate, BlockValue, MessageError
+from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError, encode
+from parablock.core.metrics import ClientLog, RoundRecord, Span
+from parablock.core.protocol import (
+    PROTOCOL,
+    AggregateReady,
+    JoinReply,
+    JoinRequest,
+    RoundReport,
+    RunSettings,
+)
 from parablock.errors import RoundFailedError, RunStopped  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -31,6 +47,10 @@ class ServerStats:
     aggregate_s: dict[int, float] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
+    joins: list[tuple[int, int]] = field(default_factory=list)  # (client, start round)
+
+
+KEEP_AGGREGATES = 4  # rounds whose aggregate stays downloadable (slow clients, rejoins)
 
 
 class Server:
@@ -45,6 +65,8 @@ class Server:
         aggregator: str = "weighted_mean",
         server_lr: float = 1.0,
         round_timeout_s: float = 600.0,
+        settings: RunSettings | None = None,
+        fingerprint: str = "",
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -54,17 +76,22 @@ class Server:
         self.aggregate_fn = AGGREGATORS.get(aggregator)
         self.server_lr = server_lr
         self.round_timeout_s = round_timeout_s
+        self.settings = settings  # handed to every client at join
+        self.fingerprint = fingerprint  # of the base model; "" = not checked (in-process)
         self.versions = {b.index: -1 for b in blocks}  # -1: the pretrained value
         self.next_round = 0  # the next round to aggregate
         self.stats = ServerStats()
+        self.reports: dict[int, ClientLog] = {}  # what clients reported (remote runs)
+        self.finished: set[int] = set()  # clients whose final report arrived
+        self._start: dict[int, int] = {}  # client -> first round it is expected in
         self._pending: dict[int, dict[int, BlockUpdate]] = {}
         self._first_arrival: dict[int, float] = {}
-        self._aggregates: dict[int, bytes] = {}
+        self._aggregates: dict[int, BlockValue] = {}
         self._failed: dict[int, str] = {}
         self._dropped: set[int] = set()
         self._cond = threading.Condition()
         self._stopped = False
-        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self._params = {n: p for n, p in model.named_parameters()}
         # Each is called as listener(round, block, new_value, aggregate_s, participants) after an
         # aggregation, with the lock held (keep them cheap): the run records the aggregate history
         # there (evaluation of past rounds afterwards) and queues checkpoint writes.
@@ -74,35 +101,103 @@ class Server:
     # actor); the lock is not picklable, so the copy gets a fresh one.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_cond"]
+        del state["_cond"], state["_params"]
         state["aggregate_listeners"] = []  # they belong to the process that registered them
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._cond = threading.Condition()
+        self._params = {n: p for n, p in self.model.named_parameters()}
 
     # -- joining and catch-up -------------------------------------------------------------
-    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]:
-        """The round plan, plus every block whose version differs from the client's."""
+    def join(self, request: JoinRequest, client: int) -> JoinReply:
+        """Admit ``client`` (the caller authenticated it) and say where it starts.
+
+        A fresh client starts at the round being trained. A restarted client whose pending delta
+        is for the round still open keeps it and continues exactly where it stopped; otherwise it
+        drops that delta and starts at the open round. Either way it downloads every block whose
+        global version differs from what it holds.
+        """
+        if request.protocol != PROTOCOL:
+            raise MessageError(
+                f"protocol mismatch: the client speaks version {request.protocol}, "
+                f"this server {PROTOCOL}; install the same ParaBlock version on both"
+            )
+        if not 0 <= client < self.clients:
+            raise MessageError(f"client {client} is not one of this run's 0..{self.clients - 1}")
+        if self.fingerprint and request.fingerprint != self.fingerprint:
+            raise MessageError(
+                f"client {client}'s base model differs from the server's (weights fingerprint "
+                f"{request.fingerprint[:12] or 'none'} != {self.fingerprint[:12]}); "
+                "load the same model on both (--model)"
+            )
         with self._cond:
-            stale = [b for b in self.blocks if versions.get(b.index, -1) != self.versions[b.index]]
-            payloads = [
-                BlockValue(b.index, self.versions[b.index], block_state(self.model, b)).serialize()
-                for b in stale
-            ]
+            open_round = self.next_round
+            p = request.pending_round
+            keep = p >= 0 and p == open_round and p not in self._failed
+            start = request.next_round if keep else min(open_round, len(self.plan))
+            stale = {
+                b: v
+                for b, v in self.versions.items()
+                if request.versions.get(b, -1) != v or (not keep and b in request.dirty)
+            }
+            self._start[client] = p if keep else start
+            if client in self._dropped:
+                self._dropped.discard(client)
+                log.info("client %d rejoins at round %d", client, start)
+            self.stats.joins.append((client, start))
+            self._cond.notify_all()
         if stale:
-            log.info("client %d joins: sending %d stale block(s)", client, len(stale))
-        return list(self.plan), payloads
+            log.info("client %d joins: %d block(s) to catch up on", client, len(stale))
+        settings = self.settings or _no_settings(self.plan)
+        return JoinReply(PROTOCOL, settings, start, keep, stale)
+
+    def block_value(self, block: int, version: int) -> BlockValue:
+        """Block ``block`` at ``version``: the current value, or a recent round's aggregate."""
+        with self._cond:
+            if not 0 <= block < len(self.blocks):
+                raise MessageError(f"no block {block}")
+            if self.versions[block] == version:
+                return BlockValue(block, version, block_state(self.model, self.blocks[block]))
+            held = self._aggregates.get(version)
+            if held is None or held.block != block:
+                raise MessageError(f"block {block} version {version} is no longer held")
+            return held
+
+    def block_payload(self, block: int, version: int) -> bytes:
+        return self.block_value(block, version).serialize()
+
+    def block_chunks(self, block: int, version: int, chunk_bytes: int):
+        value = self.block_value(block, version)
+        meta = {"block": value.block, "version": value.version}
+        return encode("BlockValue", meta, value.tensors, chunk_bytes)
 
     # -- updates ---------------------------------------------------------------------------
-    def receive_update(self, payload: bytes) -> tuple[bool, str]:
+    def receive_update(self, payload, client: int) -> tuple[bool, str]:
+        """Decode (bytes, or an iterable of chunks), validate and store ``client``'s update."""
+        try:
+            chunks = [payload] if isinstance(payload, bytes | bytearray) else payload
+            update = BlockUpdate.from_chunks(chunks, self._expected)
+            return self.submit(update, client)
+        except MessageError as e:
+            return self._reject(str(e))
+
+    def _expected(self, meta: dict) -> Expected:
+        """The only tensors an update's header may announce: its block's, in the model's dtype."""
+        b = meta.get("block")
+        if type(b) is not int or not 0 <= b < len(self.blocks):
+            raise MessageError(f"update for unknown block {b!r:.20}")
+        return {
+            n: (tuple(self._params[n].shape), torch.float32) for n in self.blocks[b].param_names
+        }
+
+    def submit(self, update: BlockUpdate, client: int) -> tuple[bool, str]:
         """Validate and store one update; aggregate when the round is complete."""
         try:
-            update = BlockUpdate.deserialize(payload)
             with self._cond:
-                self._validate(update)
-                self._pending.setdefault(update.round, {})[update.client] = update
+                self._validate(update, client)
+                self._pending.setdefault(update.round, {})[client] = update
                 self._first_arrival.setdefault(update.round, time.monotonic())
                 self.stats.accepted += 1
                 if self._complete(update.round):
@@ -110,54 +205,70 @@ class Server:
                 self._cond.notify_all()
             return True, "accepted"
         except MessageError as e:
-            reason = str(e)
-            with self._cond:
-                self.stats.rejected.append(reason)
-            log.warning("rejected an update: %s", reason)
-            return False, reason
+            return self._reject(str(e))
 
-    def _expected(self) -> int:
+    def _reject(self, reason: str) -> tuple[bool, str]:
+        with self._cond:
+            self.stats.rejected.append(reason)
+        log.warning("rejected an update: %s", reason)
+        return False, reason
+
+    def _live(self, round: int) -> set[int]:
+        """The clients expected in ``round``."""
+        return {
+            c
+            for c in range(self.clients)
+            if c not in self._dropped and self._start.get(c, 0) <= round
+        }
+
+    def _expected_count(self) -> int:
         return self.clients - len(self._dropped)
 
     def _complete(self, round: int) -> bool:
-        """Every client not dropped has sent its update, and that is at least ``min_clients``."""
+        """Every expected client has sent its update, and that is at least ``min_clients``."""
         got = self._pending.get(round, {})
-        live = set(range(self.clients)) - self._dropped
-        return bool(got) and live <= got.keys() and len(got) >= self.min_clients
+        return bool(got) and self._live(round) <= got.keys() and len(got) >= self.min_clients
 
     def drop_client(self, client: int, reason: str) -> None:
-        """Stop waiting for ``client`` (its process died or stopped answering).
+        """Stop waiting for ``client`` (its process died, stopped answering or missed a deadline).
 
         Open rounds that already hold every remaining client's update aggregate now instead of
         at their deadline. Whether enough clients remain is ``min_clients``' business: a round
         with fewer updates still fails at its deadline.
         """
         with self._cond:
-            if client in self._dropped:
-                return
-            self._dropped.add(client)
-            self.stats.dropped.append(client)
-            log.info(
-                "client %d dropped (%s): %d of %d clients remain",
-                client,
-                reason,
-                self._expected(),
-                self.clients,
-            )
+            self._drop(client, reason)
             for round in sorted(self._pending):
-                if self._complete(round):
+                if round == self.next_round and self._complete(round):
                     self._aggregate(round)
             self._cond.notify_all()
 
-    def _validate(self, u: BlockUpdate) -> None:
-        where = f"update from client {u.client} for round {u.round}"
-        if not 0 <= u.client < self.clients:
+    def _drop(self, client: int, reason: str) -> None:
+        if client in self._dropped:
+            return
+        self._dropped.add(client)
+        self.stats.dropped.append(client)
+        log.warning(
+            "client %d dropped (%s): %d of %d clients remain",
+            client,
+            reason,
+            self._expected_count(),
+            self.clients,
+        )
+
+    def _validate(self, u: BlockUpdate, client: int) -> None:
+        where = f"update from client {client} for round {u.round}"
+        if u.client != client:
+            raise MessageError(f"{where}: it claims to come from client {u.client}")
+        if not 0 <= client < self.clients:
             raise MessageError(f"{where}: unknown client")
         if u.round < self.next_round or u.round in self._failed:
             raise MessageError(f"{where}: late, round {u.round} is already closed")
         if u.round >= len(self.plan) or u.block != self.plan[u.round]:
             raise MessageError(f"{where}: block {u.block} is not the round's block")
-        if u.client in self._pending.get(u.round, {}):
+        if u.round > self.next_round:
+            raise MessageError(f"{where}: round {self.next_round} is the open round")
+        if client in self._pending.get(u.round, {}):
             raise MessageError(f"{where}: duplicate")
         if u.base_version != self.versions[u.block]:
             raise MessageError(
@@ -168,7 +279,7 @@ class Server:
         if set(u.tensors) != set(block.param_names):
             raise MessageError(f"{where}: tensor names do not match block {u.block}")
         for n, t in u.tensors.items():
-            if tuple(t.shape) != self._shapes[n] or not t.is_floating_point():
+            if tuple(t.shape) != tuple(self._params[n].shape) or t.dtype != torch.float32:
                 raise MessageError(f"{where}: {n} has shape {tuple(t.shape)} dtype {t.dtype}")
 
     def _aggregate(self, round: int) -> None:
@@ -180,8 +291,8 @@ class Server:
         value = apply(block_state(self.model, block), delta, self.server_lr)
         set_block(self.model, block, value)
         self.versions[block.index] = round
-        self._aggregates[round] = BlockValue(block.index, round, value).serialize()
-        self._aggregates.pop(round - 2, None)  # every client has it by now
+        self._aggregates[round] = BlockValue(block.index, round, value)
+        self._aggregates.pop(round - KEEP_AGGREGATES, None)
         self.next_round = round + 1
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
@@ -201,7 +312,7 @@ class Server:
         )
 
     # -- serving aggregates -----------------------------------------------------------------
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes:
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
         """Block until round's aggregate exists; close the round at its deadline if needed."""
         limit = self.round_timeout_s if timeout is None else timeout
         started = time.monotonic()
@@ -209,31 +320,80 @@ class Server:
             while True:
                 if self._stopped:
                     raise RunStopped("the run is stopping")
-                if round in self._aggregates:
-                    return self._aggregates[round]
+                if round in self._aggregates or (0 <= round < self.next_round):
+                    return AggregateReady(self.plan[round], round)
                 if round in self._failed:
                     raise RoundFailedError(self._failed[round])
+                if not 0 <= round < len(self.plan):
+                    raise MessageError(f"there is no round {round}")
                 now = time.monotonic()
                 first = self._first_arrival.get(round, started)
-                if now - first >= limit:
-                    got = len(self._pending.get(round, {}))
-                    if got >= self.min_clients and got > 0:
-                        log.warning(
-                            "round %d: deadline passed, aggregating %d of %d updates",
-                            round,
-                            got,
-                            self.clients,
-                        )
-                        self._aggregate(round)
-                    else:
-                        self._failed[round] = (
-                            f"round {round} failed: {got} update(s) arrived before its deadline "
-                            f"({limit:g}s), federation.min_clients needs {self.min_clients}"
-                        )
-                        self._pending.pop(round, None)
-                    self._cond.notify_all()
+                if now - first >= limit and round == self.next_round:
+                    self._close_at_deadline(round, limit)
                     continue
-                self._cond.wait(timeout=min(1.0, limit - (now - first)))
+                self._cond.wait(timeout=max(0.01, min(1.0, limit - (now - first))))
+
+    def _close_at_deadline(self, round: int, limit: float) -> None:
+        got = self._pending.get(round, {})
+        if len(got) >= self.min_clients and got:
+            for c in sorted(self._live(round) - got.keys()):
+                self._drop(c, f"no update for round {round} within {limit:g}s")
+            log.warning(
+                "round %d: deadline passed, aggregating %d of %d updates",
+                round,
+                len(got),
+                self.clients,
+            )
+            self._aggregate(round)
+        else:
+            self._failed[round] = (
+                f"round {round} failed: {len(got)} update(s) arrived before its deadline "
+                f"({limit:g}s), federation.min_clients needs {self.min_clients}"
+            )
+            self._pending.pop(round, None)
+        self._cond.notify_all()
+
+    # -- reports, stop, resume --------------------------------------------------------------
+    def report(self, report: RoundReport, client: int) -> None:
+        """Keep what ``client`` measured (remote runs build their metrics from these)."""
+        r = report.record
+        record = RoundRecord(
+            client,
+            r.round,
+            r.block,
+            r.compute_s,
+            r.upload_s,
+            r.wait_s,
+            r.download_s,
+            r.idle_s,
+            r.round_s,
+            r.bytes_up,
+            r.bytes_down,
+            float("nan") if r.train_loss is None else r.train_loss,
+            r.examples,
+            r.start,
+            r.end,
+            r.drain,
+        )
+        spans = [Span(client, s.round, s.phase, s.start, s.end) for s in report.spans]
+        with self._cond:
+            lg = self.reports.setdefault(client, ClientLog(client))
+            lg.rounds = [x for x in lg.rounds if x.round != r.round] + [record]
+            lg.spans.extend(spans)
+            if report.final:
+                self.finished.add(client)
+            self._cond.notify_all()
+
+    def wait_finished(self, timeout: float) -> bool:
+        """Wait until every client not dropped has sent its final report (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (set(range(self.clients)) - self._dropped) <= self.finished:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._cond.wait(timeout=min(1.0, left))
+            return True
 
     def stop(self) -> None:
         """Wake every waiting client with RunStopped (their last barrier state is saved)."""
@@ -261,3 +421,8 @@ class Server:
         with self._cond:
             b = self.blocks[block]
             return BlockValue(block, self.versions[block], block_state(self.model, b))
+
+
+def _no_settings(plan: list[int]) -> RunSettings:
+    """In-process clients get their settings from their spec; they only need the plan."""
+    return RunSettings("", "", list(plan), "", 1, 1, 1.0, 0.0, 0, "constant", 0.0, 0, 16, 1, "")

@@ -6,6 +6,11 @@ drawn from Dirichlet(``data.alpha``): small alpha gives each client few labels a
 large alpha approaches IID), ``by_label`` (each label lives on exactly one client) and
 ``replicate`` (every client holds everything: for tests and ablations). Labels are the
 reasoning-gym task or template, the file name, or ``data.label_field`` of each record.
+
+``per_client`` splits nothing: each client loads its own source from ``data.client_sources``
+(``sources.client_records``), so a simulated run and a networked run where every client reads its
+own file see the same data. The runner builds those clients' data itself; the registered
+function only refuses to split one pooled list.
 """
 
 from __future__ import annotations
@@ -112,6 +117,15 @@ def by_label(labels: list[str], s: PartitionSettings) -> list[list[int]]:
 def replicate(labels: list[str], s: PartitionSettings) -> list[list[int]]:
     """Every client holds all data (tests: staleness alone then changes nothing)."""
     return [list(range(len(labels))) for _ in range(s.clients)]
+
+
+@PARTITIONS.register("per_client")
+def per_client(labels: list[str], s: PartitionSettings) -> list[list[int]]:
+    """Not a split: each client's data comes from its own source (see the module docstring)."""
+    raise DataError(
+        "data.partition=per_client does not split one pooled list: each client loads its own "
+        "source from data.client_sources (parablock.data.sources.client_records)"
+    )
 
 
 def partition(

@@ -19,6 +19,10 @@ Train and held-out records never share a question: reasoning-gym draws them from
 and filters overlaps; a file is shuffled once (seeded), the held-out items are taken first and
 training draws from the rest. With an explicit ``eval.source``, training records that also
 appear there are removed.
+
+``client_records`` is the one way to get a single client's records from its own source
+(``data.partition=per_client``); the simulator and a networked client both call it, so the same
+arguments give the same records, in the same order, on any machine.
 """
 
 from __future__ import annotations
@@ -352,6 +356,59 @@ def _looks_like_test_split(source: Source) -> bool:
     )
 
 
+def _warn_test_splits(sources: list[tuple[Source, float]]) -> None:
+    for src, _ in sources:
+        if _looks_like_test_split(src):
+            log.warning(
+                "%s looks like a test split: training on it invalidates evaluation", src.name
+            )
+
+
+def _draw_each(
+    sources: list[tuple[Source, float]],
+    train_counts: list[int],
+    heldout_counts: list[int],
+    seed: int,
+) -> tuple[list[Record], list[Record]]:
+    """Each source's own draw (source k seeded ``seed + 7919 * k``), concatenated in order."""
+    train: list[Record] = []
+    heldout: list[Record] = []
+    for k, ((src, _), n, h) in enumerate(zip(sources, train_counts, heldout_counts, strict=True)):
+        t, e = src.draw(n, h, seed + 7919 * k)
+        train += t
+        heldout += e
+    return train, heldout
+
+
+def _interleave(records: list[Record], seed: int) -> list[Record]:
+    """A seeded shuffle, so that the records of mixed sources interleave."""
+    order = np.random.default_rng([seed, 17]).permutation(len(records))
+    return [records[i] for i in order]
+
+
+def client_records(source: str, train_size: int, seed: int, label_field: str = "") -> list[Record]:
+    """The training records of ONE client from its own ``source`` (any ``data.source`` syntax).
+
+    A pure function of its arguments: the simulator and a networked client that call it with the
+    same arguments get the same records in the same order. The draw is the training draw of
+    ``train_and_heldout`` with nothing held out: ``train_size`` is split over the mix's sources in
+    proportion to their ``@weights`` (largest remainder); source k draws its share with seed
+    ``seed + 7919 * k`` (a file: the whole file in the seeded order ``rng([seed_k, 13])`` and its
+    first n records, all of them if it holds fewer; reasoning-gym: n items generated from
+    ``seed_k``); the result is shuffled with ``rng([seed, 17])``. So it holds at most
+    ``train_size`` records. A bad file raises DataError naming the file and line.
+    """
+    if train_size < 1:
+        raise DataError(f"client source {source!r}: train_size must be >= 1, got {train_size}")
+    sources = parse_sources(source, label_field)
+    _warn_test_splits(sources)
+    counts = split_counts(train_size, [w for _, w in sources])
+    train, _ = _draw_each(sources, counts, [0] * len(sources), seed)
+    if not train:
+        raise DataError(f"client source {source!r} gave no training records")
+    return _interleave(train, seed)
+
+
 def train_and_heldout(
     train_spec: str,
     train_size: int,
@@ -363,20 +420,11 @@ def train_and_heldout(
 ) -> tuple[list[Record], list[Record]]:
     """Disjoint training and held-out records; held-out from ``heldout_spec`` or the same mix."""
     sources = parse_sources(train_spec, label_field)
-    for src, _ in sources:
-        if _looks_like_test_split(src):
-            log.warning(
-                "%s looks like a test split: training on it invalidates evaluation", src.name
-            )
+    _warn_test_splits(sources)
     weights = [w for _, w in sources]
     train_counts = split_counts(train_size, weights)
     own_heldout = split_counts(heldout_size, weights) if not heldout_spec else [0] * len(sources)
-    train: list[Record] = []
-    heldout: list[Record] = []
-    for k, ((src, _), n, h) in enumerate(zip(sources, train_counts, own_heldout, strict=True)):
-        t, e = src.draw(n, h, seed + 7919 * k)
-        train += t
-        heldout += e
+    train, heldout = _draw_each(sources, train_counts, own_heldout, seed)
     if heldout_spec:
         eval_sources = parse_sources(heldout_spec, label_field)
         counts = split_counts(heldout_size, [w for _, w in eval_sources])
@@ -388,8 +436,7 @@ def train_and_heldout(
         train = [r for r in train if r.key not in seen]
         if len(train) < before:
             log.info("removed %d training records that are also held-out", before - len(train))
-    order = np.random.default_rng([seed, 17]).permutation(len(train))
-    train = [train[i] for i in order]  # mixed sources interleave
+    train = _interleave(train, seed)  # mixed sources interleave
     if not train:
         raise DataError(f"data.source={train_spec!r} gave no training records")
     if not heldout:

@@ -1,60 +1,68 @@
-"""The client's connection to the server: messages become bytes and cross emulated links.
+"""The in-process connection: the server object itself, or a proxy with the same methods.
 
-``Connection`` is what client code calls (upload, wait_aggregate, download); it does not know where
-the server lives. The ``ServerEndpoint`` behind it is the in-process ``Server`` itself for the local
-backend, or a proxy to a remote one (e.g. a Ray actor) for other backends.
+``ServerEndpoint`` is the server's side of the seam, bytes in and bytes out, with the client's
+identity passed by the caller: ``core.server.Server`` implements it, and so does the Ray backend's
+proxy to the server actor. Blocks still cross as bytes (never shared tensors), through emulated
+links when ``link.*`` is set, so the local simulator moves exactly what a network would.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from parablock.core.messages import BlockUpdate, BlockValue, MessageError
-from parablock.errors import UpdateRejected  # noqa: F401
+from parablock.core.messages import BlockUpdate, BlockValue, Expected
+from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
+from parablock.errors import UpdateRejected
 from parablock.transport.link import Link, LinkSpec
 
 
 class ServerEndpoint(Protocol):
-    def join(self, client: int, versions: dict[int, int]) -> tuple[list[int], list[bytes]]: ...
+    def join(self, request: JoinRequest, client: int) -> JoinReply: ...
 
-    def receive_update(self, payload: bytes) -> tuple[bool, str]: ...
+    def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]: ...
 
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> bytes: ...
+    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady: ...
+
+    def block_payload(self, block: int, version: int) -> bytes: ...
+
+    def report(self, report: RoundReport, client: int) -> None: ...
 
 
-class Connection:
-    def __init__(self, server: ServerEndpoint, up: LinkSpec, down: LinkSpec) -> None:
+class InProcessConnection:
+    def __init__(
+        self,
+        server: ServerEndpoint,
+        client: int,
+        up: LinkSpec | None = None,
+        down: LinkSpec | None = None,
+    ) -> None:
         self.server = server
+        self.client = client
         self.uplink = Link(up)
         self.downlink = Link(down)
 
-    def join(
-        self, client: int, versions: dict[int, int]
-    ) -> tuple[list[int], list[BlockValue], int]:
-        """Returns the round plan, the blocks to catch up on, and the bytes downloaded."""
-        plan, payloads = self.server.join(client, versions)
-        values, nbytes = [], 0
-        for p in payloads:
-            received = self.downlink.transmit(p)
-            nbytes += len(received)
-            values.append(BlockValue.deserialize(received))
-        return plan, values, nbytes
+    def join(self, request: JoinRequest) -> JoinReply:
+        return self.server.join(request, self.client)
 
     def upload(self, update: BlockUpdate) -> int:
-        """Send the update across the uplink; returns the bytes sent."""
         received = self.uplink.transmit(update.serialize())
-        ok, reason = self.server.receive_update(received)
+        ok, reason = self.server.receive_update(received, self.client)
         if not ok:
             raise UpdateRejected(reason)
         return len(received)
 
-    def wait_aggregate(self, round: int) -> bytes:
-        """Wait until the server has aggregated ``round``; its payload has not crossed yet."""
+    def wait_aggregate(self, round: int) -> AggregateReady:
         return self.server.wait_aggregate(round)
 
-    def download(self, payload: bytes) -> BlockValue:
-        received = self.downlink.transmit(payload)
-        value = BlockValue.deserialize(received)
-        if len(received) != len(payload):
-            raise MessageError("download truncated")
-        return value
+    def download(
+        self, block: int, version: int, expected: Expected | None = None
+    ) -> tuple[BlockValue, int]:
+        received = self.downlink.transmit(self.server.block_payload(block, version))
+        value = BlockValue.from_chunks([received], (lambda meta: expected) if expected else None)
+        return value, len(received)
+
+    def report(self, report: RoundReport) -> None:
+        self.server.report(report, self.client)
+
+    def close(self) -> None:
+        pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -32,30 +33,46 @@ class LinkSpec:
 
 
 class Link:
-    """One direction of one client's connection. Transfers on the same link are serialised."""
+    """One direction of one client's connection. Transfers on the same link are serialised.
 
-    def __init__(self, spec: LinkSpec) -> None:
-        self.spec = spec
+    ``pace`` wraps any stream of chunks (in-process bytes or a gRPC stream), so emulation can sit
+    on top of a real transport: each chunk is released no earlier than the bandwidth allows.
+    """
+
+    def __init__(self, spec: LinkSpec | None) -> None:
+        self.spec = spec  # None: no emulation, the transport's own speed
         self._busy = threading.Lock()
         self.bytes_sent = 0
 
-    def transmit(self, payload: bytes) -> bytes:
-        """Move ``payload`` across; returns the receiver's copy once the last byte has arrived."""
+    def pace(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Yield ``chunks`` as the link would deliver them (one transfer at a time)."""
         with self._busy:
             spec = self.spec
-            start = time.perf_counter()
-            out = bytearray(len(payload))
-            view = memoryview(payload)
+            if spec is None:
+                for c in chunks:
+                    self.bytes_sent += len(c)
+                    yield c
+                return
             rate = math.inf if math.isinf(spec.mbps) else spec.mbps * 1e6 / 8  # bytes/s
-            first_byte = start + spec.latency_ms / 1000
+            first_byte = time.perf_counter() + spec.latency_ms / 1000
             _sleep_until(first_byte)
-            for pos in range(0, len(payload), spec.chunk_bytes):
-                end = min(pos + spec.chunk_bytes, len(payload))
-                if not math.isinf(rate):
-                    _sleep_until(first_byte + end / rate)
-                out[pos:end] = view[pos:end]
-            self.bytes_sent += len(payload)
-            return bytes(out)
+            sent = 0
+            for c in chunks:
+                for pos in range(0, max(len(c), 1), spec.chunk_bytes):
+                    end = min(pos + spec.chunk_bytes, len(c))
+                    if not math.isinf(rate):
+                        _sleep_until(first_byte + (sent + end) / rate)
+                sent += len(c)
+                self.bytes_sent += len(c)
+                yield c
+
+    def transmit(self, payload: bytes) -> bytes:
+        """Move ``payload`` across; returns the receiver's copy once the last byte has arrived."""
+        out = bytearray()  # the receiver's own buffer, never the sender's
+        step = 1 << 20
+        for chunk in self.pace(payload[i : i + step] for i in range(0, len(payload), step)):
+            out += chunk
+        return bytes(out)
 
 
 def _sleep_until(deadline: float) -> None:

@@ -1,0 +1,175 @@
+"""The networked federation's commands: ``parablock server``, ``parablock client``, ``parablock certs``.
+
+``server`` takes the same config as ``run`` (plus the ``[server]`` section); ``client`` takes only
+what a data owner's site knows (where the server is, its credentials, its own data and model);
+``certs`` writes what a trial needs (test CA, server certificate, one token per client, the
+server's clients file with the tokens' hashes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXAMPLES_SERVER = """examples:
+  parablock certs creds --clients 2 --hosts coordinator.example
+  parablock server --config fed.toml --set server.address=0.0.0.0:8470 \\
+      --set server.tls_cert=creds/server.pem --set server.tls_key=creds/server.key \\
+      --set server.clients_file=creds/clients.toml
+"""
+EXAMPLES_CLIENT = """examples:
+  parablock client --server coordinator.example:8470 --ca creds/ca.pem --id 0 \\
+      --token-file creds/client-0.token --data gsm8k:/data/site0/train.jsonl --out site0
+  # the same command again after a crash or a lost connection rejoins from site0/checkpoint
+"""
+
+
+def add_parsers(sub, config_args, progress_args) -> None:
+    s = sub.add_parser(
+        "server",
+        help="serve a federated run to remote clients over gRPC (TLS, per-client tokens)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Hold the global model, hand the training settings to every client at "
+        "join, aggregate their block updates and write the run directory (config.toml, "
+        "metrics.jsonl, timeline.jsonl from the clients' reports, summary.json, checkpoint/, "
+        "model/). Training data never reaches the server; it evaluates on eval.source if "
+        "set. Takes every key of `parablock run --help`, plus [server]: server.address, "
+        "server.tls_cert, server.tls_key, server.client_ca, server.insecure, "
+        "server.clients_file, server.join_timeout_s.",
+        epilog=EXAMPLES_SERVER,
+    )
+    config_args(s)
+    progress_args(s)
+
+    c = sub.add_parser(
+        "client",
+        help="take part in a `parablock server` run from this machine, with this machine's data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load the base model and this site's own data, join the server, train the "
+        "blocks it asks for (two threads: compute and communication) and keep checkpoints in "
+        "--out. The server decides the training settings.",
+        epilog=EXAMPLES_CLIENT,
+    )
+    c.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    c.add_argument("--id", dest="client", type=int, required=True, help="this client's id (0..N-1)")
+    c.add_argument(
+        "--token-file", required=True, metavar="FILE", help="this client's token (keep it secret)"
+    )
+    c.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="this site's training data, any data.source syntax (e.g. gsm8k:train.jsonl, "
+        "alpaca:a.json, reasoning_gym:gsm_symbolic)",
+    )
+    c.add_argument("--ca", metavar="FILE", default="", help="CA that signed the server's cert")
+    c.add_argument("--cert", metavar="FILE", default="", help="client certificate (mutual TLS)")
+    c.add_argument("--key", metavar="FILE", default="", help="client key (mutual TLS)")
+    c.add_argument(
+        "--insecure", action="store_true", help="plain text (only against server.insecure=true)"
+    )
+    c.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="local model directory; must be the server's base model (default: embedded SmolLM2)",
+    )
+    c.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    c.add_argument(
+        "--emulate-up-mbps", type=float, default=None, help="pace uploads as if at this speed"
+    )
+    c.add_argument(
+        "--emulate-down-mbps", type=float, default=None, help="pace downloads at this speed"
+    )
+    c.add_argument("--emulate-latency-ms", type=float, default=0.0, help="add this latency")
+    c.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+
+    k = sub.add_parser(
+        "certs",
+        help="make a test CA, a server certificate, client tokens and the clients file",
+        description="Write DIR/ca.pem, DIR/ca.key, DIR/server.pem, DIR/server.key, one "
+        "DIR/client-<id>.token per client and DIR/clients.toml (the tokens' hashes, for "
+        "server.clients_file). For trials; bring your own CA in production (see README).",
+    )
+    k.add_argument("dir", metavar="DIR")
+    k.add_argument("--clients", type=int, required=True, help="how many clients (ids 0..N-1)")
+    k.add_argument(
+        "--hosts",
+        default="",
+        help="comma-separated names/IPs the clients dial (localhost and 127.0.0.1 always)",
+    )
+    k.add_argument(
+        "--client-certs", action="store_true", help="also client certificates (mutual TLS)"
+    )
+
+
+def server(args, load, setup_logging) -> int:
+    from parablock.runner import RunInterrupted, run
+
+    cfg = load(args.config, args.overrides)
+    setup_logging(cfg.run.log_level, args.quiet)
+    logging.getLogger("parablock").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        summary = run(cfg, serve=True)
+    except RunInterrupted as e:
+        print(f"parablock: {e}", file=sys.stderr)
+        return 130
+    loss = ""
+    if summary["final_eval_loss"] is not None:
+        loss = (
+            f"held-out loss {summary['initial_eval_loss']:.4f} -> "
+            f"{summary['final_eval_loss']:.4f}, "
+        )
+    print(
+        f"done: {loss}wall {summary['wall_time_s']:.1f}s, {summary['updates_accepted']} updates "
+        f"accepted, {summary['updates_rejected']} rejected; run directory {summary['run_dir']}"
+    )
+    return 0
+
+
+def client(args, setup_logging) -> int:
+    from parablock.site import SiteOptions, run_site
+
+    setup_logging(args.log_level)
+    o = SiteOptions(
+        server=args.server,
+        client=args.client,
+        token_file=args.token_file,
+        data=args.data,
+        model=args.model,
+        out=args.out,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        insecure=args.insecure,
+        threads=args.threads,
+        up_mbps=args.emulate_up_mbps,
+        down_mbps=args.emulate_down_mbps,
+        latency_ms=args.emulate_latency_ms,
+    )
+    summary = run_site(o)
+    print(
+        f"done: client {summary['client']}, {summary['rounds']} rounds, "
+        f"{summary['bytes_up'] / 1e6:.1f} MB up, {summary['bytes_down'] / 1e6:.1f} MB down; "
+        f"site directory {o.out_dir()}"
+    )
+    return 0
+
+
+def certs(args) -> int:
+    from parablock.transport.certs import make_client_cert, make_trial_credentials
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    files = make_trial_credentials(args.dir, args.clients, hosts)
+    if args.client_certs:
+        for i in range(args.clients):
+            files += list(make_client_cert(args.dir, i))
+    for f in files:
+        print(f)
+    print(
+        f"give client i {args.dir}/ca.pem and its own {args.dir}/client-<i>.token; keep ca.key, "
+        "server.key and the tokens secret",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,209 @@
+"""Typed control messages between a client and the server (block tensors travel in messages.py).
+
+Every message is a frozen dataclass that crosses as strict JSON: ``from_bytes`` checks that every
+field is present, of its declared type and within bounds, and that no other field is there, so a
+peer's bytes are never trusted further than their parse. ``PROTOCOL`` changes whenever a message
+changes; a client and a server of different protocols refuse each other at join.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+from parablock.errors import MessageError
+
+PROTOCOL = 1
+MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
+MAX_TEXT = 4096
+
+M = TypeVar("M", bound="Message")
+
+
+class Message:
+    """Base of the JSON control messages: ``to_bytes`` / ``from_bytes`` with strict checking."""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls: type[M], payload: bytes) -> M:
+        if len(payload) > 16 << 20:
+            raise MessageError(f"{cls.__name__}: {len(payload)} bytes is too large")
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MessageError(f"{cls.__name__}: not JSON ({e})") from None
+        return _build(cls, data, cls.__name__)
+
+    @classmethod
+    def from_dict(cls: type[M], data: Any) -> M:
+        return _build(cls, data, cls.__name__)
+
+
+def _build(cls: type, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise MessageError(f"{where}: expected an object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    extra = set(data) - names
+    if extra:
+        raise MessageError(f"{where}: unknown field(s) {sorted(extra)[:5]}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            raise MessageError(f"{where}: missing field {f.name!r}")
+        kwargs[f.name] = _value(hints[f.name], data[f.name], f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise MessageError(f"{where}: {e}") from None
+
+
+def _value(tp: Any, v: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if type(v) is not bool:
+            raise MessageError(f"{where}: expected true/false, got {type(v).__name__}")
+        return v
+    if tp is int:
+        if type(v) is not int or abs(v) > 1 << 62:
+            raise MessageError(f"{where}: expected an integer, got {type(v).__name__}")
+        return v
+    if tp is float:
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise MessageError(f"{where}: expected a finite number, got {v!r:.40}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str) or len(v) > MAX_TEXT:
+            raise MessageError(f"{where}: expected a string of at most {MAX_TEXT} characters")
+        return v
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(v, list) or len(v) > MAX_ITEMS:
+            raise MessageError(f"{where}: expected a list of at most {MAX_ITEMS} items")
+        return [_value(item, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:
+        key, item = typing.get_args(tp)
+        if not isinstance(v, dict) or len(v) > MAX_ITEMS:
+            raise MessageError(f"{where}: expected a map of at most {MAX_ITEMS} items")
+        out = {}
+        for k, x in v.items():
+            try:
+                kk = int(k) if key is int else k
+            except ValueError:
+                raise MessageError(f"{where}: key {k!r:.20} is not an integer") from None
+            out[kk] = _value(item, x, f"{where}[{k!r:.20}]")
+        return out
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _value(inner, v, where)
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return _build(tp, v, where)
+    raise MessageError(f"{where}: unsupported field type {tp}")  # a bug in a message definition
+
+
+@dataclass(frozen=True)
+class RunSettings(Message):
+    """What the server decides for every client, handed out at join."""
+
+    algorithm: str
+    correction: str
+    plan: list[int]  # block of each round
+    extra_blocks: str
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    grad_clip: float
+    seed: int
+    max_length: int
+    train_size: int
+    label_field: str
+
+
+@dataclass(frozen=True)
+class JoinRequest(Message):
+    """A client asks to take part; a restarted client says what its checkpoint holds."""
+
+    protocol: int
+    client: int  # the id it claims; a network server checks it against the session's token
+    fingerprint: str  # of the client's base model weights ("" in-process: same object)
+    versions: dict[int, int] = field(default_factory=dict)  # block -> global version held
+    next_round: int = 0  # the round it would train next (0 on a fresh start)
+    pending_round: int = -1  # the round of the trained delta it has not uploaded yet, or -1
+    dirty: list[int] = field(default_factory=list)  # blocks where its copy differs from global
+
+    def __post_init__(self) -> None:
+        if self.client < 0 or self.next_round < 0 or self.pending_round < -1:
+            raise ValueError("negative client or round")
+
+
+@dataclass(frozen=True)
+class JoinReply(Message):
+    """The run's settings, the round to start from, and the blocks to download first."""
+
+    protocol: int
+    settings: RunSettings
+    start_round: int
+    keep_pending: bool  # False: the pending delta is too old; drop it and its dirty blocks
+    stale: dict[int, int]  # block -> version to download before starting
+
+
+@dataclass(frozen=True)
+class UploadReply(Message):
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregateReady(Message):
+    """Round ``version``'s aggregate exists: block ``block`` now has version ``version``."""
+
+    block: int
+    version: int
+
+
+@dataclass(frozen=True)
+class SpanReport(Message):
+    round: int
+    phase: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class RecordReport(Message):
+    round: int
+    block: int
+    compute_s: float
+    upload_s: float
+    wait_s: float
+    download_s: float
+    idle_s: float
+    round_s: float
+    bytes_up: int
+    bytes_down: int
+    train_loss: float | None  # NaN does not survive JSON: None
+    examples: int
+    start: float
+    end: float
+    drain: bool
+
+
+@dataclass(frozen=True)
+class RoundReport(Message):
+    """A client's barrier record and the phase spans since its last report."""
+
+    record: RecordReport
+    spans: list[SpanReport]
+    final: bool = False  # its last report: the client has finished

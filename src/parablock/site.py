@@ -1,0 +1,202 @@
+"""``parablock client``: one client at a data owner's site, talking to a ``parablock server``.
+
+It loads the base model and its own data on its own machine (no training data ever crosses the
+network), joins the server over gRPC (TLS and its token), takes the training settings the server
+hands out, and runs the same two-thread client code as the simulator. Its directory (``--out``)
+holds its checkpoints (one per barrier), its own ``metrics.jsonl`` and a ``summary.json``. After a
+crash, a lost connection or Ctrl-C, the same command rejoins from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parablock.core.algorithms import ALGORITHMS, run_client
+from parablock.core.blocks import model_blocks
+from parablock.core.checkpoint import CheckpointStore, ClientState
+from parablock.core.client import Client
+from parablock.core.correction import CORRECTIONS
+from parablock.core.protocol import PROTOCOL, JoinRequest, RunSettings
+from parablock.core.train import TrainSettings
+from parablock.data.examples import DataStats, encode_all
+from parablock.data.sources import client_records
+from parablock.errors import ConfigError
+from parablock.model import load_model, load_tokenizer, model_fingerprint
+from parablock.transport.auth import read_token
+from parablock.transport.certs import read_pem
+from parablock.transport.grpc_client import GrpcConnection
+from parablock.transport.link import LinkSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """Everything ``parablock client`` is told on its command line."""
+
+    server: str
+    client: int
+    token_file: str
+    data: str
+    model: str = "smollm2-135m-instruct"
+    out: str = ""
+    ca: str = ""
+    cert: str = ""  # with key: a client certificate for mutual TLS
+    key: str = ""
+    insecure: bool = False
+    threads: int = 0
+    up_mbps: float | None = None  # emulate a slower link on top of the real one
+    down_mbps: float | None = None
+    latency_ms: float = 0.0
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"site-{self.client}")
+
+
+def _links(o: SiteOptions) -> tuple[LinkSpec | None, LinkSpec | None]:
+    def spec(mbps: float | None) -> LinkSpec | None:
+        if mbps is None and not o.latency_ms:
+            return None
+        return LinkSpec(mbps if mbps is not None else float("inf"), o.latency_ms)
+
+    try:
+        return spec(o.up_mbps), spec(o.down_mbps)
+    except ValueError as e:
+        raise ConfigError(f"--emulate-*: {e}") from None
+
+
+def request_from(client: int, fingerprint: str, state: ClientState | None) -> JoinRequest:
+    """The join request of a fresh client, or of one restarting from its checkpoint ``state``
+    (the dirty blocks it restores are the only ones it holds beyond the base model)."""
+    if state is None:
+        return JoinRequest(PROTOCOL, client, fingerprint)
+    return JoinRequest(
+        PROTOCOL,
+        client,
+        fingerprint,
+        {b: state.versions.get(b, -1) for b in state.dirty},
+        state.round + 1,
+        -1 if state.pending is None else state.pending.round,
+        sorted(state.dirty),
+    )
+
+
+def _train_settings(s: RunSettings) -> TrainSettings:
+    return TrainSettings(
+        s.local_steps,
+        s.batch_size,
+        s.lr,
+        s.weight_decay,
+        s.warmup_steps,
+        s.lr_schedule,
+        s.grad_clip,
+    )
+
+
+def run_site(o: SiteOptions) -> dict:
+    """Join the server, train to the end of the run, write the site directory; returns its
+    summary."""
+    if o.client < 0:
+        raise ConfigError(f"--id must be >= 0, got {o.client}")
+    token = read_token(o.token_file)
+    ca = read_pem(o.ca, "--ca") if o.ca else None
+    cert = read_pem(o.cert, "--cert") if o.cert else None
+    key = read_pem(o.key, "--key") if o.key else None
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together (mutual TLS)")
+    client_records(o.data, 1, 0)  # a bad --data is a one-line error before anything connects
+    out = o.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(o.threads or os.cpu_count() or 1)
+
+    model = load_model(o.model)
+    fingerprint = model_fingerprint(model)
+    store = CheckpointStore(out / "checkpoint")
+    state = store.latest_client(o.client)
+    if state is not None:
+        log.info("client %d: rejoining from its checkpoint after round %d", o.client, state.round)
+    up, down = _links(o)
+    conn = GrpcConnection(
+        o.server, token, ca=ca, cert=cert, key=key, insecure=o.insecure, up=up, down=down
+    )
+    try:
+        reply = conn.join(request_from(o.client, fingerprint, state))
+    except BaseException:
+        conn.close()
+        raise
+    s = reply.settings
+    ALGORITHMS.get(s.algorithm)  # a server newer than this client: a clear error
+    log.info(
+        "client %d joined %s: %s, %d rounds, starting at round %d",
+        o.client,
+        o.server,
+        s.algorithm,
+        len(s.plan),
+        reply.start_round,
+    )
+    tokenizer = load_tokenizer(o.model)
+    stats = DataStats()
+    records = client_records(o.data, s.train_size, s.seed, s.label_field)
+    data = encode_all(records, tokenizer, s.max_length, f"client {o.client} data", stats)
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def on_barrier(c: Client, t: int) -> None:
+        r = c.log.rounds[-1]
+        metrics.write(json.dumps(r.to_json()) + "\n")
+        metrics.flush()
+        what = "drain" if r.drain else f"round {t + 1}/{len(c.plan)} block {r.block}"
+        log.info(
+            "client %d %s: compute %.2fs, upload %.2fs, wait %.2fs, download %.2fs, idle %.2fs",
+            c.id,
+            what,
+            r.compute_s,
+            r.upload_s,
+            r.wait_s,
+            r.download_s,
+            r.idle_s,
+        )
+
+    client = Client(
+        o.client,
+        model,
+        model_blocks(model, s.extra_blocks),
+        data,
+        _train_settings(s),
+        conn,
+        CORRECTIONS.get(s.correction),
+        seed=s.seed,
+        pad_id=tokenizer.pad_token_id,
+        on_barrier=on_barrier,
+        checkpoint=store,
+        resume=state,
+        fingerprint=fingerprint,
+    )
+    started = time.time()
+    try:
+        client.restore()  # the checkpoint's dirty blocks, pending delta and records
+        run_client(client, s.algorithm, reply)
+    finally:
+        metrics.close()
+        store.flush()
+    summary = {
+        "client": o.client,
+        "server": o.server,
+        "algorithm": s.algorithm,
+        "rounds": len(s.plan),
+        "start_round": reply.start_round,
+        "wall_time_s": time.time() - started,
+        "examples": len(data),
+        "data": {"source": o.data, **stats.to_json()},
+        "bytes_up": sum(r.bytes_up for r in client.log.rounds),
+        "bytes_down": sum(r.bytes_down for r in client.log.rounds),
+        "final_model_fingerprint": model_fingerprint(model),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
