@@ -129,6 +129,7 @@ def server(args, load, setup_logging) -> int:
 
 
 def client(args, setup_logging) -> int:
+    from parablock.errors import RunStopped
     from parablock.site import SiteOptions, run_site
 
     setup_logging(args.log_level)
@@ -148,7 +149,11 @@ def client(args, setup_logging) -> int:
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,
     )
-    summary = run_site(o)
+    try:
+        summary = run_site(o)
+    except RunStopped as e:
+        print(f"parablock: error: the server stopped the run ({e})", file=sys.stderr)
+        return 1
     print(
         f"done: client {summary['client']}, {summary['rounds']} rounds, "
         f"{summary['bytes_up'] / 1e6:.1f} MB up, {summary['bytes_down'] / 1e6:.1f} MB down; "

@@ -440,6 +440,10 @@ def run(
     # wall time excludes any downtime between an interruption and the resume
     before = max((r.end for r in records if r.end < start), default=started_at) - started_at
     wall = before + time.time() - start
+    if (
+        serve and records
+    ):  # from the first round's start: waiting for clients to join is not run time
+        wall = max(r.end for r in records) - min(r.start for r in records)
     torch.set_num_threads(os.cpu_count() or 1)
 
     if evaluate is not None:

@@ -140,11 +140,9 @@ def _await_joins(server: Server, timeout: float, stop: threading.Event) -> None:
 
 
 def _await_end(server: Server, stop: threading.Event) -> None:
-    """Until the last round is aggregated (a failed round raises RoundFailedError)."""
-    last = len(server.plan) - 1
+    """Until the last round is aggregated, closing rounds whose deadline passed (a failed round
+    raises RoundFailedError)."""
     while not stop.is_set():
-        try:
-            server.wait_aggregate(last, timeout=server.round_timeout_s)
+        if server.wait_done(timeout=0.5):
             return
-        except RunStopped:
-            return
+        server.check_deadline()

@@ -86,6 +86,7 @@ class Server:
         self._start: dict[int, int] = {}  # client -> first round it is expected in
         self._pending: dict[int, dict[int, BlockUpdate]] = {}
         self._first_arrival: dict[int, float] = {}
+        self._opened = time.monotonic()  # when the open round opened (or the last join)
         self._aggregates: dict[int, BlockValue] = {}
         self._failed: dict[int, str] = {}
         self._dropped: set[int] = set()
@@ -147,6 +148,8 @@ class Server:
                 self._dropped.discard(client)
                 log.info("client %d rejoins at round %d", client, start)
             self.stats.joins.append((client, start))
+            if open_round == 0:  # the run's first round opens when its clients are in
+                self._opened = time.monotonic()
             self._cond.notify_all()
         if stale:
             log.info("client %d joins: %d block(s) to catch up on", client, len(stale))
@@ -294,6 +297,7 @@ class Server:
         self._aggregates[round] = BlockValue(block.index, round, value)
         self._aggregates.pop(round - KEEP_AGGREGATES, None)
         self.next_round = round + 1
+        self._opened = time.monotonic()
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
         for listener in self.aggregate_listeners:
@@ -332,6 +336,32 @@ class Server:
                     self._close_at_deadline(round, limit)
                     continue
                 self._cond.wait(timeout=max(0.01, min(1.0, limit - (now - first))))
+
+    def check_deadline(self) -> None:
+        """Close the open round if its deadline has passed (the server's own clock, so rounds
+        close even when no client is left waiting): ``round_timeout_s`` after its first update,
+        or twice that after it opened when no update came at all."""
+        with self._cond:
+            r = self.next_round
+            if r >= len(self.plan) or r in self._failed or self._stopped:
+                return
+            now, limit = time.monotonic(), self.round_timeout_s
+            first = self._first_arrival.get(r)
+            if (first is not None and now - first >= limit) or (
+                first is None and now - self._opened >= 2 * limit
+            ):
+                self._close_at_deadline(r, limit)
+
+    def wait_done(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the last round's aggregate; a failed round raises."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self.next_round >= len(self.plan) or self._failed or self._stopped,
+                timeout=timeout,
+            )
+            if self._failed:
+                raise RoundFailedError(self._failed[min(self._failed)])
+            return self.next_round >= len(self.plan)
 
     def _close_at_deadline(self, round: int, limit: float) -> None:
         got = self._pending.get(round, {})

@@ -39,13 +39,13 @@ from parablock.transport.grpc_service import (
     ABORT_STOPPING,
     CHANNEL_OPTIONS,
     SERVICE,
+    return_freed_buffers,
 )
 from parablock.transport.link import Link, LinkSpec
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 60.0
-CONNECT_TIMEOUT_S = 20.0
 
 
 def _raw(b: bytes) -> bytes:
@@ -67,6 +67,7 @@ class GrpcConnection:
     ) -> None:
         if ca is None and not insecure:
             raise ConnectError("no CA certificate given (--ca FILE); plain text needs --insecure")
+        return_freed_buffers()
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),)
         if insecure:
@@ -91,19 +92,6 @@ class GrpcConnection:
 
     # -- the seam ------------------------------------------------------------------------------
     def join(self, request: JoinRequest) -> JoinReply:
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=CONNECT_TIMEOUT_S)
-        except grpc.FutureTimeoutError:
-            raise ConnectError(
-                f"cannot reach the ParaBlock server at {self.address} within "
-                f"{CONNECT_TIMEOUT_S:g}s: check the address and port, that the server is "
-                "running and reachable, and that "
-                + (
-                    "it uses TLS with a certificate signed by --ca for this host name"
-                    if self.tls
-                    else "it was started with server.insecure=true (or give --ca)"
-                )
-            ) from None
         payload = self._call(self._join, request.to_bytes(), "join", timeout=JOIN_TIMEOUT_S)
         reply = JoinReply.from_bytes(payload)
         if reply.protocol != request.protocol:
@@ -168,6 +156,19 @@ class GrpcConnection:
 
     def _error(self, e: grpc.RpcError, what: str) -> Exception:
         code, details = e.code(), (e.details() or "").strip()
+        if what == "join" and code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
+            check = (
+                "that it uses TLS with a certificate signed by --ca for this host name"
+                if self.tls
+                else "that it was started with server.insecure=true (or give --ca)"
+            )
+            return ConnectError(
+                f"cannot reach the ParaBlock server at {self.address} ({details or code.name}): "
+                f"check the address and port, that the server is running and reachable, and {check}"
+            )
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ConnectError(
                 f"the server at {self.address} {details or 'refused the token'}: check "

@@ -1,0 +1,438 @@
+"""The networked federation: a `parablock server` and `parablock client` processes on 127.0.0.1.
+
+Real processes, real sockets, TLS and per-client tokens. Every process a test starts is stopped
+by PID in a ``finally``; every gRPC server started in this process is stopped too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, tiny_config
+from parablock.core.blocks import block_state, model_blocks
+from parablock.core.messages import BlockUpdate
+from parablock.core.protocol import PROTOCOL, JoinRequest
+from parablock.core.server import Server
+from parablock.errors import ConnectError
+from parablock.runner import run
+from parablock.transport.auth import ClientsFile, read_token
+from parablock.transport.certs import make_trial_credentials, read_pem
+from parablock.transport.grpc_client import GrpcConnection
+from parablock.transport.grpc_service import FederationService, start
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# -- fixtures: credentials, per-client data, a server config -----------------------------------
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tiny_model_dir):
+    from parablock.data.sources import reasoning_gym_records
+
+    root = tmp_path_factory.mktemp("federation")
+    make_trial_credentials(root / "creds", 2)
+    for i in range(3):
+        with open(root / f"d{i}.jsonl", "w") as f:
+            for r in reasoning_gym_records("gsm_symbolic", 12, seed=50 + i):
+                f.write(json.dumps({"question": r.prompt, "answer": f"{r.response} #### 1"}))
+                f.write("\n")
+    return root
+
+
+def _server_sets(root: Path, out: Path, **kw) -> list[str]:
+    c = root / "creds"
+    sets = {
+        "server.address": "127.0.0.1:0",
+        "server.tls_cert": c / "server.pem",
+        "server.tls_key": c / "server.key",
+        "server.clients_file": c / "clients.toml",
+        "server.join_timeout_s": 60,
+        "run.out": out,
+        "data.partition": "iid",
+        "eval.source": f"gsm8k:{root / 'd2.jsonl'}",
+        "eval.accuracy_size": 0,
+        **kw,
+    }
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+def _config_file(root: Path, model_dir: str, name: str, **sections) -> Path:
+    cfg = tiny_config(model_dir, "", **sections)
+    path = root / f"{name}.toml"
+    path.write_text(cfg.to_toml())
+    return path
+
+
+def _start_server(config: Path, sets: list[str], log: Path) -> tuple[subprocess.Popen, int]:
+    args = [sys.executable, "-m", "parablock.cli", "server", "--config", str(config), *sets]
+    proc = subprocess.Popen(args, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on \S+ \(port (\d+)", log.read_text())
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log.read_text()}")
+        time.sleep(0.1)
+    _stop(proc)
+    raise AssertionError(f"server did not start listening:\n{log.read_text()}")
+
+
+def _client_args(root: Path, port: int, i: int, model_dir: str, out: Path, *extra) -> list[str]:
+    c = root / "creds"
+    return [
+        sys.executable,
+        "-m",
+        "parablock.cli",
+        "client",
+        "--server",
+        f"localhost:{port}",
+        "--ca",
+        str(c / "ca.pem"),
+        "--id",
+        str(i),
+        "--token-file",
+        str(c / f"client-{i}.token"),
+        "--data",
+        f"gsm8k:{root / f'd{i}.jsonl'}",
+        "--model",
+        model_dir,
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+def _wait(proc: subprocess.Popen, log: Path, timeout: float = 180) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"process still running after {timeout}s:\n{log.read_text()}"
+        ) from None
+
+
+def _fingerprint(summary: Path) -> str:
+    return json.loads(summary.read_text())["final_model_fingerprint"]
+
+
+# -- a real federation equals the simulator, bit for bit ---------------------------------------
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+def test_server_and_two_client_processes_end_equal_to_the_local_backend(
+    site, tiny_model_dir, tmp_path, algorithm
+):
+    fed = {"algorithm": algorithm, "rounds": 4, "round_timeout_s": 60.0}
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    sources = ";".join(f"gsm8k:{site / f'd{i}.jsonl'}" for i in range(2))
+    local = run(
+        tiny_config(
+            tiny_model_dir,
+            str(tmp_path / "local"),
+            federation=fed,
+            data={"partition": "per_client", "client_sources": sources},
+            eval={"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0},
+        )
+    )
+    procs = []
+    try:
+        server, port = _start_server(
+            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
+        )
+        procs.append(server)
+        for i in range(2):
+            args = _client_args(site, port, i, tiny_model_dir, tmp_path / f"site{i}")
+            procs.append(_start(args, tmp_path / f"client{i}.log"))
+        for p, name in zip(procs[1:] + procs[:1], ["client0", "client1", "server"], strict=True):
+            assert _wait(p, tmp_path / f"{name}.log") == 0, (tmp_path / f"{name}.log").read_text()
+    finally:
+        _stop(*procs)
+    want = local["final_model_fingerprint"]
+    assert _fingerprint(tmp_path / "srv" / "summary.json") == want
+    for i in range(2):
+        assert _fingerprint(tmp_path / f"site{i}" / "summary.json") == want
+    summary = json.loads((tmp_path / "srv" / "summary.json").read_text())
+    assert summary["backend"] == "remote" and summary["updates_rejected"] == 0
+    assert summary["bytes_up"] > 0 and summary["mean_compute_s"] > 0
+    timeline = (tmp_path / "srv" / "timeline.jsonl").read_text().splitlines()
+    assert {json.loads(x)["client"] for x in timeline} == {0, 1}  # from the clients' reports
+    assert (tmp_path / "site0" / "metrics.jsonl").read_text().count("client_round") == 5
+
+
+# -- who may talk to the server ------------------------------------------------------------------
+@pytest.fixture
+def grpc_server(site):
+    """A real ``Server`` behind gRPC with TLS, in this process; stopped at the end."""
+    model = make_model(64, layers=2)
+    blocks = model_blocks(model)
+    server = Server(model, blocks, [0, 1, 0], clients=2, fingerprint="base")
+    c = site / "creds"
+    import grpc
+
+    creds = grpc.ssl_server_credentials(
+        [(read_pem(c / "server.key", "key"), read_pem(c / "server.pem", "cert"))]
+    )
+    service = FederationService(server, ClientsFile.load(c / "clients.toml"))
+    g, port = start(service, "127.0.0.1:0", creds, workers=8)
+    try:
+        yield server, service, port
+    finally:
+        g.stop(None).wait()
+
+
+def _conn(site, port, token, **kw):
+    ca = None if kw.get("insecure") else read_pem(site / "creds" / "ca.pem", "ca")
+    return GrpcConnection(f"localhost:{port}", token, ca=ca, **kw)
+
+
+def test_bad_tokens_other_ids_and_plain_text_are_refused_and_change_nothing(site, grpc_server):
+    server, service, port = grpc_server
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    token0 = read_token(site / "creds" / "client-0.token")
+    join = JoinRequest(PROTOCOL, 0, "base")
+    for token, match in [("not-a-token", "unknown token"), ("", "no token")]:
+        with pytest.raises(ConnectError, match=match):
+            _conn(site, port, token).join(join)
+    with pytest.raises(ConnectError, match="belongs to client 0, not client 1"):
+        _conn(site, port, token0).join(JoinRequest(PROTOCOL, 1, "base"))
+    with pytest.raises(ConnectError, match="cannot reach"):
+        _conn(site, port, token0, insecure=True).join(join)  # plain text against TLS
+    with pytest.raises(ConnectError, match="base model differs"):
+        _conn(site, port, token0).join(JoinRequest(PROTOCOL, 0, "other"))
+    with pytest.raises(ConnectError, match="protocol mismatch"):
+        _conn(site, port, token0).join(JoinRequest(PROTOCOL + 1, 0, "base"))
+    # an upload with a bad token is refused before its payload is read
+    delta = {n: torch.ones_like(t) for n, t in block_state(server.model, server.blocks[0]).items()}
+    update = BlockUpdate(0, 0, 0, -1, 4, 1.0, delta)
+    with pytest.raises(ConnectError, match="unknown token"):
+        _conn(site, port, "stolen?").upload(update)
+    # client 1 uploading client 0's round as client 0 is still client 1 to the server
+    token1 = read_token(site / "creds" / "client-1.token")
+    spoof = BlockUpdate(0, 0, 0, -1, 4, 1.0, delta)
+    from parablock.errors import UpdateRejected
+
+    with pytest.raises(UpdateRejected, match="claims to come from client 0"):
+        _conn(site, port, token1).upload(spoof)
+    assert len(service.stats.refused) == 3
+    assert server.stats.accepted == 0 and server.versions == {0: -1, 1: -1}
+    for n, p in server.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def _vm_hwm_kb() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def test_a_large_block_crosses_in_chunks_with_bounded_memory(site):
+    """A 71 MB block goes up through gRPC+TLS as 1 MiB chunks, decoded straight into tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=1024,
+        intermediate_size=5120,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    blocks = model_blocks(model)
+    server = Server(model, blocks, [0, 1], clients=2)  # two clients: one upload, no aggregation
+    import grpc
+
+    c = site / "creds"
+    creds = grpc.ssl_server_credentials(
+        [(read_pem(c / "server.key", "key"), read_pem(c / "server.pem", "cert"))]
+    )
+    g, port = start(
+        FederationService(server, ClientsFile.load(c / "clients.toml")), "127.0.0.1:0", creds, 8
+    )
+    try:
+        delta = {n: torch.randn_like(t) for n, t in block_state(model, blocks[0]).items()}
+        nbytes = sum(t.numel() * 4 for t in delta.values())
+        assert nbytes >= 64e6
+        conn = _conn(site, port, read_token(c / "client-0.token"))
+        conn.join(JoinRequest(PROTOCOL, 0, ""))
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident memory
+        base = _vm_hwm_kb()
+        sent = conn.upload(BlockUpdate(0, 0, 0, -1, 4, 1.0, delta))
+        extra = (_vm_hwm_kb() - base) * 1024
+        conn.close()
+        stored = server._pending[0][0].tensors
+        assert all(torch.equal(stored[n], delta[n]) for n in delta)
+        assert sent > nbytes
+        # the server holds one copy (the decoded tensors); a whole-payload buffer would be two
+        assert extra < 1.5 * nbytes, f"peak extra {extra / 1e6:.0f} MB for {nbytes / 1e6:.0f} MB"
+    finally:
+        g.stop(None).wait()
+
+
+# -- a client killed mid-run rejoins ---------------------------------------------------------------
+def test_a_killed_client_restarts_rejoins_catches_up_and_ends_equal_to_the_server(
+    site, tiny_model_dir, tmp_path
+):
+    fed = {"algorithm": "parablock", "rounds": 24, "min_clients": 1, "round_timeout_s": 3.0}
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    slow = ("--emulate-latency-ms", "120")
+    procs = []
+    try:
+        server, port = _start_server(
+            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
+        )
+        procs.append(server)
+        args = [
+            _client_args(site, port, i, tiny_model_dir, tmp_path / f"site{i}", *slow)
+            for i in range(2)
+        ]
+        procs.append(_start(args[0], tmp_path / "client0.log"))
+        victim = _start(args[1], tmp_path / "client1a.log")
+        procs.append(victim)
+        metrics = tmp_path / "site1" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert time.monotonic() < deadline and victim.poll() is None, (
+                tmp_path / "client1a.log"
+            ).read_text()
+            time.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        again = _start(args[1], tmp_path / "client1b.log")
+        procs.append(again)
+        for p, log in [(procs[1], "client0"), (again, "client1b"), (server, "server")]:
+            assert _wait(p, tmp_path / f"{log}.log") == 0, (tmp_path / f"{log}.log").read_text()
+    finally:
+        _stop(*procs)
+    rejoin_log = (tmp_path / "client1b.log").read_text()
+    assert "rejoining from its checkpoint" in rejoin_log
+    want = _fingerprint(tmp_path / "srv" / "summary.json")
+    assert _fingerprint(tmp_path / "site0" / "summary.json") == want
+    assert _fingerprint(tmp_path / "site1" / "summary.json") == want
+
+
+# -- what a user sees when something is wrong ------------------------------------------------------
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "parablock.cli", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line_error(p: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert p.returncode == code, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("parablock: error:"), p.stderr
+    for w in words:
+        assert w in last, last
+
+
+def test_user_errors_are_one_line_with_exit_code_2(site, tiny_model_dir, tmp_path):
+    c = site / "creds"
+    base = [
+        "client",
+        "--id",
+        "0",
+        "--data",
+        f"gsm8k:{site / 'd0.jsonl'}",
+        "--model",
+        tiny_model_dir,
+    ]
+    # nothing listens on that port
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    p = _cli(
+        *base,
+        "--server",
+        f"127.0.0.1:{free}",
+        "--ca",
+        str(c / "ca.pem"),
+        "--token-file",
+        str(c / "client-0.token"),
+        "--out",
+        str(tmp_path / "s"),
+    )
+    _one_line_error(p, 2, "cannot reach", f"127.0.0.1:{free}")
+    p = _cli(
+        *base,
+        "--server",
+        "localhost:1",
+        "--ca",
+        str(c / "ca.pem"),
+        "--token-file",
+        str(tmp_path / "missing.token"),
+    )
+    _one_line_error(p, 2, "missing.token")
+    p = _cli(*base, "--server", "localhost:1", "--token-file", str(c / "client-0.token"))
+    _one_line_error(p, 2, "--ca")
+    p = _cli(
+        "server", "--set", f"model.name_or_path={tiny_model_dir}", "--set", "server.insecure=true"
+    )
+    _one_line_error(p, 2, "server.clients_file")
+    p = _cli("server", "--set", f"server.clients_file={c / 'clients.toml'}")
+    _one_line_error(p, 2, "server.tls_cert")
+
+
+def test_a_server_that_goes_away_mid_round_is_a_one_line_run_failure(
+    site, tiny_model_dir, tmp_path
+):
+    fed = {"clients": 1, "rounds": 40, "round_timeout_s": 30.0}
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    procs = []
+    try:
+        server, port = _start_server(
+            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
+        )
+        procs.append(server)
+        args = _client_args(site, port, 0, tiny_model_dir, tmp_path / "site0")
+        client = _start([*args, "--emulate-latency-ms", "100"], tmp_path / "client.log")
+        procs.append(client)
+        metrics = tmp_path / "site0" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        assert _wait(client, tmp_path / "client.log", timeout=60) == 1
+    finally:
+        _stop(*procs)
+    log = (tmp_path / "client.log").read_text()
+    assert "Traceback" not in log, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("parablock: error: lost the ParaBlock server"), last
+    assert "run the same command again to rejoin" in last
+    # what the client had finished is in its own checkpoint
+    assert list((tmp_path / "site0" / "checkpoint").glob("client0.r*.st"))
