@@ -417,7 +417,8 @@ def test_a_server_that_goes_away_mid_round_is_a_one_line_run_failure(
         )
         procs.append(server)
         args = _client_args(site, port, 0, tiny_model_dir, tmp_path / "site0")
-        client = _start([*args, "--emulate-latency-ms", "100"], tmp_path / "client.log")
+        extra = ["--emulate-latency-ms", "100", "--reconnect-s", "0"]
+        client = _start([*args, *extra], tmp_path / "client.log")
         procs.append(client)
         metrics = tmp_path / "site0" / "metrics.jsonl"
         deadline = time.monotonic() + 120
@@ -436,3 +437,44 @@ def test_a_server_that_goes_away_mid_round_is_a_one_line_run_failure(
     assert "run the same command again to rejoin" in last
     # what the client had finished is in its own checkpoint
     assert list((tmp_path / "site0" / "checkpoint").glob("client0.r*.st"))
+
+
+def test_a_crashed_server_resumes_and_its_clients_rejoin_by_themselves(
+    site, tiny_model_dir, tmp_path
+):
+    """Nothing aggregated is lost: the server restarts from its checkpoint on the same port,
+    the clients reconnect from theirs, and all three end with the same model."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fed = {"rounds": 30, "round_timeout_s": 20.0}
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    sets = _server_sets(site, tmp_path / "srv", **{"server.address": f"127.0.0.1:{port}"})
+    procs = []
+    try:
+        server, _ = _start_server(config, sets, tmp_path / "server1.log")
+        procs.append(server)
+        for i in range(2):
+            args = _client_args(site, port, i, tiny_model_dir, tmp_path / f"site{i}")
+            procs.append(_start([*args, "--emulate-latency-ms", "100"], tmp_path / f"c{i}.log"))
+        ckpt = tmp_path / "srv" / "checkpoint"
+        deadline = time.monotonic() + 120
+        while len(list(ckpt.glob("block*.st"))) < 5:
+            assert time.monotonic() < deadline, (tmp_path / "server1.log").read_text()
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        resume = ["server", "--resume", str(tmp_path / "srv")]
+        again = _start([sys.executable, "-m", "parablock.cli", *resume], tmp_path / "server2.log")
+        procs.append(again)
+        for p, log in [(procs[1], "c0"), (procs[2], "c1"), (again, "server2")]:
+            assert _wait(p, tmp_path / f"{log}.log") == 0, (tmp_path / f"{log}.log").read_text()
+    finally:
+        _stop(*procs)
+    assert "srv after round" in (tmp_path / "server2.log").read_text()
+    assert "rejoining in" in (tmp_path / "c0.log").read_text()
+    want = _fingerprint(tmp_path / "srv" / "summary.json")
+    for i in range(2):
+        assert _fingerprint(tmp_path / f"site{i}" / "summary.json") == want

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 EXAMPLES_SERVER = """examples:
   parablock certs creds --clients 2 --hosts coordinator.example
@@ -41,6 +42,12 @@ def add_parsers(sub, config_args, progress_args) -> None:
     )
     config_args(s)
     progress_args(s)
+    s.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a server run that stopped or crashed, from its checkpoint (its own "
+        "config.toml; --set may change [server] keys); clients rejoin with theirs",
+    )
 
     c = sub.add_parser(
         "client",
@@ -83,6 +90,13 @@ def add_parsers(sub, config_args, progress_args) -> None:
         "--emulate-down-mbps", type=float, default=None, help="pace downloads at this speed"
     )
     c.add_argument("--emulate-latency-ms", type=float, default=0.0, help="add this latency")
+    c.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=300.0,
+        help="after losing a server it had joined, keep trying to rejoin for this long "
+        "(from its checkpoint) before giving up (default: 300; 0 = give up at once)",
+    )
     c.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
 
     k = sub.add_parser(
@@ -105,13 +119,24 @@ def add_parsers(sub, config_args, progress_args) -> None:
 
 
 def server(args, load, setup_logging) -> int:
+    from parablock.errors import ConfigError
     from parablock.runner import RunInterrupted, run
 
-    cfg = load(args.config, args.overrides)
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.toml; drop --config")
+        bad = [o for o in args.overrides if not o.strip().startswith("server.")]
+        if bad:
+            raise ConfigError(
+                f"--resume keeps the run's settings; only server.* may change: {bad[0]}"
+            )
+        cfg = load(Path(args.resume) / "config.toml", [*args.overrides, f"run.out={args.resume}"])
+    else:
+        cfg = load(args.config, args.overrides)
     setup_logging(cfg.run.log_level, args.quiet)
     logging.getLogger("parablock").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        summary = run(cfg, serve=True)
+        summary = run(cfg, serve=True, resume=bool(args.resume))
     except RunInterrupted as e:
         print(f"parablock: {e}", file=sys.stderr)
         return 130
@@ -148,6 +173,7 @@ def client(args, setup_logging) -> int:
         up_mbps=args.emulate_up_mbps,
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,
+        reconnect_s=args.reconnect_s,
     )
     try:
         summary = run_site(o)

@@ -65,6 +65,10 @@ class ConnectError(UserError):
     """The server cannot be reached, or refuses this client (address, TLS, token, model, version)."""
 
 
+class Unreachable(ConnectError):
+    """No answer from the server's address (down, wrong address or port, TLS mismatch)."""
+
+
 # -- messages and the protocol ------------------------------------------------------------------
 class MessageError(ValueError):
     """A malformed, corrupt or inconsistent message; it is rejected, never applied."""

@@ -339,11 +339,6 @@ def run(
     if serve:
         from parablock.backends.remote import listener
 
-        if resume:
-            raise ConfigError(
-                "parablock server cannot --resume yet: start a new server run; clients keep "
-                "their own checkpoints"
-            )
         where = listener(cfg)  # bad certificates or clients file: fail before loading anything
     out = run_dir(cfg, resume)
     if not resume:
@@ -373,11 +368,13 @@ def run(
     store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
     point = None
     if resume:
-        point = store.load(fed.clients, selected)
+        point = store.load_server(plan) if serve else store.load(fed.clients, selected)
         server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
         specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
-        started_at, evals = point.started_at, [EvalResult.from_json(point.initial_eval)]
-        log.info("resuming %s after round %d of %d", out, point.round + 1, fed.rounds)
+        started_at = point.started_at
+        evals = [EvalResult.from_json(point.initial_eval)] if point.initial_eval else []
+        done = point.round if serve else point.round + 1  # rounds finished, counted from 1
+        log.info("resuming %s after round %d of %d", out, done, fed.rounds)
     else:
         evals = [evaluate(model, -1, 0.0)] if evaluate is not None else []
         if evals:
@@ -434,7 +431,7 @@ def run(
         store.flush()
     if stop.is_set():
         if serve:
-            raise RunInterrupted(f"stopped; aggregated blocks are checkpointed in {out}")
+            raise RunInterrupted(f"stopped; continue with: parablock server --resume {out}")
         raise RunInterrupted(f"stopped; resume with: parablock run --resume {out}")
     records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
     # wall time excludes any downtime between an interruption and the resume

@@ -27,7 +27,7 @@ from parablock.core.protocol import PROTOCOL, JoinRequest, RunSettings
 from parablock.core.train import TrainSettings
 from parablock.data.examples import DataStats, encode_all
 from parablock.data.sources import client_records
-from parablock.errors import ConfigError
+from parablock.errors import ConfigError, ServerGone, Unreachable
 from parablock.model import load_model, load_tokenizer, model_fingerprint
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
@@ -35,6 +35,8 @@ from parablock.transport.grpc_client import GrpcConnection
 from parablock.transport.link import LinkSpec
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 5.0  # between two attempts to rejoin a server that went away
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class SiteOptions:
     up_mbps: float | None = None  # emulate a slower link on top of the real one
     down_mbps: float | None = None
     latency_ms: float = 0.0
+    reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
 
     def out_dir(self) -> Path:
         return Path(self.out or f"site-{self.client}")
@@ -102,9 +105,12 @@ def _train_settings(s: RunSettings) -> TrainSettings:
 
 def run_site(o: SiteOptions) -> dict:
     """Join the server, train to the end of the run, write the site directory; returns its
-    summary."""
+    summary. A lost connection is retried (rejoining from the checkpoint) for
+    ``o.reconnect_s`` seconds before it becomes an error."""
     if o.client < 0:
         raise ConfigError(f"--id must be >= 0, got {o.client}")
+    if o.reconnect_s < 0:
+        raise ConfigError(f"--reconnect-s must be >= 0, got {o.reconnect_s:g}")
     token = read_token(o.token_file)
     ca = read_pem(o.ca, "--ca") if o.ca else None
     cert = read_pem(o.cert, "--cert") if o.cert else None
@@ -112,10 +118,33 @@ def run_site(o: SiteOptions) -> dict:
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together (mutual TLS)")
     client_records(o.data, 1, 0)  # a bad --data is a one-line error before anything connects
-    out = o.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    o.out_dir().mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(o.threads or os.cpu_count() or 1)
+    state = {"joined": False, "lost_at": None}
 
+    def on_joined() -> None:
+        state["joined"], state["lost_at"] = True, None
+
+    while True:
+        try:
+            return _session(o, token, ca, cert, key, on_joined)
+        except (ServerGone, Unreachable) as e:
+            if not state["joined"]:
+                raise  # never reached the server: the address or credentials are wrong
+            state["lost_at"] = state["lost_at"] or time.monotonic()
+            if time.monotonic() - state["lost_at"] >= o.reconnect_s:
+                raise
+            log.warning("client %d: %s; rejoining in %gs", o.client, _first(e), RETRY_S)
+            time.sleep(RETRY_S)
+
+
+def _first(e: BaseException) -> str:
+    return str(e).split(";")[0]
+
+
+def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
+    """One connection to the server, from (re)joining to the end of the run."""
+    out = o.out_dir()
     model = load_model(o.model)
     fingerprint = model_fingerprint(model)
     store = CheckpointStore(out / "checkpoint")
@@ -131,6 +160,7 @@ def run_site(o: SiteOptions) -> dict:
     except BaseException:
         conn.close()
         raise
+    on_joined()
     s = reply.settings
     ALGORITHMS.get(s.algorithm)  # a server newer than this client: a clear error
     log.info(

@@ -210,6 +210,40 @@ class CheckpointStore:
             log.warning("checkpoint file %s is unusable (%s); using an earlier one", path, e)
             return None
 
+    def load_server(self, plan: list[int]) -> ResumePoint:
+        """The server's side alone (clients keep their own checkpoints at their sites): the
+        latest round R such that the global model after round R-1 can be rebuilt, i.e. every
+        block holds the version of the last round <= R-1 that trained it."""
+        run_file = self.dir / "run.json"
+        if not run_file.is_file():
+            raise CheckpointError(f"{self.dir} holds no checkpoint (no run.json)")
+        info = json.loads(run_file.read_text())
+        cache: dict[tuple[int, int], tuple[dict, dict] | None] = {}
+
+        def read(b: int, v: int):
+            if (b, v) not in cache:
+                path = self.dir / f"block{b}.v{v}.st"
+                cache[b, v] = self._read(path, "BlockCheckpoint") if path.is_file() else None
+            return cache[b, v]
+
+        for r in range(len(plan), -1, -1):
+            want = {b: max((t for t in range(r) if plan[t] == b), default=-1) for b in set(plan)}
+            got = {b: read(b, v) for b, v in want.items() if v >= 0}
+            if all(x is not None for x in got.values()):
+                agg = {want[b]: m["aggregate_s"] for b, (m, _) in got.items()}
+                part = {want[b]: m["participants"] for b, (m, _) in got.items()}
+                log.info("the server's checkpoint holds rounds 1..%d", r)
+                return ResumePoint(
+                    r,
+                    {b: (want[b], ts) for b, (_, ts) in got.items()},
+                    {},
+                    agg,
+                    part,
+                    info["started_at"],
+                    info["initial_eval"],
+                )
+        raise CheckpointError(f"{self.dir}: no consistent server checkpoint")  # unreachable
+
     def latest_client(self, client: int) -> ClientState | None:
         """This client's newest readable barrier state (a client at its own site keeps only its
         own states), or None when there is none."""

@@ -32,6 +32,7 @@ from parablock.errors import (
     RoundFailedError,
     RunStopped,
     ServerGone,
+    Unreachable,
     UpdateRejected,
 )
 from parablock.transport.grpc_service import (
@@ -165,7 +166,7 @@ class GrpcConnection:
                 if self.tls
                 else "that it was started with server.insecure=true (or give --ca)"
             )
-            return ConnectError(
+            return Unreachable(
                 f"cannot reach the ParaBlock server at {self.address} ({details or code.name}): "
                 f"check the address and port, that the server is running and reachable, and {check}"
             )
