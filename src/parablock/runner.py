@@ -27,7 +27,7 @@ from parablock.backends import BACKENDS, ClientSpec
 from parablock.config import Config
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
-from parablock.core.metrics import round_times, summarize
+from parablock.core.metrics import describe, round_times, summarize
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
 from parablock.core.server import Server
@@ -61,16 +61,7 @@ def run_dir(cfg: Config, resume: bool = False) -> Path:
 
 
 def _settings(cfg: Config) -> TrainSettings:
-    f = cfg.federation
-    return TrainSettings(
-        f.local_steps,
-        f.batch_size,
-        f.lr,
-        f.weight_decay,
-        f.warmup_steps,
-        f.lr_schedule,
-        f.grad_clip,
-    )
+    return run_settings(cfg, []).train_settings()
 
 
 def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
@@ -397,18 +388,7 @@ def run(
             server.stop()  # wake clients waiting on aggregates that will not come
         if client.id == 0:
             r = client.log.rounds[-1]
-            what = "drain" if r.drain else f"round {t + 1}/{fed.rounds} block {r.block}"
-            loss = "" if r.drain else f", train loss {r.train_loss:.4f}"
-            log.info(
-                "%s: compute %.2fs, upload %.2fs, wait %.2fs, download %.2fs, idle %.2fs%s",
-                what,
-                r.compute_s,
-                r.upload_s,
-                r.wait_s,
-                r.download_s,
-                r.idle_s,
-                loss,
-            )
+            log.info("%s", describe(r, fed.rounds))
 
     start = time.time()
     with _stop_on_signals(stop, server):

@@ -23,8 +23,8 @@ from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
-from parablock.core.protocol import PROTOCOL, JoinRequest, RunSettings
-from parablock.core.train import TrainSettings
+from parablock.core.metrics import describe
+from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.data.examples import DataStats, encode_all
 from parablock.data.sources import client_records
 from parablock.errors import ConfigError, ServerGone, Unreachable
@@ -88,18 +88,6 @@ def request_from(client: int, fingerprint: str, state: ClientState | None) -> Jo
         state.round + 1,
         -1 if state.pending is None else state.pending.round,
         sorted(state.dirty),
-    )
-
-
-def _train_settings(s: RunSettings) -> TrainSettings:
-    return TrainSettings(
-        s.local_steps,
-        s.batch_size,
-        s.lr,
-        s.weight_decay,
-        s.warmup_steps,
-        s.lr_schedule,
-        s.grad_clip,
     )
 
 
@@ -181,24 +169,14 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         r = c.log.rounds[-1]
         metrics.write(json.dumps(r.to_json()) + "\n")
         metrics.flush()
-        what = "drain" if r.drain else f"round {t + 1}/{len(c.plan)} block {r.block}"
-        log.info(
-            "client %d %s: compute %.2fs, upload %.2fs, wait %.2fs, download %.2fs, idle %.2fs",
-            c.id,
-            what,
-            r.compute_s,
-            r.upload_s,
-            r.wait_s,
-            r.download_s,
-            r.idle_s,
-        )
+        log.info("client %d %s", c.id, describe(r, len(c.plan)))
 
     client = Client(
         o.client,
         model,
         model_blocks(model, s.extra_blocks),
         data,
-        _train_settings(s),
+        s.train_settings(),
         conn,
         CORRECTIONS.get(s.correction),
         seed=s.seed,

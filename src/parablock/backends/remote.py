@@ -104,6 +104,18 @@ def run_remote(
     )
     if on_listening is not None:
         on_listening(port)
+
+    def announce(round: int, block: int, value, seconds: float, who: list[int]) -> None:
+        log.info(
+            "round %d/%d: block %d aggregated from client(s) %s in %.3fs",
+            round + 1,
+            len(server.plan),
+            block,
+            who,
+            seconds,
+        )
+
+    server.aggregate_listeners.append(announce)
     try:
         _await_joins(server, where.join_timeout_s, stop)
         _await_end(server, stop)

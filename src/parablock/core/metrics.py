@@ -85,6 +85,16 @@ class ClientLog:
             self.spans.append(Span(self.client, round, phase, start, end))
 
 
+def describe(r: RoundRecord, rounds: int) -> str:
+    """One log line for a client's round."""
+    what = "drain" if r.drain else f"round {r.round + 1}/{rounds} block {r.block}"
+    loss = "" if r.drain else f", train loss {r.train_loss:.4f}"
+    return (
+        f"{what}: compute {r.compute_s:.2f}s, upload {r.upload_s:.2f}s, wait {r.wait_s:.2f}s, "
+        f"download {r.download_s:.2f}s, idle {r.idle_s:.2f}s{loss}"
+    )
+
+
 def overlap_seconds(a: list[Span], b: list[Span]) -> float:
     """Total time during which some span of ``a`` and some span of ``b`` both run."""
     total = 0.0

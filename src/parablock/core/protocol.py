@@ -15,6 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
 
 PROTOCOL = 1
@@ -129,6 +130,18 @@ class RunSettings(Message):
     max_length: int
     train_size: int
     label_field: str
+
+    def train_settings(self) -> TrainSettings:
+        """The local training part, as ``core.train`` takes it."""
+        return TrainSettings(
+            self.local_steps,
+            self.batch_size,
+            self.lr,
+            self.weight_decay,
+            self.warmup_steps,
+            self.lr_schedule,
+            self.grad_clip,
+        )
 
 
 @dataclass(frozen=True)

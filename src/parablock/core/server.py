@@ -26,7 +26,7 @@ from torch import nn
 from parablock.core.aggregate import AGGREGATORS, apply
 from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError, encode
-from parablock.core.metrics import ClientLog, RoundRecord, Span
+from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
 from parablock.core.protocol import (
     PROTOCOL,
     AggregateReady,
@@ -387,6 +387,9 @@ class Server:
     def report(self, report: RoundReport, client: int) -> None:
         """Keep what ``client`` measured (remote runs build their metrics from these)."""
         r = report.record
+        for rnd, phase in [(r.round, "compute")] + [(s.round, s.phase) for s in report.spans]:
+            if not 0 <= rnd <= len(self.plan) or phase not in PHASES:
+                raise MessageError(f"report from client {client}: bad round {rnd} or phase")
         record = RoundRecord(
             client,
             r.round,
