@@ -170,3 +170,16 @@ def test_server_pickles_with_its_state_and_a_fresh_lock():
     assert copy.next_round == 1 and server.next_round == 0
     for (n, p), q in zip(copy.model.named_parameters(), server.model.parameters(), strict=True):
         assert torch.equal(p, q) == (n not in blocks[1].param_names), n
+
+
+def test_reports_are_kept_per_client_and_bad_ones_refused():
+    from parablock.core.protocol import RecordReport, RoundReport, SpanReport
+
+    server, _ = _server()
+    record = RecordReport(0, 1, 1.0, 0.1, 0.2, 0.1, 0.0, 1.5, 10, 20, 2.5, 4, 100.0, 101.5, False)
+    server.report(RoundReport(record, [SpanReport(0, "compute", 100.0, 101.0)], final=True), 1)
+    assert server.reports[1].rounds[0].client == 1 and server.finished == {1}
+    with pytest.raises(MessageError, match="bad round"):
+        server.report(RoundReport(record, [SpanReport(0, "mining", 1.0, 2.0)]), 0)
+    with pytest.raises(MessageError):  # strict JSON: a string where a number belongs
+        RoundReport.from_bytes(b'{"record": {"round": "0"}, "spans": [], "final": false}')
