@@ -40,7 +40,6 @@ from parablock.transport.grpc_service import (
     ABORT_STOPPING,
     CHANNEL_OPTIONS,
     SERVICE,
-    return_freed_buffers,
 )
 from parablock.transport.link import Link, LinkSpec
 
@@ -68,7 +67,6 @@ class GrpcConnection:
     ) -> None:
         if ca is None and not insecure:
             raise ConnectError("no CA certificate given (--ca FILE); plain text needs --insecure")
-        return_freed_buffers()
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),)
         if insecure:
