@@ -118,6 +118,21 @@ def run_to_end(cmd: list[str], log: Path, timeout: float) -> None:
         raise RuntimeError(f"{' '.join(cmd[:2])} exited with {rc}; log {log}:\n{tail(log)}")
 
 
+def children_cpu() -> float:
+    """CPU seconds of every reaped child so far (runs go one at a time: deltas are per run)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds of a running process, from /proc (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # -- federated runs ----------------------------------------------------------------------------
 
 
@@ -159,10 +174,11 @@ def run_local(base: dict, alg: str, link: dict, rounds: int, out: Path, timeout:
         run={"out": str(out / "run")},
     )
     cmd = [parablock_exe(), "run", "--config", str(cfg), "--quiet"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     run_to_end(cmd, out / "run.log", timeout)
     s = json.loads((out / "run" / "summary.json").read_text())
     s["process_s"] = time.perf_counter() - started
+    s["cpu_s"] = children_cpu() - cpu
     s["steady_round_s"] = steady_round_s(s["run_dir"])
     return s
 
@@ -192,8 +208,10 @@ def run_network(base: dict, alg: str, link: dict, args, model: str, creds: Path,
     ]
     sources = args.sources.split(";")
     procs: list[subprocess.Popen] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     deadline = started + args.timeout
+    names = ["server"] + [f"client-{i}" for i in range(len(sources))]
+    seen: dict[str, float] = {}  # the last CPU time sampled of each process
     try:
         server = start(server_cmd, out / "server.log")
         procs.append(server)
@@ -237,6 +255,8 @@ def run_network(base: dict, alg: str, link: dict, args, model: str, creds: Path,
             ]
             procs.append(start(cmd, out / f"client-{i}.log"))
         while server.poll() is None:
+            for name, p in zip(names, procs, strict=True):
+                seen[name] = process_cpu(p.pid) or seen.get(name, 0.0)
             for i, p in enumerate(procs[1:]):
                 if p.poll() not in (None, 0):
                     raise RuntimeError(
@@ -260,6 +280,8 @@ def run_network(base: dict, alg: str, link: dict, args, model: str, creds: Path,
             stop(p)
     s = json.loads((out / "run" / "summary.json").read_text())
     s["process_s"] = time.perf_counter() - started
+    s["cpu_s"] = children_cpu() - cpu
+    s["cpu_s_sampled"] = seen  # each process's CPU at its last 0.5 s sample before it ended
     s["steady_round_s"] = steady_round_s(s["run_dir"])
     s["client_fingerprints"] = [
         json.loads((out / f"site-{i}" / "summary.json").read_text())["final_model_fingerprint"]
@@ -296,11 +318,15 @@ def federation(args, work: Path, results: dict) -> None:
     else:
         mbps, t_comp, payload = calibrate(base, args, work)
     link = {"up_mbps": mbps, "down_mbps": mbps, "latency_ms": args.latency_ms}
+    what = (
+        f"calibration: T_comp {t_comp:.3f}s (slowest client), block payload "
+        f"{payload / 1e6:.2f} MB -> links"
+        if payload
+        else "calibration skipped (--mbps): links"
+    )
     print(
         f"model {model}, blocks {args.blocks}, {args.rounds} rounds, clients {args.sources}; "
-        f"calibration: T_comp {t_comp:.3f}s (slowest client), block payload "
-        f"{payload / 1e6:.2f} MB -> links {mbps:.1f} Mbit/s up and down, "
-        f"{args.latency_ms:g} ms",
+        f"{what} {mbps:.1f} Mbit/s up and down, {args.latency_ms:g} ms",
         flush=True,
     )
     results["calibration"] = {"t_comp_s": t_comp, "payload_bytes": payload, "link": link}
@@ -330,6 +356,8 @@ def federation(args, work: Path, results: dict) -> None:
                     f"load average after {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
+    fb = runs["0/network/fedbcd"]
+    payload = payload or fb["bytes_up"] // (fb["clients"] * fb["rounds"])  # one upload per round
     report_federation(results, args.repeats, payload, link)
 
 
@@ -343,9 +371,9 @@ def report_federation(results: dict, repeats: int, payload: int, link: dict) -> 
     print(f"\n1. network path (parablock server + clients, TLS, loopback), mean of {repeats}:")
     print(
         "| backend | algorithm | mean round s | steady round s (t>0) | compute s | comm s "
-        "| comm / emulated | wait s | idle s | rounds wall s |"
+        "| comm / emulated | wait s | idle s | rounds wall s | CPU s, all processes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for backend in ("network", "local"):
         for alg in ALGORITHMS:
             comm = mean(backend, alg, "mean_comm_s")
@@ -353,11 +381,17 @@ def report_federation(results: dict, repeats: int, payload: int, link: dict) -> 
                 f"| {backend} | {alg} | {mean(backend, alg, 'mean_round_s'):.3f} | "
                 f"{mean(backend, alg, 'steady_round_s'):.3f} | "
                 f"{mean(backend, alg, 'mean_compute_s'):.3f} | {comm:.3f} | "
-                f"{comm / (2 * per_transfer) if payload else float('nan'):.3f} | "
+                f"{comm / (2 * per_transfer):.3f} | "
                 f"{mean(backend, alg, 'mean_wait_s'):.3f} | "
                 f"{mean(backend, alg, 'mean_idle_s'):.3f} | "
-                f"{mean(backend, alg, 'wall_time_s'):.1f} |"
+                f"{mean(backend, alg, 'wall_time_s'):.1f} | {mean(backend, alg, 'cpu_s'):.0f} |"
             )
+    for alg in ALGORITHMS:
+        split = runs[f"0/network/{alg}"].get("cpu_s_sampled", {})
+        print(
+            f"network {alg}, CPU s per process (repeat 0, sampled): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in split.items())
+        )
     speed: dict[str, dict] = {}
     for backend in ("network", "local"):
         c, m = mean(backend, "fedbcd", "mean_compute_s"), mean(backend, "fedbcd", "mean_comm_s")

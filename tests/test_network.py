@@ -179,6 +179,8 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
         assert _fingerprint(tmp_path / f"site{i}" / "summary.json") == want
     summary = json.loads((tmp_path / "srv" / "summary.json").read_text())
     assert summary["backend"] == "remote" and summary["updates_rejected"] == 0
+    # the server evaluates on the same held-out draw of eval.source as the simulator
+    assert summary["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
     assert summary["bytes_up"] > 0 and summary["mean_compute_s"] > 0
     timeline = (tmp_path / "srv" / "timeline.jsonl").read_text().splitlines()
     assert {json.loads(x)["client"] for x in timeline} == {0, 1}  # from the clients' reports
@@ -326,11 +328,10 @@ def test_a_killed_client_restarts_rejoins_catches_up_and_ends_equal_to_the_serve
     fed = {"algorithm": "parablock", "rounds": 24, "min_clients": 1, "round_timeout_s": 3.0}
     config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
     slow = ("--emulate-latency-ms", "120")
+    no_eval = _server_sets(site, tmp_path / "srv", **{"eval.source": ""})  # no held-out data
     procs = []
     try:
-        server, port = _start_server(
-            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
-        )
+        server, port = _start_server(config, no_eval, tmp_path / "server.log")
         procs.append(server)
         args = [
             _client_args(site, port, i, tiny_model_dir, tmp_path / f"site{i}", *slow)

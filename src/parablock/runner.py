@@ -35,7 +35,7 @@ from parablock.core.train import TrainSettings
 from parablock.data.examples import DataStats, Example, Record, encode_all
 from parablock.data.partition import client_stats, partition
 from parablock.data.partition import save as save_partition
-from parablock.data.sources import client_records, train_and_heldout
+from parablock.data.sources import client_records, heldout_draw, train_and_heldout
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.evaluation.evaluate import (
     AggregateHistory,
@@ -282,13 +282,13 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
 def _serving(cfg: Config, server: Server, tokenizer, selected: list[int]) -> Federation:
     """A server whose clients are remote: held-out data from ``eval.source`` only."""
     ev, stats = cfg.eval, DataStats()
-    records = []
+    records, heldout = [], []
     if ev.source:
         n = max(ev.size, ev.accuracy_size)
-        records = client_records(ev.source, n, cfg.run.seed, cfg.data.label_field)
-    heldout = encode_all(records[: ev.size], tokenizer, cfg.data.max_length, "held-out")
-    encode_all(records, tokenizer, cfg.data.max_length, "held-out (all)", stats)
-    if not records:
+        records = heldout_draw(ev.source, n, cfg.run.seed, cfg.data.label_field)
+        heldout = encode_all(records[: ev.size], tokenizer, cfg.data.max_length, "held-out")
+        encode_all(records, tokenizer, cfg.data.max_length, "held-out (all)", stats)
+    else:
         log.info("no eval.source: the server evaluates nothing (clients' data never leaves them)")
     log.info(
         "%s server: %d clients, %d rounds over blocks %s (%.1f MB per block)",

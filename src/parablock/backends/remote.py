@@ -88,7 +88,7 @@ def run_remote(
 ) -> list[ClientLog]:
     """Serve the run to remote clients until it ends; returns what each client reported."""
     stop = stop or threading.Event()
-    service = FederationService(server, where.clients)
+    service = FederationService(server, where.clients, hold_joins=True)
     workers = 4 * server.clients + 8  # each client holds up to ~3 calls at once
     try:
         grpc_server, port = start(service, where.address, where.credentials, workers)
@@ -116,12 +116,15 @@ def run_remote(
         )
 
     server.aggregate_listeners.append(announce)
+    service.start_wait_s = where.join_timeout_s + 5.0
     try:
         _await_joins(server, where.join_timeout_s, stop)
+        service.started.set()  # the clients waiting in Join start round 0 together
         _await_end(server, stop)
         if not server.wait_finished(FINISH_GRACE_S):
             log.warning("not every client sent its final report within %gs", FINISH_GRACE_S)
     finally:
+        service.started.set()  # releases any join still held
         server.stop()  # wakes any call still waiting
         grpc_server.stop(grace=2.0).wait()
     if service.stats.refused:

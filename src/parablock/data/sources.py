@@ -409,6 +409,18 @@ def client_records(source: str, train_size: int, seed: int, label_field: str = "
     return _interleave(train, seed)
 
 
+def heldout_draw(spec: str, size: int, seed: int, label_field: str = "") -> list[Record]:
+    """The held-out draw of ``eval.source``: ``size`` records split over the mix by weight,
+    source k drawn from its own seed stream (``seed + 104729 * (k + 1)``, never training's).
+    The simulator and a ``parablock server`` evaluate on exactly these."""
+    sources = parse_sources(spec, label_field)
+    counts = split_counts(size, [w for _, w in sources])
+    out: list[Record] = []
+    for k, ((src, _), h) in enumerate(zip(sources, counts, strict=True)):
+        out += src.draw(0, h, seed + 104_729 * (k + 1))[1]
+    return out
+
+
 def train_and_heldout(
     train_spec: str,
     train_size: int,
@@ -426,11 +438,7 @@ def train_and_heldout(
     own_heldout = split_counts(heldout_size, weights) if not heldout_spec else [0] * len(sources)
     train, heldout = _draw_each(sources, train_counts, own_heldout, seed)
     if heldout_spec:
-        eval_sources = parse_sources(heldout_spec, label_field)
-        counts = split_counts(heldout_size, [w for _, w in eval_sources])
-        for k, ((src, _), h) in enumerate(zip(eval_sources, counts, strict=True)):
-            # The held-out draw of an eval source (a different seed stream from training's).
-            heldout += src.draw(0, h, seed + 104_729 * (k + 1))[1]
+        heldout += heldout_draw(heldout_spec, heldout_size, seed, label_field)
         seen = {r.key for r in heldout}
         before = len(train)
         train = [r for r in train if r.key not in seen]

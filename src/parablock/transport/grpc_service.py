@@ -69,11 +69,18 @@ class AuthStats:
 class FederationService:
     """The handlers; each authenticates, then calls the transport-agnostic ``Server``."""
 
-    def __init__(self, server: Server, clients: ClientsFile) -> None:
+    def __init__(self, server: Server, clients: ClientsFile, hold_joins: bool = False) -> None:
         self.server = server
         self.clients = clients
         self.stats = AuthStats()
         self._lock = threading.Lock()
+        # With ``hold_joins`` a fresh client's join is answered only once ``started`` is set (the
+        # clients the run starts with have joined), so that round 0 starts on every client
+        # together and its time holds no join skew.
+        self.started = threading.Event()
+        if not hold_joins:
+            self.started.set()
+        self.start_wait_s = 3600.0
 
     # -- authentication ------------------------------------------------------------------------
     def _client(self, context: grpc.ServicerContext, method: str) -> int:
@@ -110,6 +117,8 @@ class FederationService:
             log.warning("refused Join from client %d: %s", client, e)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         log.info("client %d joined from %s", client, context.peer())
+        if reply.start_round == 0 and not reply.keep_pending:
+            self.started.wait(self.start_wait_s)
         return reply.to_bytes()
 
     def upload(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
