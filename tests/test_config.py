@@ -106,3 +106,11 @@ def test_toml_file_round_trips(tmp_path: Path):
 def test_min_clients_cannot_exceed_clients():
     with pytest.raises(ConfigError, match="min_clients=3 exceeds federation.clients=2"):
         load(None, ["federation.min_clients=3"])
+
+
+def test_floats_must_be_finite_except_link_speeds():
+    with pytest.raises(ConfigError, match="federation.server_lr must be a finite number"):
+        load(None, ["federation.server_lr=inf"])
+    with pytest.raises(ConfigError, match="federation.lr must be a finite number"):
+        load(None, ["federation.lr=1e400"])
+    assert math.isinf(load(None, ["link.down_mbps=inf"]).link.down_mbps)

@@ -183,3 +183,15 @@ def test_reports_are_kept_per_client_and_bad_ones_refused():
         server.report(RoundReport(record, [SpanReport(0, "mining", 1.0, 2.0)]), 0)
     with pytest.raises(MessageError):  # strict JSON: a string where a number belongs
         RoundReport.from_bytes(b'{"record": {"round": "0"}, "spans": [], "final": false}')
+
+
+def test_an_aggregate_that_is_not_finite_changes_nothing_and_fails_its_round():
+    server, blocks = _server(server_lr=4.0)
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    huge = _delta(blocks, 1, 3e38)  # each update is finite; 4 x their mean is not
+    assert _send(server, 0, 0, 1, huge)[0] and _send(server, 1, 0, 1, huge, n=3)[0]
+    with pytest.raises(RoundFailedError, match="not finite.*unchanged"):
+        server.wait_aggregate(0)
+    assert server.versions[1] == -1 and server.next_round == 0
+    for n, p in server.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n

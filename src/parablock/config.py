@@ -28,11 +28,12 @@ def opt(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    allow_inf: bool = False,
 ) -> Any:
-    """A config field with its help text and constraints (checked by ``_validate``)."""
-    return field(
-        default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
-    )
+    """A config field with its help text and constraints (checked by ``_validate``); a float is
+    finite unless ``allow_inf``."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "allow_inf": allow_inf}
+    return field(default=default, metadata=meta)
 
 
 def _algorithms() -> list[str]:
@@ -187,8 +188,12 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class LinkConfig:
-    up_mbps: float = opt(20.0, "client uplink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0)
-    down_mbps: float = opt(50.0, "client downlink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0)
+    up_mbps: float = opt(
+        20.0, "client uplink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0, allow_inf=True
+    )
+    down_mbps: float = opt(
+        50.0, "client downlink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0, allow_inf=True
+    )
     latency_ms: float = opt(20.0, "one-way latency per transfer in milliseconds", ge=0.0)
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
 
@@ -347,6 +352,8 @@ def _validate(section: str, obj: Any) -> None:
         meta = f.metadata
         if isinstance(value, float) and math.isnan(value):
             raise ConfigError(f"{key} must be a number, got nan")
+        if isinstance(value, float) and math.isinf(value) and not meta.get("allow_inf"):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
         choices = meta.get("choices")
         if callable(choices):
             choices = choices()

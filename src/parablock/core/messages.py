@@ -39,11 +39,11 @@ def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise MessageError(f"{what}: {name} is not a tensor")
-        if t.is_floating_point() and not _all_finite(t):
+        if t.is_floating_point() and not all_finite(t):
             raise MessageError(f"{what}: {name} holds NaN or Inf")
 
 
-def _all_finite(t: torch.Tensor, step: int = 1 << 20) -> bool:
+def all_finite(t: torch.Tensor, step: int = 1 << 20) -> bool:
     """``isfinite(t).all()`` a million elements at a time: its temporaries (a float copy and
     masks) would otherwise cost several times a large block's size."""
     flat = t.detach().reshape(-1)

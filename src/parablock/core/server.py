@@ -25,7 +25,14 @@ from torch import nn
 
 from parablock.core.aggregate import AGGREGATORS, apply
 from parablock.core.blocks import Block, block_state, set_block
-from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError, encode
+from parablock.core.messages import (
+    BlockUpdate,
+    BlockValue,
+    Expected,
+    MessageError,
+    all_finite,
+    encode,
+)
 from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
 from parablock.core.protocol import (
     PROTOCOL,
@@ -292,6 +299,14 @@ class Server:
         block = self.blocks[self.plan[round]]
         delta = self.aggregate_fn(updates)
         value = apply(block_state(self.model, block), delta, self.server_lr)
+        bad = [n for n, t in value.items() if not all_finite(t)]
+        if bad:  # computed aside: the model and the versions stay as they were
+            self._failed[round] = (
+                f"round {round} failed: its aggregate of block {block.index} is not finite "
+                f"({bad[0]}); the global model is unchanged"
+            )
+            log.error("%s", self._failed[round])
+            return
         set_block(self.model, block, value)
         self.versions[block.index] = round
         self._aggregates[round] = BlockValue(block.index, round, value)
