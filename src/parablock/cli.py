@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="0 (the default) = greedy decoding"
     )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
-    cli_net.add_parsers(sub, _config_args, _progress_args)
+    cli_net.add_parsers(sub, _config_args)
     return p
 
 

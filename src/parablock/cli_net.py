@@ -26,7 +26,7 @@ EXAMPLES_CLIENT = """examples:
 """
 
 
-def add_parsers(sub, config_args, progress_args) -> None:
+def add_parsers(sub, config_args) -> None:
     s = sub.add_parser(
         "server",
         help="serve a federated run to remote clients over gRPC (TLS, per-client tokens)",
@@ -41,7 +41,9 @@ def add_parsers(sub, config_args, progress_args) -> None:
         epilog=EXAMPLES_SERVER,
     )
     config_args(s)
-    progress_args(s)
+    s.add_argument(
+        "--quiet", action="store_true", help="warnings only (default: joins and one line a round)"
+    )
     s.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -82,18 +84,31 @@ def add_parsers(sub, config_args, progress_args) -> None:
         help="local model directory; must be the server's base model (default: embedded SmolLM2)",
     )
     c.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
-    c.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     c.add_argument(
-        "--emulate-up-mbps", type=float, default=None, help="pace uploads as if at this speed"
+        "--threads", type=int, default=0, metavar="N", help="torch threads (default: all cores)"
     )
     c.add_argument(
-        "--emulate-down-mbps", type=float, default=None, help="pace downloads at this speed"
+        "--emulate-up-mbps",
+        type=float,
+        default=None,
+        metavar="MBPS",
+        help="pace uploads as if the link had this speed (default: the network's own)",
     )
-    c.add_argument("--emulate-latency-ms", type=float, default=0.0, help="add this latency")
+    c.add_argument(
+        "--emulate-down-mbps",
+        type=float,
+        default=None,
+        metavar="MBPS",
+        help="pace downloads likewise",
+    )
+    c.add_argument(
+        "--emulate-latency-ms", type=float, default=0.0, metavar="MS", help="add this latency"
+    )
     c.add_argument(
         "--reconnect-s",
         type=float,
         default=300.0,
+        metavar="S",
         help="after losing a server it had joined, keep trying to rejoin for this long "
         "(from its checkpoint) before giving up (default: 300; 0 = give up at once)",
     )
