@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from conftest import make_model, tiny_config
 from parablock.core.blocks import block_state, model_blocks
-from parablock.core.messages import BlockUpdate
+from parablock.core.messages import BlockUpdate, encode
 from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.core.server import Server
 from parablock.errors import ConnectError
@@ -28,7 +29,7 @@ from parablock.runner import run
 from parablock.transport.auth import ClientsFile, read_token
 from parablock.transport.certs import make_trial_credentials, read_pem
 from parablock.transport.grpc_client import GrpcConnection
-from parablock.transport.grpc_service import FederationService, start
+from parablock.transport.grpc_service import SERVICE, FederationService, start
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -247,13 +248,93 @@ def test_bad_tokens_other_ids_and_plain_text_are_refused_and_change_nothing(site
         assert torch.equal(p.detach(), before[n]), n
 
 
+def test_hostile_uploads_over_grpc_are_each_rejected_and_never_reach_the_model(site, grpc_server):
+    """Raw chunk streams from an authenticated client, crafted as a hostile tester would."""
+    server, _, port = grpc_server
+    model, blocks = server.model, server.blocks
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    c = site / "creds"
+    channel = grpc.secure_channel(
+        f"localhost:{port}", grpc.ssl_channel_credentials(read_pem(c / "ca.pem", "ca"))
+    )
+    upload = channel.stream_unary(
+        f"/{SERVICE}/Upload", request_serializer=bytes, response_deserializer=bytes
+    )
+    auth = (("authorization", "Bearer " + read_token(c / "client-0.token")),)
+    good = {n: torch.ones_like(t) for n, t in block_state(model, blocks[0]).items()}
+    meta = {
+        "client": 0,
+        "round": 0,
+        "block": 0,
+        "base_version": -1,
+        "num_examples": 4,
+        "train_loss": 1.0,
+    }
+
+    def header(meta: dict, entries: dict) -> bytes:
+        info = {
+            "format": "parablock/1",
+            "kind": "BlockUpdate",
+            "meta": json.dumps(meta),
+            "digest": "x",
+        }
+        raw = json.dumps({**entries, "__metadata__": info}).encode()
+        return len(raw).to_bytes(8, "little") + raw
+
+    def update(meta: dict, tensors: dict) -> list[bytes]:
+        return list(encode("BlockUpdate", meta, tensors))
+
+    block1 = {n: torch.ones_like(t) for n, t in block_state(model, blocks[1]).items()}
+    f64 = {n: torch.full(t.shape, 1e300, dtype=torch.float64) for n, t in good.items()}
+    last = bytearray(update(meta, good)[-1])
+    last[-1] ^= 1
+    flipped = bytes(last)
+    hostile = {
+        "garbage": ([b"\xff" * 100], "too large"),
+        "1e12 elements": (
+            [
+                header(
+                    meta,
+                    {
+                        "x": {
+                            "dtype": "F32",
+                            "shape": [10**6, 10**6],
+                            "data_offsets": [0, 4 * 10**12],
+                        }
+                    },
+                )
+            ],
+            "do not match",
+        ),
+        "NaN examples": ([header({**meta, "num_examples": float("nan")}, {})], "integer"),
+        "round as float": ([header({**meta, "round": 0.0}, {})], "integer"),
+        "float64 1e300": (update(meta, f64), "do not match"),
+        "NaN delta": (update(meta, {n: t * float("nan") for n, t in good.items()}), "NaN"),
+        "extra 0-dim": (update(meta, {**good, "bonus": torch.tensor(1.0)}), "do not match"),
+        "future round": (update({**meta, "round": 1, "block": 1}, block1), "open round"),
+        "as client 1": (update({**meta, "client": 1}, good), "claims to come from client 1"),
+        "truncated": (update(meta, good)[:-1], "truncated"),
+        "bad checksum": (update(meta, good)[:-1] + [flipped], "checksum"),
+    }
+    try:
+        for name, (chunks, why) in hostile.items():
+            reply = json.loads(upload(iter(chunks), metadata=auth))
+            assert not reply["accepted"] and why in reply["reason"], (name, reply)
+    finally:
+        channel.close()
+    assert server.stats.accepted == 0 and len(server.stats.rejected) == len(hostile)
+    assert server.versions == {0: -1, 1: -1}
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
 def _vm_hwm_kb() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 _UPLOADER = """
 import json, sys, torch
-from parablock.core.messages import BlockUpdate
+from parablock.core.messages import BlockUpdate, encode
 from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem

@@ -30,7 +30,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def _bytes_view(t: torch.Tensor):
     """The tensor's bytes without a copy (a uint8 numpy view of a contiguous CPU tensor)."""
-    return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # 0-dim too
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -133,6 +133,8 @@ def decode(
         while len(buf) < 8 + size:
             buf += _next_chunk(it, kind)
         header = json.loads(bytes(buf[8 : 8 + size]))
+    except MessageError:
+        raise
     except (ValueError, UnicodeDecodeError) as e:
         raise MessageError(f"{kind}: unreadable header ({type(e).__name__}: {e})") from None
     meta, layout, digest = _parse_header(kind, header)

@@ -53,19 +53,12 @@ def hash_token(token: str) -> str:
 def read_token(path: str | Path) -> str:
     """The token in file ``path``, stripped of surrounding whitespace."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CredentialsError(
-            f"token file {path} does not exist; check the path (the server operator hands out "
-            "one client-<id>.token per client)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise CredentialsError(
-            f"cannot read token file {path} ({why}); check that it is a text file this user "
-            "may read"
-        ) from None
+    text = _read_text(
+        path,
+        "token file",
+        "the server operator hands out one client-<id>.token per client",
+        "a text file this user may read",
+    )
     token = text.strip()
     if not token:
         raise CredentialsError(
@@ -97,19 +90,12 @@ class ClientsFile:
     def load(cls, path: str | Path) -> ClientsFile:
         """Parse and strictly validate the clients file at ``path``."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CredentialsError(
-                f"clients file {path} does not exist; check the path (it lists the token hashes "
-                "of the clients that may join)"
-            ) from None
-        except (OSError, UnicodeDecodeError) as e:
-            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-            raise CredentialsError(
-                f"cannot read clients file {path} ({why}); check that it is a UTF-8 text file "
-                "this user may read"
-            ) from None
+        text = _read_text(
+            path,
+            "clients file",
+            "it lists the token hashes of the clients that may join",
+            "a UTF-8 text file this user may read",
+        )
         return cls.parse(text, source=str(path))
 
     @classmethod
@@ -269,3 +255,16 @@ def _check_entries(entries: tuple[ClientEntry, ...], source: str) -> None:
             )
         seen_ids[entry.id] = index
         seen_hashes[entry.token_hash] = index
+
+
+def _read_text(path: Path, what: str, about: str, readable: str) -> str:
+    """A credentials file's text, or a one-line CredentialsError naming it and what to check."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CredentialsError(f"{what} {path} does not exist; check the path ({about})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise CredentialsError(
+            f"cannot read {what} {path} ({why}); check that it is {readable}"
+        ) from None
