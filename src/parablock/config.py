@@ -180,6 +180,28 @@ class FederationConfig:
         "weighted_mean", "how the server combines block deltas", choices=_aggregators
     )
     server_lr: float = opt(1.0, "server learning rate eta_g", gt=0.0)
+    trim_fraction: float = opt(
+        0.1,
+        "aggregator=trimmed_mean: share of updates dropped at each end, per coordinate",
+        ge=0.0,
+        le=0.45,
+    )
+    max_client_weight: float = opt(
+        1.0,
+        "largest share of a round's total weight one update may carry (a client's "
+        "num_examples is also capped at local_steps x batch_size); 1 = no share cap",
+        gt=0.0,
+        le=1.0,
+    )
+    max_update_norm: float = opt(
+        0.0, "L2-norm bound on one client's block delta (0 = none); see update_norm_action", ge=0.0
+    )
+    update_norm_action: str = opt(
+        "clip",
+        "what federation.max_update_norm does to a larger delta: scale it down to the bound, or "
+        "reject the update",
+        choices=("clip", "reject"),
+    )
     min_clients: int = opt(0, "updates a round needs after its deadline (0 = all clients)", ge=0)
     round_timeout_s: float = opt(
         600.0, "seconds a round waits for missing updates after the first one arrives", gt=0.0
@@ -247,6 +269,13 @@ class RunConfig:
         True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
     )
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
+    faults: str = opt(
+        "",
+        "fault injection, for tests and benchmarks (off when empty): comma-separated "
+        "KIND@CLIENT:ROUND (one fault) or KIND~P (each client's round, probability P, seeded "
+        "by run.seed); KIND: crash, stall, cut, nan, shape, block, stale, future, truncate, "
+        "forge, token, replay (README: Fault injection)",
+    )
 
 
 @dataclass(frozen=True)
