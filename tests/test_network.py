@@ -328,6 +328,41 @@ def test_hostile_uploads_over_grpc_are_each_rejected_and_never_reach_the_model(s
         assert torch.equal(p.detach(), before[n]), n
 
 
+def test_one_client_cannot_hold_more_than_its_share_of_server_threads(site, grpc_server):
+    """WaitAggregate calls held open: the fifth from one token is refused at once; another
+    client is still served."""
+    from parablock.transport.grpc_service import CALLS_PER_CLIENT
+
+    _, service, port = grpc_server
+    c = site / "creds"
+    channel = grpc.secure_channel(
+        f"localhost:{port}", grpc.ssl_channel_credentials(read_pem(c / "ca.pem", "ca"))
+    )
+    wait = channel.unary_unary(
+        f"/{SERVICE}/WaitAggregate", request_serializer=bytes, response_deserializer=bytes
+    )
+    auth = (("authorization", "Bearer " + read_token(c / "client-0.token")),)
+    held = [wait.future(b'{"round": 0}', metadata=auth) for _ in range(CALLS_PER_CLIENT)]
+    try:
+        deadline = time.monotonic() + 10
+        while service.stats.busy.get(0, 0) < CALLS_PER_CLIENT and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as e:
+            wait(b'{"round": 0}', metadata=auth, timeout=5)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        other = (("authorization", "Bearer " + read_token(c / "client-1.token")),)
+        report = channel.unary_unary(
+            f"/{SERVICE}/Report", request_serializer=bytes, response_deserializer=bytes
+        )
+        with pytest.raises(grpc.RpcError) as e:  # served (and refused for its payload only)
+            report(b"{}", metadata=other, timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        for f in held:
+            f.cancel()
+        channel.close()
+
+
 def _vm_hwm_kb() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 

@@ -58,7 +58,7 @@ def test_weighted_aggregation_with_server_lr_equals_hand_computation():
 
 
 def test_bad_updates_are_rejected_logged_and_never_applied(caplog):
-    server, blocks = _server()
+    server, blocks = _server(min_clients=1)
     before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
     caplog.set_level(logging.WARNING)
     wrong_shape = {n: torch.zeros(2) for n in blocks[1].param_names}
@@ -73,9 +73,13 @@ def test_bad_updates_are_rejected_logged_and_never_applied(caplog):
     assert "rejected an update" in caplog.text and "checksum" in caplog.text
     for n, p in server.model.named_parameters():
         assert torch.equal(p.detach(), before[n])
-    # a late update for a closed round
-    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
-    _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    # client 0 forfeited round 0 with its rejected updates: a good one comes too late for it
+    ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0))
+    assert not ok and "earlier update of this round was rejected" in reason
+    assert server.stats.rejected.by_client == {0: 5, 5: 1}
+    # so round 0 aggregates as soon as client 1's update is in, without waiting for client 0
+    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))[0]
+    assert server.next_round == 1 and server.stats.participants[0] == [1]
     ok, reason = _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
     assert not ok and "late" in reason
 
@@ -195,3 +199,72 @@ def test_an_aggregate_that_is_not_finite_changes_nothing_and_fails_its_round():
     assert server.versions[1] == -1 and server.next_round == 0
     for n, p in server.model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
+
+
+def _settings(steps: int, batch: int):
+    from parablock.core.protocol import RunSettings
+
+    return RunSettings(
+        "fedbcd",
+        "replace",
+        [1, 2, 1],
+        "",
+        steps,
+        batch,
+        1e-3,
+        0.0,
+        0,
+        "constant",
+        0.0,
+        0,
+        16,
+        1,
+        "",
+    )
+
+
+def test_a_rejected_update_forfeits_the_round_at_once_instead_of_its_deadline():
+    server, blocks = _server(round_timeout_s=600.0)  # min_clients = all
+    ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=0)  # a stale base
+    assert not ok and "trained from version 0" in reason
+    _send(server, 1, 0, 1, _delta(blocks, 1, 1.0))
+    # nothing more can come and min_clients (2) is out of reach: the round fails now, not in 600 s
+    with pytest.raises(RoundFailedError, match="no more can come"):
+        server.wait_aggregate(0, timeout=5.0)
+    assert server.versions[1] == -1
+
+
+def test_num_examples_is_bounded_by_what_a_round_uses():
+    server, blocks = _server(settings=_settings(steps=2, batch=4), min_clients=1)
+    ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), n=10**12)
+    assert not ok and "exceeds what a round uses (local_steps x batch_size = 8)" in reason
+    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1.0), n=8)[0]
+
+
+def test_max_client_weight_caps_one_clients_share():
+    server, blocks = _server(max_client_weight=0.5)
+    before = block_state(server.model, blocks[1])
+    _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), n=1000)
+    _send(server, 1, 0, 1, _delta(blocks, 1, 3.0), n=1)
+    after = block_state(server.model, blocks[1])
+    for n in before:  # both shares capped at 0.5: (1 + 3) / 2, not (1000 * 1 + 3) / 1001
+        torch.testing.assert_close(after[n], before[n] + 2.0)
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_max_update_norm_clips_or_rejects(action):
+    server, blocks = _server(max_update_norm=1.0, update_norm_action=action, min_clients=1)
+    before = block_state(server.model, blocks[1])
+    big = _delta(blocks, 1, 1e30)
+    ok, reason = _send(server, 0, 0, 1, big)
+    if action == "reject":
+        assert not ok and "exceeds federation.max_update_norm=1" in reason
+        _send(server, 1, 0, 1, _delta(blocks, 1, 0.0))
+        for n in before:
+            assert torch.equal(block_state(server.model, blocks[1])[n], before[n])
+        return
+    assert ok and server.stats.clipped == 1
+    _send(server, 1, 0, 1, _delta(blocks, 1, 0.0))
+    after = block_state(server.model, blocks[1])
+    moved = torch.cat([(after[n] - before[n]).flatten() for n in before]).norm()
+    assert moved.item() == pytest.approx(0.5, rel=1e-3)  # mean of the clipped (norm 1) and 0

@@ -20,7 +20,7 @@ from parablock.core.server import Server
 from parablock.errors import ConfigError, CredentialsError, RoundFailedError, RunStopped
 from parablock.transport.auth import ClientsFile
 from parablock.transport.certs import read_pem
-from parablock.transport.grpc_service import FederationService, start
+from parablock.transport.grpc_service import CALLS_PER_CLIENT, FederationService, start
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_remote(
     """Serve the run to remote clients until it ends; returns what each client reported."""
     stop = stop or threading.Event()
     service = FederationService(server, where.clients, hold_joins=True)
-    workers = 4 * server.clients + 8  # each client holds up to ~3 calls at once
+    workers = CALLS_PER_CLIENT * server.clients + 8  # no client can hold more
     try:
         grpc_server, port = start(service, where.address, where.credentials, workers)
     except OSError as e:

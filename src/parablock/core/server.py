@@ -6,6 +6,13 @@ never from the payload). Once a round has every expected update (or its deadline
 least ``min_clients``), the server aggregates them, advances the block's version, and serves the
 new ``BlockValue``. A rejected update is logged and counted, never applied.
 
+Trust: an update is checked whole before it is stored (identity from the caller, the open round
+only, the round's block, the block's current version, exact names, shapes and dtype, finite values,
+``num_examples`` within what a round can use, the delta's norm within ``max_update_norm``), and the
+new block value is computed aside and checked finite before it is written. A client whose update
+for the open round is rejected forfeits that round: the round goes on without it (as if it had sent
+nothing) instead of waiting for its deadline, and the client is told why at once.
+
 Participation: a client is expected in round r if it has not been dropped and joined for a round
 <= r. A client missing at a round's deadline is dropped; it can join again (after a crash or a
 lost connection) with what its checkpoint holds, catches up on every block that moved, and is
@@ -17,13 +24,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from parablock.core.aggregate import AGGREGATORS, apply
+from parablock.core.aggregate import AGGREGATORS, apply, capped_weights, delta_norm
 from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.messages import (
     BlockUpdate,
@@ -42,15 +50,35 @@ from parablock.core.protocol import (
     RoundReport,
     RunSettings,
 )
-from parablock.errors import RoundFailedError, RunStopped  # noqa: F401
+from parablock.errors import AggregationError, RoundFailedError, RunStopped  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+
+class Rejections:
+    """Rejected updates: ``len()`` counts them all, ``recent`` keeps the last reasons (a client
+    that floods the server with bad payloads cannot grow this without bound), ``by_client``
+    counts per client."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+        self.recent: deque[str] = deque(maxlen=100)
+        self.by_client: Counter[int] = Counter()
+
+    def add(self, client: int, reason: str) -> None:
+        self.count += 1
+        self.recent.append(reason)
+        self.by_client[client] += 1
+
+    def __len__(self) -> int:
+        return self.count
 
 
 @dataclass
 class ServerStats:
     accepted: int = 0
-    rejected: list[str] = field(default_factory=list)
+    rejected: Rejections = field(default_factory=Rejections)
+    clipped: int = 0  # updates scaled down to federation.max_update_norm
     aggregate_s: dict[int, float] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
@@ -71,6 +99,10 @@ class Server:
         min_clients: int = 0,
         aggregator: str = "weighted_mean",
         server_lr: float = 1.0,
+        trim_fraction: float = 0.1,
+        max_client_weight: float = 1.0,
+        max_update_norm: float = 0.0,
+        update_norm_action: str = "clip",
         round_timeout_s: float = 600.0,
         settings: RunSettings | None = None,
         fingerprint: str = "",
@@ -82,6 +114,13 @@ class Server:
         self.min_clients = min_clients or clients
         self.aggregate_fn = AGGREGATORS.get(aggregator)
         self.server_lr = server_lr
+        self.trim_fraction = trim_fraction
+        self.max_client_weight = max_client_weight
+        self.max_update_norm = max_update_norm
+        self.update_norm_action = update_norm_action
+        # What one round can use: K steps of B examples (the server's own settings), so no
+        # client can claim more weight than an honest one.
+        self.max_examples = settings.local_steps * settings.batch_size if settings else 0
         self.round_timeout_s = round_timeout_s
         self.settings = settings  # handed to every client at join
         self.fingerprint = fingerprint  # of the base model; "" = not checked (in-process)
@@ -96,6 +135,7 @@ class Server:
         self._opened = time.monotonic()  # when the open round opened (or the last join)
         self._aggregates: dict[int, BlockValue] = {}
         self._failed: dict[int, str] = {}
+        self._forfeit: dict[int, set[int]] = {}  # round -> clients whose update was rejected
         self._dropped: set[int] = set()
         self._cond = threading.Condition()
         self._stopped = False
@@ -186,12 +226,13 @@ class Server:
     # -- updates ---------------------------------------------------------------------------
     def receive_update(self, payload, client: int) -> tuple[bool, str]:
         """Decode (bytes, or an iterable of chunks), validate and store ``client``'s update."""
+        self._readmit(client)
         try:
             chunks = [payload] if isinstance(payload, bytes | bytearray) else payload
             update = BlockUpdate.from_chunks(chunks, self._expected)
-            return self.submit(update, client)
         except MessageError as e:
-            return self._reject(str(e))
+            return self._reject(client, None, f"update from client {client}: {e}")
+        return self.submit(update, client)
 
     def _expected(self, meta: dict) -> Expected:
         """The only tensors an update's header may announce: its block's, in the model's dtype."""
@@ -204,24 +245,64 @@ class Server:
 
     def submit(self, update: BlockUpdate, client: int) -> tuple[bool, str]:
         """Validate and store one update; aggregate when the round is complete."""
+        self._readmit(client)
         try:
+            update = self._bounded(update, client)  # stateless checks, outside the lock
             with self._cond:
                 self._validate(update, client)
                 self._pending.setdefault(update.round, {})[client] = update
                 self._first_arrival.setdefault(update.round, time.monotonic())
                 self.stats.accepted += 1
-                if self._complete(update.round):
-                    self._aggregate(update.round)
+                self._settle(update.round)
                 self._cond.notify_all()
             return True, "accepted"
         except MessageError as e:
-            return self._reject(str(e))
+            return self._reject(client, update.round, str(e))
 
-    def _reject(self, reason: str) -> tuple[bool, str]:
+    def _readmit(self, client: int) -> None:
+        """A client dropped at a deadline (a stall, a slow link) that sends again is expected
+        again from the round open now; what it sent is judged like any other update."""
         with self._cond:
-            self.stats.rejected.append(reason)
+            if client in self._dropped and 0 <= client < self.clients:
+                self._dropped.discard(client)
+                self._start[client] = self.next_round
+                log.info("client %d is back: expected again from round %d", client, self.next_round)
+
+    def _reject(self, client: int, round: int | None, reason: str) -> tuple[bool, str]:
+        """Count and log a rejection. If it was ``client``'s update for the open round or a later
+        one (or one too broken to say which), the client forfeits the open round: the round stops
+        waiting for it and aggregates (or fails, below min_clients) as soon as the others are in.
+        A late update (a straggler's, a replay) forfeits nothing."""
+        with self._cond:
+            self.stats.rejected.add(client, reason)
+            open_round = self.next_round
+            if (
+                (round is None or round >= open_round)
+                and open_round < len(self.plan)
+                and client in self._live(open_round)
+                and client not in self._pending.get(open_round, {})
+            ):
+                self._forfeit.setdefault(open_round, set()).add(client)
+                self._settle(open_round)
+                self._cond.notify_all()
         log.warning("rejected an update: %s", reason)
         return False, reason
+
+    def _settle(self, round: int) -> None:
+        """With the lock held: aggregate ``round`` if nothing more is coming and it has enough
+        updates; fail it at once if nothing more is coming and it has too few."""
+        if round != self.next_round or round in self._failed:
+            return
+        if self._complete(round):
+            self._aggregate(round)
+        elif self._awaited(round) <= self._pending.get(round, {}).keys():
+            got = len(self._pending.get(round, {}))
+            self._fail(
+                round,
+                f"round {round} failed: {got} update(s) accepted and no more can come "
+                f"(rejected: clients {sorted(self._forfeit.get(round, ()))}); "
+                f"federation.min_clients needs {self.min_clients}",
+            )
 
     def _live(self, round: int) -> set[int]:
         """The clients expected in ``round``."""
@@ -234,10 +315,14 @@ class Server:
     def _expected_count(self) -> int:
         return self.clients - len(self._dropped)
 
+    def _awaited(self, round: int) -> set[int]:
+        """The clients whose update ``round`` still waits for or has: live, not forfeited."""
+        return self._live(round) - self._forfeit.get(round, set())
+
     def _complete(self, round: int) -> bool:
-        """Every expected client has sent its update, and that is at least ``min_clients``."""
+        """Every awaited client has sent its update, and that is at least ``min_clients``."""
         got = self._pending.get(round, {})
-        return bool(got) and self._live(round) <= got.keys() and len(got) >= self.min_clients
+        return bool(got) and self._awaited(round) <= got.keys() and len(got) >= self.min_clients
 
     def drop_client(self, client: int, reason: str) -> None:
         """Stop waiting for ``client`` (its process died, stopped answering or missed a deadline).
@@ -248,9 +333,8 @@ class Server:
         """
         with self._cond:
             self._drop(client, reason)
-            for round in sorted(self._pending):
-                if round == self.next_round and self._complete(round):
-                    self._aggregate(round)
+            if self.next_round in self._pending:
+                self._settle(self.next_round)
             self._cond.notify_all()
 
     def _drop(self, client: int, reason: str) -> None:
@@ -268,10 +352,6 @@ class Server:
 
     def _validate(self, u: BlockUpdate, client: int) -> None:
         where = f"update from client {client} for round {u.round}"
-        if u.client != client:
-            raise MessageError(f"{where}: it claims to come from client {u.client}")
-        if not 0 <= client < self.clients:
-            raise MessageError(f"{where}: unknown client")
         if u.round < self.next_round or u.round in self._failed:
             raise MessageError(f"{where}: late, round {u.round} is already closed")
         if u.round >= len(self.plan) or u.block != self.plan[u.round]:
@@ -285,27 +365,67 @@ class Server:
                 f"{where}: trained from version {u.base_version} of block {u.block}, "
                 f"but the block has moved on to version {self.versions[u.block]}"
             )
+        if client in self._forfeit.get(u.round, ()):
+            raise MessageError(f"{where}: an earlier update of this round was rejected")
+
+    def _bounded(self, u: BlockUpdate, client: int) -> BlockUpdate:
+        """What a client cannot claim, whatever the server's state: another identity, tensors
+        other than its block's, non-finite values, more examples than a round uses, a delta above
+        ``max_update_norm`` (scaled down to it, or rejected, per ``update_norm_action``)."""
+        where = f"update from client {client} for round {u.round}"
+        if u.client != client:
+            raise MessageError(f"{where}: it claims to come from client {u.client}")
+        if not 0 <= client < self.clients:
+            raise MessageError(f"{where}: unknown client")
+        if not 0 <= u.block < len(self.blocks):
+            raise MessageError(f"{where}: no block {u.block}")
         block = self.blocks[u.block]
         if set(u.tensors) != set(block.param_names):
             raise MessageError(f"{where}: tensor names do not match block {u.block}")
         for n, t in u.tensors.items():
             if tuple(t.shape) != tuple(self._params[n].shape) or t.dtype != torch.float32:
                 raise MessageError(f"{where}: {n} has shape {tuple(t.shape)} dtype {t.dtype}")
+            if not all_finite(t):
+                raise MessageError(f"{where}: {n} is not finite")
+        if self.max_examples and u.num_examples > self.max_examples:
+            raise MessageError(
+                f"{where}: num_examples={u.num_examples} exceeds what a round uses "
+                f"(local_steps x batch_size = {self.max_examples})"
+            )
+        if self.max_update_norm > 0:
+            norm = delta_norm(u.tensors)
+            if norm > self.max_update_norm:
+                if self.update_norm_action == "reject":
+                    raise MessageError(
+                        f"{where}: delta norm {norm:.4g} exceeds federation.max_update_norm="
+                        f"{self.max_update_norm:g}"
+                    )
+                scale = self.max_update_norm / norm
+                u = replace(u, tensors={n: t * scale for n, t in u.tensors.items()})
+                with self._cond:
+                    self.stats.clipped += 1
+                log.info("%s: delta norm %.4g clipped to %g", where, norm, self.max_update_norm)
+        return u
 
     def _aggregate(self, round: int) -> None:
         """Called with the lock held."""
         start = time.perf_counter()
-        updates = list(self._pending.pop(round).values())
+        updates = sorted(self._pending.pop(round).values(), key=lambda u: u.client)
         block = self.blocks[self.plan[round]]
-        delta = self.aggregate_fn(updates)
+        weights = capped_weights([u.num_examples for u in updates], self.max_client_weight)
+        try:
+            delta = self.aggregate_fn(updates, weights, self.trim_fraction)
+        except AggregationError as e:
+            self._fail(round, f"round {round} failed: {e}; the global model is unchanged")
+            return
         value = apply(block_state(self.model, block), delta, self.server_lr)
         bad = [n for n, t in value.items() if not all_finite(t)]
         if bad:  # computed aside: the model and the versions stay as they were
-            self._failed[round] = (
+            self._fail(
+                round,
                 f"round {round} failed: its aggregate of block {block.index} is not finite "
-                f"({bad[0]}); the global model is unchanged"
+                f"({bad[0]}); the global model is unchanged",
             )
-            log.error("%s", self._failed[round])
             return
         set_block(self.model, block, value)
         self.versions[block.index] = round
@@ -391,12 +511,18 @@ class Server:
             )
             self._aggregate(round)
         else:
-            self._failed[round] = (
+            self._fail(
+                round,
                 f"round {round} failed: {len(got)} update(s) arrived before its deadline "
-                f"({limit:g}s), federation.min_clients needs {self.min_clients}"
+                f"({limit:g}s), federation.min_clients needs {self.min_clients}",
             )
-            self._pending.pop(round, None)
         self._cond.notify_all()
+
+    def _fail(self, round: int, reason: str) -> None:
+        """With the lock held: the round is over without an aggregate; waiters get ``reason``."""
+        self._failed[round] = reason
+        self._pending.pop(round, None)
+        log.error("%s", reason)
 
     # -- reports, stop, resume --------------------------------------------------------------
     def report(self, report: RoundReport, client: int) -> None:

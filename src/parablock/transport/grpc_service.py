@@ -14,7 +14,9 @@ safetensors stream of ``core.messages``):
 
 Every call is authenticated before anything of its payload is read: the ``authorization``
 metadata carries ``Bearer <token>``, the clients file maps the token's hash to a client id, and
-that id, never a field of the payload, is who the server thinks is speaking.
+that id, never a field of the payload, is who the server thinks is speaking. A client may hold at
+most ``CALLS_PER_CLIENT`` calls at once (an honest one holds two: its communication thread's and a
+report), so one token cannot tie up the server's worker threads.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -52,6 +55,7 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
 ]
+CALLS_PER_CLIENT = 4
 ABORT_STOPPING = "stopping:"
 ABORT_ROUND_FAILED = "round failed:"
 
@@ -64,6 +68,7 @@ def _raw(b: bytes) -> bytes:
 class AuthStats:
     refused: list[str] = field(default_factory=list)  # one line per refused call
     calls: dict[int, int] = field(default_factory=dict)  # client -> authenticated calls
+    busy: dict[int, int] = field(default_factory=dict)  # client -> calls in progress
 
 
 class FederationService:
@@ -99,9 +104,32 @@ class FederationService:
             self.stats.calls[client] = self.stats.calls.get(client, 0) + 1
         return client
 
+    @contextmanager
+    def _session(self, context: grpc.ServicerContext, method: str):
+        """Authenticate the call and hold one of the client's ``CALLS_PER_CLIENT`` slots."""
+        client = self._client(context, method)
+        with self._lock:
+            busy = self.stats.busy.get(client, 0)
+            if busy < CALLS_PER_CLIENT:
+                self.stats.busy[client] = busy + 1
+        if busy >= CALLS_PER_CLIENT:
+            log.warning("refused %s from client %d: %d calls already open", method, client, busy)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client {client} already has {busy} calls open (at most {CALLS_PER_CLIENT})",
+            )
+        try:
+            yield client
+        finally:
+            with self._lock:
+                self.stats.busy[client] -= 1
+
     # -- handlers ------------------------------------------------------------------------------
     def join(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
-        client = self._client(context, "Join")
+        with self._session(context, "Join") as client:
+            return self._join(payload, context, client)
+
+    def _join(self, payload: bytes, context: grpc.ServicerContext, client: int) -> bytes:
         try:
             request = JoinRequest.from_bytes(payload)
             if request.client != client:
@@ -122,37 +150,37 @@ class FederationService:
         return reply.to_bytes()
 
     def upload(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        client = self._client(context, "Upload")
-        ok, reason = self.server.receive_update(chunks, client)
+        with self._session(context, "Upload") as client:
+            ok, reason = self.server.receive_update(chunks, client)
         return UploadReply(ok, reason).to_bytes()
 
     def wait_aggregate(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
-        self._client(context, "WaitAggregate")
-        round = _field(payload, "round", context)
-        try:
-            return self.server.wait_aggregate(round).to_bytes()
-        except RunStopped as e:
-            context.abort(grpc.StatusCode.ABORTED, f"{ABORT_STOPPING} {e}")
-        except RoundFailedError as e:
-            context.abort(grpc.StatusCode.ABORTED, f"{ABORT_ROUND_FAILED} {e}")
-        except MessageError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self._session(context, "WaitAggregate"):
+            round = _field(payload, "round", context)
+            try:
+                return self.server.wait_aggregate(round).to_bytes()
+            except RunStopped as e:
+                context.abort(grpc.StatusCode.ABORTED, f"{ABORT_STOPPING} {e}")
+            except RoundFailedError as e:
+                context.abort(grpc.StatusCode.ABORTED, f"{ABORT_ROUND_FAILED} {e}")
+            except MessageError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def download(self, payload: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._client(context, "Download")
-        block, version = _field(payload, "block", context), _field(payload, "version", context)
-        try:
-            chunks = self.server.block_chunks(block, version, CHUNK_BYTES)
-        except MessageError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        yield from chunks
+        with self._session(context, "Download"):
+            block, version = _field(payload, "block", context), _field(payload, "version", context)
+            try:
+                chunks = self.server.block_chunks(block, version, CHUNK_BYTES)
+            except MessageError as e:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            yield from chunks
 
     def report(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
-        client = self._client(context, "Report")
-        try:
-            self.server.report(RoundReport.from_bytes(payload), client)
-        except MessageError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self._session(context, "Report") as client:
+            try:
+                self.server.report(RoundReport.from_bytes(payload), client)
+            except MessageError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return b"{}"
 
     def handler(self) -> grpc.GenericRpcHandler:
