@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import random
+import time
+
 import pytest
 
 from parablock.core.schedule import SCHEDULES, make_plan
-from parablock.data.examples import IGNORE, DataError, DataStats, Record, encode, round_indices
+from parablock.data import examples
+from parablock.data.examples import (
+    IGNORE,
+    DataError,
+    DataStats,
+    Record,
+    encode,
+    head_ids,
+    round_indices,
+)
 from parablock.data.partition import partition
 
 
@@ -27,6 +39,41 @@ def test_truncation_and_dropping_are_counted(tiny_tokenizer):
     assert ex is not None and len(ex.input_ids) == 64 and stats.truncated == 1
     assert encode(Record("q " * 200, "a"), tiny_tokenizer, 64, stats) is None
     assert stats.dropped == 1 and stats.kept == 1
+
+
+def test_a_huge_record_is_tokenised_only_as_far_as_max_length(tiny_tokenizer):
+    """A 4 MB response (or prompt) costs the tokens it keeps, not gigabytes: fast, and still
+    counted as truncated (or dropped)."""
+    stats = DataStats()
+    started = time.monotonic()
+    ex = encode(Record("What is this?", "word " * 800_000), tiny_tokenizer, 64, stats)
+    assert encode(Record("q " * 2_000_000, "a"), tiny_tokenizer, 64, stats) is None
+    assert time.monotonic() - started < 2.0  # whole: ~4 s and over 1 GB of memory
+    assert ex is not None and len(ex.input_ids) == 64
+    assert (stats.kept, stats.truncated, stats.dropped) == (1, 1, 1)
+    full = encode(Record("What is this?", "word " * 200), tiny_tokenizer, 64)
+    assert full == ex  # the same tokens as tokenising the whole text
+
+
+@pytest.mark.parametrize("text", ["prose", "no spaces", "mixed scripts", "spaces"])
+def test_head_ids_are_the_leading_ids_of_the_whole_text(tiny_tokenizer, monkeypatch, text):
+    """Cut pieces (forced small here) give exactly the whole text's leading token ids, and more
+    than n of them exactly when the whole text has more than n."""
+    rng = random.Random(text)
+    alphabet = {
+        "prose": "the cat sat on 12 mats, then 3.5 more. ",
+        "no spaces": "abcxyz0123",
+        "mixed scripts": "ab cdé\n\t  12,.;\U0001f600中文\u2028xyz<|im_end|>",
+        "spaces": " \n",
+    }[text]
+    s = "".join(rng.choice(alphabet) for _ in range(6000))
+    whole = list(tiny_tokenizer(s, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(examples, "CHARS_PER_TOKEN", 2)
+    for n in (1, 7, 50, 300, len(whole) - 1, len(whole), len(whole) + 5):
+        ids = head_ids(tiny_tokenizer, s, n)
+        assert ids == whole[: len(ids)]
+        assert (len(ids) > n) == (len(whole) > n)
+        assert len(ids) >= min(n + 1, len(whole))
 
 
 def test_iid_partition_is_seeded_disjoint_and_complete():

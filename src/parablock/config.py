@@ -36,6 +36,11 @@ def opt(
     return field(default=default, metadata=meta)
 
 
+# torch.manual_seed takes at most 2**64 - 1 and numpy any size; a signed 64-bit bound also keeps
+# the seed a TOML integer in config.toml (TOML integers are signed 64-bit), so --resume reads it.
+MAX_SEED = 2**63 - 1
+
+
 def _algorithms() -> list[str]:
     from parablock.core.algorithms import ALGORITHMS
 
@@ -165,7 +170,7 @@ class FederationConfig:
     rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
     local_steps: int = opt(2, "optimizer steps K per client per round", ge=1)
     batch_size: int = opt(4, "examples per optimizer step", ge=1)
-    lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0)
+    lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps within a round's K steps", ge=0)
     lr_schedule: str = opt(
@@ -179,7 +184,7 @@ class FederationConfig:
     aggregator: str = opt(
         "weighted_mean", "how the server combines block deltas", choices=_aggregators
     )
-    server_lr: float = opt(1.0, "server learning rate eta_g", gt=0.0)
+    server_lr: float = opt(1.0, "server learning rate eta_g", gt=0.0, le=10.0)
     trim_fraction: float = opt(
         0.1,
         "aggregator=trimmed_mean: share of updates dropped at each end, per coordinate",
@@ -245,7 +250,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = opt(0, "seed for data, partition, schedule, batches and initialisation", ge=0)
+    seed: int = opt(
+        0,
+        "seed for data, partition, schedule, batches and initialisation",
+        ge=0,
+        le=MAX_SEED,
+    )
     out: str = opt("", "run directory (default: runs/<algorithm>-<timestamp>)")
     backend: str = opt(
         "local",
@@ -359,6 +369,11 @@ class Config:
                 "data.client_sources applies to data.partition=per_client only "
                 f"(got data.partition={self.data.partition!r})"
             )
+        _check_algorithm(self)
+        if self.run.faults:
+            from parablock.faults import parse
+
+            parse(self.run.faults, self.run.seed)  # a bad spec: one line naming the item
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -395,7 +410,42 @@ def _validate(section: str, obj: Any) -> None:
         ):
             b = meta.get(bound)
             if b is not None and not ok(value, b):
-                raise ConfigError(f"{key}={value!r} is out of range; it must be {word} {b:g}")
+                raise ConfigError(
+                    f"{key}={value!r} is out of range; it must be {word} {_bound_text(b)}"
+                )
+
+
+def _bound_text(b: float) -> str:
+    """A bound as the user would type it: integers in full (a seed bound), floats short."""
+    return str(b) if isinstance(b, int) else f"{b:g}"
+
+
+def _check_algorithm(cfg: Config) -> None:
+    """Algorithm combinations the config alone shows cannot run (the model shows the rest:
+    ``core.algorithms.check_plan``)."""
+    from parablock.core.algorithms import MIN_SELECTED
+    from parablock.core.blocks import BlockError, extra_names, fixed_selection_size
+
+    fed, model = cfg.federation, cfg.model
+    try:
+        extra_names(model.extra_blocks)
+    except BlockError as e:
+        raise ConfigError(str(e)) from None
+    if fed.algorithm == "fedbcd" and fed.correction == "none":
+        # FedBCD trains the next block only after downloading the aggregate; with 'none' it
+        # would never write that aggregate into its model yet claim the block's new version.
+        raise ConfigError(
+            "federation.correction=none is the ParaBlock ablation only; federation.algorithm="
+            "fedbcd always applies the aggregate it downloads (use federation.correction=replace)"
+        )
+    need = MIN_SELECTED.get(fed.algorithm, 1)
+    n = fixed_selection_size(model.blocks, model.extra_blocks)
+    if n is not None and n < need:
+        raise ConfigError(
+            f"model.blocks={model.blocks!r} selects {n} block(s) but federation.algorithm="
+            f"{fed.algorithm} needs at least {need} (it trains the next block while the previous "
+            "one is in flight); select more blocks or use federation.algorithm=fedbcd"
+        )
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -438,7 +488,9 @@ def from_dict(data: dict[str, Any]) -> Config:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of keys")
+            raise ConfigError(
+                f"[{section}] must be a table of keys, got {type(values).__name__} {values!r:.40}"
+            )
         kwargs = {}
         for key, value in values.items():
             f = _field(section, key)
@@ -449,15 +501,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Build the config from an optional TOML file and ``section.key=value`` overrides."""
-    data: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    data: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
@@ -468,6 +512,36 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
         _field(section, key)
         data.setdefault(section, {})[key] = value
     return from_dict(data)
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    """A config file's tables; a file that is missing, not UTF-8, not TOML, or has a section
+    that is not a table is a ConfigError naming the file (and the byte or the section)."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start} (line {line}); save it as UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    for section, values in data.items():
+        if section in SECTIONS and not isinstance(values, dict):
+            raise ConfigError(
+                f"config file {p}: {section} must be a [{section}] table of keys, got "
+                f"{type(values).__name__} {values!r:.40}"
+            )
+    return data
 
 
 def help_text() -> str:

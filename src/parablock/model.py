@@ -11,12 +11,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -93,6 +97,20 @@ def resolve(name_or_path: str) -> Path:
     return path
 
 
+# What a damaged or incomplete model directory makes transformers raise while loading.
+_LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    RuntimeError,
+    SafetensorError,
+    pickle.UnpicklingError,
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def load_model(name_or_path: str) -> PreTrainedModel:
     """A fresh fp32 copy of the model, in train mode, on the CPU."""
     path = resolve(name_or_path)
@@ -100,19 +118,77 @@ def load_model(name_or_path: str) -> PreTrainedModel:
     try:
         AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load a causal LM from {path}: {e}") from None
+    except _LOAD_ERRORS as e:
+        raise _damaged(path, f"cannot load a causal LM from {path}", e) from None
     model.config.use_cache = False
     model.train()
     return model
 
 
 def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, with a pad token and the chat template every example goes through."""
     path = resolve(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except _LOAD_ERRORS as e:
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ModelError(
+                f"{path} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}); copy the "
+                "model's tokenizer files into it"
+            ) from None
+        raise _damaged(path, f"cannot load the tokenizer from {path}", e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if tok.pad_token is None:
+        raise ModelError(
+            f"the tokenizer in {path} has neither a pad nor an eos token "
+            f"(is {path / 'tokenizer_config.json'} missing or incomplete?)"
+        )
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(
+            f"the tokenizer in {path} has no chat template (chat_template.jinja, or "
+            "chat_template in tokenizer_config.json); every example is rendered through it"
+        )
     return tok
+
+
+def _damaged(path: Path, what: str, error: Exception) -> ModelError:
+    """A one-line ModelError naming the damaged file when one can be found (a truncated
+    safetensors file, a missing shard, a cut-off JSON file), else ``what`` and the cause."""
+    bad = next(_bad_files(path), None)
+    return ModelError(bad or f"{what}: {_one_line(error)}")
+
+
+def _bad_files(path: Path) -> Iterator[str]:
+    """Messages for the files of ``path`` that are unreadable, truncated or missing."""
+    for name in _JSON_FILES:
+        f = path / name
+        if f.is_file():
+            try:
+                json.loads(f.read_bytes())
+            except (OSError, ValueError) as e:
+                yield f"{f} is not valid JSON (truncated or corrupt?): {_one_line(e)}"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            yield f"{index} is not a valid shard index (truncated or corrupt?): {_one_line(e)}"
+            shards = set()
+        for shard in sorted(shards):
+            if not (path / shard).is_file():
+                yield f"{path / shard} is missing (listed in {index.name})"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            yield f"{f} is not a complete safetensors file (truncated or corrupt?): {_one_line(e)}"
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's text on one line (transformers' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -13,17 +13,45 @@ from collections.abc import Callable
 
 from parablock.core.client import Client
 from parablock.core.protocol import JoinReply
-from parablock.errors import RunStopped
+from parablock.errors import ConfigError, RunStopped
 from parablock.registry import Registry
 
 Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 
+# ParaBlock trains round t+1's block while round t's is still in flight, so the schedule must
+# alternate between at least two blocks; FedBCD waits for each aggregate and can train just one.
+MIN_SELECTED: dict[str, int] = {"parablock": 2}
+
+
+def check_plan(algorithm: str, selected: list[int]) -> None:
+    """Refuse a block selection the algorithm cannot run, before any client starts (the config
+    refuses what it can see without the model; this sees e.g. a 1-layer model with 'all')."""
+    need = MIN_SELECTED.get(algorithm, 1)
+    if len(set(selected)) < need:
+        raise ConfigError(
+            f"model.blocks selects {len(set(selected))} block(s) ({sorted(set(selected))}) but "
+            f"federation.algorithm={algorithm} needs at least {need} (it trains the next block "
+            "while the previous one is in flight); select more blocks or use "
+            "federation.algorithm=fedbcd"
+        )
+
+
+def _check_in_flight(plan: list[int]) -> None:
+    """ParaBlock must never train the block whose delta is still in flight (the schedules
+    guarantee it whenever two or more blocks are selected; a one-round plan is fine)."""
+    repeats = [t for t in range(1, len(plan)) if plan[t] == plan[t - 1]]
+    if repeats:
+        t = repeats[0]
+        raise ConfigError(
+            f"federation.algorithm=parablock: rounds {t - 1} and {t} both train block "
+            f"{plan[t]}, which is still in flight; model.blocks must select at least 2 blocks"
+        )
+
 
 @ALGORITHMS.register("parablock")
 def parablock(client: Client) -> None:
-    if len(set(client.plan)) < 2:
-        raise ValueError("parablock needs at least 2 selected blocks (see model.blocks)")
+    _check_in_flight(client.plan)
     for t in range(client.start_round, len(client.plan)):
         record = client.new_record(t)
         pending = client.pending

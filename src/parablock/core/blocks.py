@@ -47,12 +47,7 @@ def model_blocks(model: nn.Module, extra: str = "") -> list[Block]:
     for j in range(n_layers):
         p = f"{prefix}{j}."
         blocks.append(Block(j, f"layer.{j}", tuple(n for n in names if n.startswith(p))))
-    wanted = [e.strip() for e in extra.split(",") if e.strip()]
-    for e in wanted:
-        if e not in EXTRA_BLOCKS:
-            raise BlockError(
-                f"model.extra_blocks: unknown block {e!r}; valid: {', '.join(EXTRA_BLOCKS)}"
-            )
+    wanted = extra_names(extra)
     patterns = {
         "embed": r"^model\.embed_tokens\.",
         "norm": r"^model\.norm\.",
@@ -67,11 +62,61 @@ def model_blocks(model: nn.Module, extra: str = "") -> list[Block]:
     return blocks
 
 
+def extra_names(extra: str) -> list[str]:
+    """The names in ``model.extra_blocks``, checked: a name listed twice would make two blocks
+    that share (and train twice per pass) the same parameters."""
+    wanted = [e.strip() for e in extra.split(",") if e.strip()]
+    for e in wanted:
+        if e not in EXTRA_BLOCKS:
+            raise BlockError(
+                f"model.extra_blocks: unknown block {e!r}; valid: {', '.join(EXTRA_BLOCKS)}"
+            )
+    twice = sorted({e for e in wanted if wanted.count(e) > 1})
+    if twice:
+        raise BlockError(f"model.extra_blocks lists {', '.join(map(repr, twice))} more than once")
+    return wanted
+
+
+def fixed_selection_size(spec: str, extra: str = "") -> int | None:
+    """How many blocks ``model.blocks`` selects when that does not depend on the model, else None.
+
+    Index lists ('3', '2-2,2') select exactly their distinct indices, and 'top:1' / 'bottom:1'
+    one layer plus the extra blocks; 'all' and 'top:N' (N > 1) depend on the number of layers.
+    Lets the config refuse a selection too small for the algorithm before any model is loaded.
+    A malformed spec gives None here: ``select_blocks`` reports it against the model.
+    """
+    s = spec.strip().lower()
+    try:
+        if s == "all":
+            return None
+        if s.startswith(("top:", "bottom:")):
+            return 1 + len(extra_names(extra)) if int(s.split(":", 1)[1]) == 1 else None
+        chosen: set[int] = set()
+        for part in s.split(","):
+            lo, hi = _span(part)
+            if hi - lo > _MAX_SPAN:
+                return None  # too wide for any model: select_blocks says so
+            chosen.update(range(lo, hi + 1))
+    except (ValueError, BlockError):
+        return None
+    return len(chosen) if chosen and min(chosen) >= 0 else None
+
+
+_MAX_SPAN = 100_000  # more blocks than any model has; wider ranges are never materialised
+
+
+def _span(part: str) -> tuple[int, int]:
+    """'3' -> (3, 3), '0-7' -> (0, 7); ValueError when malformed."""
+    a, dash, b = part.strip().partition("-")
+    return (int(a), int(b)) if dash else (int(a), int(a))
+
+
 def select_blocks(blocks: list[Block], spec: str) -> list[int]:
     """Indices chosen by ``model.blocks``: 'all', 'top:N', 'bottom:N' or '0-3,10'."""
     n = len(blocks)
     s = spec.strip().lower()
     chosen: list[int]
+    bad: list[str] = []
     try:
         if s == "all":
             chosen = list(range(n))
@@ -83,24 +128,31 @@ def select_blocks(blocks: list[Block], spec: str) -> list[int]:
             chosen = layer_ids[-k:] if s.startswith("top:") else layer_ids[:k]
             chosen += [b.index for b in blocks if not b.name.startswith("layer.")]
         else:
-            chosen = []
-            for part in s.split(","):
-                part = part.strip()
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    chosen.extend(range(int(a), int(b) + 1))
-                else:
-                    chosen.append(int(part))
+            chosen, bad = _listed(s, n)
     except ValueError:
         raise BlockError(
             f"model.blocks={spec!r} is malformed; use 'all', 'top:N', 'bottom:N' or indices like '0-3,10'"
         ) from None
-    bad = [i for i in chosen if not 0 <= i < n]
     if bad or not chosen:
         raise BlockError(
-            f"model.blocks={spec!r} selects no valid block (bad: {bad}); this model has blocks 0-{n - 1}"
+            f"model.blocks={spec!r} selects no valid block (bad: {', '.join(bad) or 'none'}); "
+            f"this model has blocks 0-{n - 1}"
         )
     return sorted(set(chosen))
+
+
+def _listed(spec: str, n: int) -> tuple[list[int], list[str]]:
+    """The indices of an index list '0-3,10' among ``n`` blocks, and its parts that name a block
+    outside 0..n-1 or an empty range (never materialising a range such as 0-10**12)."""
+    chosen: list[int] = []
+    bad: list[str] = []
+    for part in spec.split(","):
+        lo, hi = _span(part)
+        if lo > hi or lo < 0 or hi >= n:
+            bad.append(part.strip())
+            continue
+        chosen.extend(range(lo, hi + 1))
+    return chosen, bad
 
 
 def block_state(model: nn.Module, block: Block) -> dict[str, torch.Tensor]:

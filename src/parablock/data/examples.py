@@ -3,7 +3,9 @@
 Records come from ``sources.py``; here each becomes token ids through the tokenizer's own chat
 template (the prompt messages, then the assistant response), with the loss on the response tokens
 only (prompt labels are -100). ``data.max_length`` truncates from the right; an example whose
-prompt alone fills it is dropped (it has nothing to learn). Both are counted and reported.
+prompt alone fills it is dropped (it has nothing to learn). Both are counted and reported. Only
+the head of a long text is tokenised (``head_ids``), so one huge record costs no more memory than
+the tokens that can be kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from parablock.errors import DataError  # noqa: F401
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+
+# Characters tokenised per token still wanted, at first: far more than a token spans in practice,
+# so one pass usually settles it; a text whose tokens are longer is retried with a larger piece.
+CHARS_PER_TOKEN = 32
+# Trailing tokens of a cut piece that are not trusted: near the cut, a piece may tokenise
+# differently from the whole text (a word or merge split in two).
+CUT_MARGIN = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class DataStats:
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
+    # training records removed before encoding because a held-out record asks the same question
+    heldout_duplicates: int = 0
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -91,9 +102,13 @@ def encode(
         raise DataError(
             "the tokenizer's chat template does not extend the prompt with the response"
         )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    ids = list(prompt_ids) + list(response_ids)
+    prompt_ids = head_ids(tokenizer, prompt_text, max_length)
+    if len(prompt_ids) < max_length:
+        response = full_text[len(prompt_text) :]
+        response_ids = head_ids(tokenizer, response, max_length - len(prompt_ids))
+    else:
+        response_ids = []
+    ids = prompt_ids + response_ids
     labels = [IGNORE] * len(prompt_ids) + list(response_ids)
     if len(prompt_ids) >= max_length:
         if stats is not None:
@@ -103,6 +118,36 @@ def encode(
         stats.kept += 1
         stats.truncated += len(ids) > max_length
     return Example(tuple(ids[:max_length]), tuple(labels[:max_length]), record.label)
+
+
+def head_ids(tokenizer, text: str, n: int) -> list[int]:
+    """The token ids of ``text`` when it has at most ``n`` tokens, else more than ``n`` of its
+    leading ids (exactly the whole text's), without tokenising the rest.
+
+    Tokenising a 50 MB line whole takes gigabytes for tokens that truncation then throws away.
+    A prefix of the text gives the same leading ids except near the cut, so a piece is
+    tokenised, its last ``CUT_MARGIN`` ids are dropped, and if more than ``n`` remain, they are
+    the answer; otherwise the piece grows. Callers can still tell truncation: a cut text always
+    returns more than ``n`` ids.
+    """
+    budget = max(n, 1) * CHARS_PER_TOKEN
+    while len(text) > budget:
+        ids = _ids(tokenizer, text[: _cut(text, budget)])
+        if len(ids) - CUT_MARGIN > n:
+            return ids[: len(ids) - CUT_MARGIN]
+        budget *= 4
+    return _ids(tokenizer, text)
+
+
+def _cut(text: str, budget: int) -> int:
+    """Where to cut ``text`` near ``budget`` characters: before a space in the last quarter if
+    there is one (a word boundary, so fewer tokens differ near the cut), else at ``budget``."""
+    space = text.rfind(" ", budget - budget // 4, budget)
+    return space if space > 0 else budget
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_all(

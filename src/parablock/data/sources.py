@@ -17,8 +17,9 @@ file a list of objects.
 
 Train and held-out records never share a question: reasoning-gym draws them from different seeds
 and filters overlaps; a file is shuffled once (seeded), the held-out items are taken first and
-training draws from the rest. With an explicit ``eval.source``, training records that also
-appear there are removed.
+training draws from the rest. Then any training record whose question is also held out (a file
+that repeats a record, a mix of overlapping sources, an explicit ``eval.source``) is removed and
+counted (``heldout_duplicates`` in data.json).
 
 ``client_records`` is the one way to get a single client's records from its own source
 (``data.partition=per_client``); the simulator and a networked client both call it, so the same
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from parablock.data.examples import DataError, Record
+from parablock.data.examples import DataError, DataStats, Record
 from parablock.registry import Registry, UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -125,26 +126,49 @@ def detect_format(obj: dict, where: str) -> str:
     )
 
 
-def read_objects(path: Path) -> list[tuple[dict, str]]:
-    """The JSON objects of a .json or .jsonl file, each with 'file:line' for error messages."""
+def read_text(path: Path) -> str:
+    """A data file's text; one that is missing, unreadable or not UTF-8 is a DataError naming
+    the file (and the first bad byte's offset and line). A leading UTF-8 BOM is skipped."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}; "
+            "data files must be UTF-8"
+        ) from None
+
+
+def read_objects(path: Path) -> list[tuple[dict, str]]:
+    """The JSON objects of a .json or .jsonl file, each with 'file:line' for error messages."""
+    text = read_text(path)
     out: list[tuple[dict, str]] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        # split on '\n' only: str.splitlines would also cut at U+2028 and the like, which a
+        # JSON string may hold unescaped
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply") from None
             out.append((obj, f"{path}:{n}"))
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -421,6 +445,18 @@ def heldout_draw(spec: str, size: int, seed: int, label_field: str = "") -> list
     return out
 
 
+def drop_heldout(train: list[Record], heldout: list[Record]) -> tuple[list[Record], int]:
+    """``train`` without the records whose question is also held out, and how many went."""
+    seen = {r.key for r in heldout}
+    kept = [r for r in train if r.key not in seen]
+    if len(kept) < len(train):
+        log.info(
+            "removed %d training record(s) that duplicate a held-out question",
+            len(train) - len(kept),
+        )
+    return kept, len(train) - len(kept)
+
+
 def train_and_heldout(
     train_spec: str,
     train_size: int,
@@ -429,8 +465,13 @@ def train_and_heldout(
     *,
     heldout_spec: str = "",
     label_field: str = "",
+    stats: DataStats | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """Disjoint training and held-out records; held-out from ``heldout_spec`` or the same mix."""
+    """Disjoint training and held-out records; held-out from ``heldout_spec`` or the same mix.
+
+    A training record whose question (``Record.key``) is also held out is dropped, whichever
+    source it came from: a file that repeats a record would otherwise put the same item on both
+    sides. The number dropped goes to ``stats.heldout_duplicates``."""
     sources = parse_sources(train_spec, label_field)
     _warn_test_splits(sources)
     weights = [w for _, w in sources]
@@ -439,14 +480,13 @@ def train_and_heldout(
     train, heldout = _draw_each(sources, train_counts, own_heldout, seed)
     if heldout_spec:
         heldout += heldout_draw(heldout_spec, heldout_size, seed, label_field)
-        seen = {r.key for r in heldout}
-        before = len(train)
-        train = [r for r in train if r.key not in seen]
-        if len(train) < before:
-            log.info("removed %d training records that are also held-out", before - len(train))
+    train, dropped = drop_heldout(train, heldout)
+    if stats is not None:
+        stats.heldout_duplicates += dropped
     train = _interleave(train, seed)  # mixed sources interleave
     if not train:
-        raise DataError(f"data.source={train_spec!r} gave no training records")
+        also = f" ({dropped} dropped as duplicates of held-out records)" if dropped else ""
+        raise DataError(f"data.source={train_spec!r} gave no training records{also}")
     if not heldout:
         raise DataError("no held-out records; raise eval.size or give eval.source more data")
     return train, heldout
