@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run from its last checkpoint (with its own config.toml)",
+        help="continue an interrupted run from its last checkpoint, with its own config.toml; "
+        "--set may change only what does not change the results (link.*, run.threads, "
+        "run.backend, eval.every, federation.round_timeout_s, ...; recorded in config.toml) "
+        "and federation.rounds (to extend the run)",
     )
     _progress_args(r)
 

@@ -97,3 +97,8 @@ class RunStopped(RuntimeError):
 
 class RunInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the run after saving its state; the message says how to resume."""
+
+
+class ClientCrash(RuntimeError):
+    """An injected crash (``run.faults``): the client restarts from its last checkpoint and
+    rejoins, as a real process would after dying."""

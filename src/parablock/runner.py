@@ -4,8 +4,13 @@ The run directory holds ``config.toml`` (resolved), ``metrics.jsonl`` (per clien
 round, eval), ``timeline.jsonl`` (compute/upload/wait/download/idle spans, seconds from the start),
 ``summary.json``, ``data.json`` (sources, examples kept/truncated/dropped), ``partition.json`` and
 ``partition.png`` (per client: examples, tokens, examples per label), ``eval_items.jsonl`` (what the
-model answered on each accuracy item at each evaluation) and ``model/`` (the final global model and
-tokenizer, ``save_pretrained`` format).
+model answered on each accuracy item at each evaluation), ``model/`` (the final global model and
+tokenizer, ``save_pretrained`` format), ``checkpoint/`` and ``lock``.
+
+A run holds ``lock`` (flock) from start to end, so a second run into the same directory fails at
+once instead of overwriting it. ``metrics.jsonl`` and ``timeline.jsonl`` grow round by round
+(``RunFiles``), so a hard kill keeps every finished round and a running federation can be watched;
+a resume appends to them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +30,13 @@ import torch
 
 from parablock.backends import BACKENDS, ClientSpec
 from parablock.config import Config
+from parablock.core.algorithms import check_plan
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
-from parablock.core.metrics import describe, round_times, summarize
+from parablock.core.metrics import describe, summarize
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
-from parablock.core.server import Server
+from parablock.core.server import Rejections, Server
 from parablock.core.train import TrainSettings
 from parablock.data.examples import DataStats, Example, Record, encode_all
 from parablock.data.partition import client_stats, partition
@@ -44,20 +50,20 @@ from parablock.evaluation.evaluate import (
     Evaluator,
     eval_rounds,
 )
+from parablock.faults import stall_seconds
 from parablock.model import load_model, load_tokenizer, model_fingerprint
+from parablock.rundir import (
+    check_rounds,
+    check_run_dir,
+    locked,
+    record_config,
+    resumed_config,
+    run_dir,
+)
+from parablock.runfiles import RunFiles
 from parablock.transport.link import LinkSpec
 
 log = logging.getLogger(__name__)
-
-
-def run_dir(cfg: Config, resume: bool = False) -> Path:
-    out = Path(cfg.run.out or f"runs/{cfg.federation.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "summary.json").exists():
-        raise RunDirError(f"run.out={str(out)!r} already holds a finished run; choose another")
-    if resume and not (out / "checkpoint" / "run.json").is_file():
-        raise RunDirError(f"{out} holds no checkpoint to resume from")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _settings(cfg: Config) -> TrainSettings:
@@ -164,6 +170,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     model = load_model(cfg.model.name_or_path)
     blocks = model_blocks(model, cfg.model.extra_blocks)
     selected = select_blocks(blocks, cfg.model.blocks)
+    check_plan(fed.algorithm, selected)
     plan = make_plan(fed.schedule, selected, fed.rounds, seed)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
@@ -176,12 +183,17 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         min_clients=fed.min_clients,
         aggregator=fed.aggregator,
         server_lr=fed.server_lr,
+        trim_fraction=fed.trim_fraction,
+        max_client_weight=fed.max_client_weight,
+        max_update_norm=fed.max_update_norm,
+        update_norm_action=fed.update_norm_action,
         round_timeout_s=fed.round_timeout_s,
         settings=run_settings(cfg, plan),
         fingerprint=model_fingerprint(model) if serve else "",
     )
     if serve:
         return _serving(cfg, server, tokenizer, selected)
+    train_stats, heldout_stats = DataStats(), DataStats()
     train_records, heldout_records = train_and_heldout(
         cfg.data.source,
         cfg.data.train_size,
@@ -189,8 +201,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         seed,
         heldout_spec=cfg.eval.source,
         label_field=cfg.data.label_field,
+        stats=train_stats,
     )
-    train_stats, heldout_stats = DataStats(), DataStats()
     max_len = cfg.data.max_length
     client_sources = cfg.data.client_source_list()
     if cfg.data.partition == "per_client":
@@ -251,6 +263,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             pad_id,
             cpus=cfg.run.client_cpus,
             gpus=cfg.run.client_gpus,
+            faults=cfg.run.faults,
+            stall_s=stall_seconds(fed.round_timeout_s),
         )
         for i in range(fed.clients)
     ]
@@ -321,10 +335,11 @@ def run(
 
     ``on_barrier(client, t)`` hears each client's round end, ``on_phase(client, round, phase,
     started)`` each phase start and end (progress displays use both). With ``resume`` it continues
-    the interrupted run in ``cfg.run.out`` from its checkpoint. Setting ``stop`` (or Ctrl-C /
-    SIGTERM) ends the run at the next barrier with its state saved. With ``serve`` the clients
-    are remote ``parablock client`` processes that join over gRPC (``[server]`` settings);
-    ``on_listening(port)`` then hears the port once it is open.
+    the interrupted run in ``cfg.run.out`` from its checkpoint (``cfg`` may change only what
+    ``RESUME_FREE`` lists, and federation.rounds; the changes are recorded in its config.toml).
+    Setting ``stop`` (or Ctrl-C / SIGTERM) ends the run at the next barrier with its state saved.
+    With ``serve`` the clients are remote ``parablock client`` processes that join over gRPC
+    (``[server]`` settings); ``on_listening(port)`` then hears the port once it is open.
     """
     where = None
     if serve:
@@ -332,14 +347,43 @@ def run(
 
         where = listener(cfg)  # bad certificates or clients file: fail before loading anything
     out = run_dir(cfg, resume)
-    if not resume:
-        (out / "config.toml").write_text(cfg.to_toml())
+    with locked(out):
+        check_run_dir(out, resume)  # now that no other run can change it
+        saved = resumed_config(cfg, out) if resume else None
+        if not resume:
+            (out / "config.toml").write_text(cfg.to_toml())
+        return _run(
+            cfg,
+            out,
+            saved,
+            on_barrier=on_barrier,
+            on_phase=on_phase,
+            stop=stop or threading.Event(),
+            serve=serve,
+            where=where,
+            on_listening=on_listening,
+        )
+
+
+def _run(
+    cfg: Config,
+    out: Path,
+    saved: Config | None,
+    *,
+    on_barrier,
+    on_phase,
+    stop: threading.Event,
+    serve: bool,
+    where,
+    on_listening,
+) -> dict:
+    """``run`` once its directory is held: ``saved`` is the config of the run it resumes."""
+    resume = saved is not None
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
     f = prepare(cfg, serve=serve)
     model, server, tokenizer = f.model, f.server, f.tokenizer
     plan, selected, specs = server.plan, f.selected, f.specs
-    stop = stop or threading.Event()
     (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
     if not serve:
         save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
@@ -359,8 +403,9 @@ def run(
     store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
     point = None
     if resume:
-        point = store.load_server(plan) if serve else store.load(fed.clients, selected)
+        point = _resume_point(cfg, saved, store, selected, serve, out)
         server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
+        _restore_counts(server, point)
         specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
         started_at = point.started_at
         evals = [EvalResult.from_json(point.initial_eval)] if point.initial_eval else []
@@ -373,25 +418,82 @@ def run(
         started_at = time.time()
         if store is not None:
             store.save_run(started_at, evals[0].to_json() if evals else None)
+    files = RunFiles(
+        out,
+        started_at,
+        plan,
+        fed.clients,
+        lambda: server.stats.dropped,
+        reports=(lambda: list(server.reports.values())) if serve else None,
+        point=point,
+        serve=serve,
+        initial=None if resume or not evals else evals[0],
+    )
+    try:
+        return _train(
+            cfg,
+            out,
+            f,
+            server,
+            specs,
+            store,
+            point,
+            files,
+            evals,
+            started_at,
+            evaluate,
+            on_barrier=on_barrier,
+            on_phase=on_phase,
+            stop=stop,
+            serve=serve,
+            where=where,
+            on_listening=on_listening,
+        )
+    finally:
+        files.close()
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    f: Federation,
+    server: Server,
+    specs: list[ClientSpec],
+    store: CheckpointStore | None,
+    point: ResumePoint | None,
+    files: RunFiles,
+    evals: list[EvalResult],
+    started_at: float,
+    evaluate: Evaluator | None,
+    *,
+    on_barrier,
+    on_phase,
+    stop: threading.Event,
+    serve: bool,
+    where,
+    on_listening,
+) -> dict:
+    """The rounds on the backend, then evaluation, summary and the final model."""
+    fed, ev = cfg.federation, cfg.eval
+    model, tokenizer, plan, selected = f.model, f.tokenizer, server.plan, f.selected
     history = AggregateHistory(eval_rounds(fed.rounds, ev.every), started_at)
     server.aggregate_listeners.append(history.record)
+    server.aggregate_listeners.append(files.aggregated)
     if store is not None:
-        server.aggregate_listeners.append(
-            lambda r, b, value, secs, who: store.save_block(b, r, value, secs, who)
-        )
+        server.aggregate_listeners.append(_saving(store, server))
         specs = [replace(s, checkpoint_dir=str(store.dir)) for s in specs]
+    lines = RoundLines(fed.rounds, point.round if point is not None and not serve else -1)
 
     def progress(client, t: int) -> None:
         if on_barrier is not None:
             on_barrier(client, t)
+        files.barrier(client)
         if stop.is_set():
             server.stop()  # wake clients waiting on aggregates that will not come
-        if client.id == 0:
-            r = client.log.rounds[-1]
-            log.info("%s", describe(r, fed.rounds))
+        lines(client)
 
     start = time.time()
-    with _stop_on_signals(stop, server):
+    with _stop_on_signals(stop, server, resumable=store is not None):
         if where is not None:
             from parablock.backends.remote import run_remote
 
@@ -410,10 +512,9 @@ def run(
     if store is not None:
         store.flush()
     if stop.is_set():
-        if serve:
-            raise RunInterrupted(f"stopped; continue with: parablock server --resume {out}")
-        raise RunInterrupted(f"stopped; resume with: parablock run --resume {out}")
+        raise RunInterrupted(_stopped(out, serve, resumable=store is not None))
     records = sorted((r for lg in logs for r in lg.rounds), key=lambda r: (r.round, r.client))
+    files.finish(logs, server)
     # wall time excludes any downtime between an interruption and the resume
     before = max((r.end for r in records if r.end < start), default=started_at) - started_at
     wall = before + time.time() - start
@@ -458,7 +559,10 @@ def run(
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",
     )
-    _write(out, records, logs, server, round_times(records), started_at, evals, summary)
+    for e in evals[1:]:
+        files.add(e.to_json())
+    files.close()
+    _write(out, evals, summary)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     log.info(
@@ -467,19 +571,96 @@ def run(
     return summary
 
 
+def _resume_point(
+    cfg: Config,
+    saved: Config,
+    store: CheckpointStore,
+    selected: list[int],
+    serve: bool,
+    out: Path,
+) -> ResumePoint:
+    """Load the checkpoint, check a changed federation.rounds against it, record the accepted
+    config changes. The server's files are read with the plan they were written under."""
+    fed = cfg.federation
+    if serve:
+        old_plan = make_plan(fed.schedule, selected, saved.federation.rounds, cfg.run.seed)
+        point = store.load_server(old_plan)
+        done = point.round
+    else:
+        point = store.load(fed.clients, selected)
+        done = point.round + 1
+    check_rounds(saved, cfg, selected, done, out)
+    record_config(saved, cfg, out)
+    return point
+
+
+def _restore_counts(server: Server, point: ResumePoint) -> None:
+    """The update totals of the rounds before the resume, so the summary covers the whole run
+    (the server counts only what it sees). A checkpoint from before they were recorded: the
+    participants of the aggregates it still holds, the best count left."""
+    accepted = point.accepted
+    if accepted is None:
+        accepted = sum(len(p) for p in point.participants.values())
+    server.stats.accepted = accepted
+    server.stats.rejected = Rejections(point.rejected or 0)
+
+
+def _saving(store: CheckpointStore, server: Server):
+    """The listener that checkpoints every new global block value with the update totals.
+    Accepted updates are counted from the aggregates' participants (each accepted update is in
+    exactly one aggregate), which every backend reports here; the Ray backend's server runs in
+    an actor, so ``server.stats`` here lags until the run ends (rejections made there are then
+    missing from the checkpoint's count)."""
+    accepted = [server.stats.accepted]
+
+    def save(r: int, b: int, value: dict, secs: float, who: list[int]) -> None:
+        accepted[0] += len(who)
+        store.save_block(b, r, value, secs, who, (accepted[0], len(server.stats.rejected)))
+
+    return save
+
+
+class RoundLines:
+    """One log line per round, from whichever client passes that round's barrier first: any
+    client can be dropped (a Ray actor that died), so no one client may be the one that logs."""
+
+    def __init__(self, rounds: int, logged: int = -1) -> None:
+        self.rounds = rounds
+        self.logged = logged  # the highest round logged (the drain is round ``rounds``)
+        self._lock = threading.Lock()
+
+    def __call__(self, client) -> None:
+        r = client.log.rounds[-1]
+        with self._lock:
+            if r.round <= self.logged:
+                return
+            self.logged = r.round
+        log.info("%s", describe(r, self.rounds))
+
+
+def _stopped(out: Path, serve: bool, resumable: bool) -> str:
+    if not resumable:
+        return (
+            "stopped; this run cannot be resumed: it ran with run.checkpoint=false, so no "
+            "checkpoint was saved"
+        )
+    if serve:
+        return f"stopped; continue with: parablock server --resume {out}"
+    return f"stopped; resume with: parablock run --resume {out}"
+
+
 @contextmanager
-def _stop_on_signals(stop: threading.Event, server: Server):
+def _stop_on_signals(stop: threading.Event, server: Server, resumable: bool = True):
     """Ctrl-C / SIGTERM: finish cleanly at the next barrier instead of dying mid-round."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    after = "the run can be resumed" if resumable else "run.checkpoint=false: it cannot be resumed"
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: leave now (the checkpoint still holds)
-        log.warning(
-            "%s: stopping at the next barrier; the run can be resumed", signal.Signals(signum).name
-        )
+        log.warning("%s: stopping at the next barrier; %s", signal.Signals(signum).name, after)
         stop.set()
         server.stop()
 
@@ -531,46 +712,11 @@ def _evaluate_history(
     return results
 
 
-def _write(
-    out: Path,
-    records,
-    logs,
-    server: Server,
-    rtimes: dict[int, float],
-    start: float,
-    evals: list[EvalResult],
-    summary: dict,
-) -> None:
-    with open(out / "metrics.jsonl", "w") as f:
-        if evals:
-            f.write(json.dumps(evals[0].to_json()) + "\n")
-        for r in records:
-            f.write(json.dumps(r.to_json()) + "\n")
-        for t, secs in rtimes.items():
-            f.write(
-                json.dumps(
-                    {
-                        "kind": "round",
-                        "round": t,
-                        "block": server.plan[t],
-                        "round_s": secs,
-                        "aggregate_s": server.stats.aggregate_s.get(t, 0.0),
-                        "participants": server.stats.participants.get(t, []),
-                    }
-                )
-                + "\n"
-            )
-        for e in evals[1:]:
-            f.write(json.dumps(e.to_json()) + "\n")
+def _write(out: Path, evals: list[EvalResult], summary: dict) -> None:
+    """What only a finished run has: every evaluation's answers, then the summary (last: its
+    presence marks the run finished)."""
     with open(out / "eval_items.jsonl", "w") as f:
         for e in evals:
             for item in e.items:
                 f.write(json.dumps(item) + "\n")
-    with open(out / "timeline.jsonl", "w") as f:
-        for lg in logs:
-            for s in sorted(lg.spans, key=lambda s: s.start):
-                row = asdict(s)
-                row["start"] -= start
-                row["end"] -= start
-                f.write(json.dumps(row) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

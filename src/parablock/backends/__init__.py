@@ -9,11 +9,13 @@ the Ray backend uses one). It runs every client to the end, leaves the final glo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from parablock.core.algorithms import run_client
 from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
@@ -21,11 +23,16 @@ from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
-from parablock.errors import ConfigError
+from parablock.errors import ClientCrash, ConfigError
+from parablock.faults import faulty
 from parablock.model import load_model
 from parablock.registry import Registry
 from parablock.transport.inprocess import InProcessConnection, ServerEndpoint
 from parablock.transport.link import LinkSpec
+
+log = logging.getLogger(__name__)
+MAX_RESTARTS = 100  # a client that keeps crashing is a failure, not a fault to ride out
+_PLANS: dict = {}  # this process's fault plans: a fault fires once across a client's restarts
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class ClientSpec:
     resume: ClientState | None = None  # the state to continue from
     cpus: float = 1.0  # resources the client reserves where a backend places clients (Ray)
     gpus: float = 0.0  # > 0: the client trains on a GPU
+    faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
+    stall_s: float = 0.0  # how long an injected stall lasts
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -77,7 +86,14 @@ def build_client(
         model_blocks(model, spec.extra_blocks),
         list(spec.data),
         spec.settings,
-        InProcessConnection(server, spec.client_id, spec.uplink, spec.downlink),
+        faulty(
+            InProcessConnection(server, spec.client_id, spec.uplink, spec.downlink),
+            spec.client_id,
+            spec.faults,
+            spec.seed,
+            spec.stall_s,
+            _PLANS,
+        ),
         CORRECTIONS.get(spec.correction),
         seed=spec.seed,
         pad_id=spec.pad_id,
@@ -88,6 +104,35 @@ def build_client(
     )
     client.log.listener = on_phase
     return client
+
+
+def run_spec(
+    spec: ClientSpec,
+    build: Callable[[ClientSpec], Client],
+    client: Client | None = None,
+    on_client: Callable[[Client], None] | None = None,
+) -> Client:
+    """Run one client to the end (``client``, or one ``build`` makes); returns the client that
+    finished. A crash (``ClientCrash``) restarts it from its last checkpoint, as a process that
+    died would be restarted, and it rejoins; ``on_client`` hears each new client object."""
+    for restart in range(MAX_RESTARTS + 1):
+        client = client or build(spec)
+        if on_client is not None:
+            on_client(client)
+        try:
+            run_client(client, spec.algorithm)
+            return client
+        except ClientCrash as e:
+            if restart == MAX_RESTARTS:
+                raise
+            state = None
+            if client.checkpoint is not None:
+                client.checkpoint.flush()
+                state = client.checkpoint.latest_client(spec.client_id)
+            after = f"after round {state.round}" if state is not None else "afresh (no checkpoint)"
+            log.warning("%s; it restarts %s and rejoins", e, after)
+            spec, client = replace(spec, resume=state), None
+    raise AssertionError("unreachable")
 
 
 Backend = Callable[..., list[ClientLog]]

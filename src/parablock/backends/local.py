@@ -12,8 +12,7 @@ import threading
 
 import torch
 
-from parablock.backends import ClientSpec, build_client
-from parablock.core.algorithms import run_client
+from parablock.backends import ClientSpec, build_client, run_spec
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import RunStopped
@@ -38,18 +37,24 @@ def run_local(
     clients = [build_client(s, server, on_barrier, stop, on_phase) for s in specs]
     errors: list[BaseException] = []
 
-    def work(client, algorithm: str) -> None:
+    def build(spec: ClientSpec):
+        return build_client(spec, server, on_barrier, stop, on_phase)
+
+    def work(i: int, spec: ClientSpec) -> None:
+        def current(client) -> None:  # a client that restarted is a new object
+            clients[i] = client
+
         try:
-            run_client(client, algorithm)
+            run_spec(spec, build, clients[i], current)
         except RunStopped:
-            log.info("client %d stopped; its last barrier is saved", client.id)
+            log.info("client %d stopped; its last barrier is saved", spec.client_id)
         except BaseException as e:  # reported after every thread has stopped
-            log.error("client %d failed: %s", client.id, e)
+            log.error("client %d failed: %s", spec.client_id, e)
             errors.append(e)
 
     threads_ = [
-        threading.Thread(target=work, args=(c, s.algorithm), name=f"client{c.id}-compute")
-        for c, s in zip(clients, specs, strict=True)
+        threading.Thread(target=work, args=(i, s), name=f"client{s.client_id}-compute")
+        for i, s in enumerate(specs)
     ]
     for t in threads_:
         t.start()

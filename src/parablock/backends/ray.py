@@ -1,6 +1,6 @@
 """The Ray backend: every client a Ray actor in its own process, on one machine or a cluster.
 
-Each client actor builds its client with ``build_client`` and runs ``run_client``: the same code,
+Each client actor builds its client with ``build_client`` and runs it with ``run_spec``: the same code,
 computation thread and communication thread as the local backend. Blocks cross as serialized bytes
 through Ray, with the same emulated link pacing on top (``Connection`` paces in the client process
 before an upload and after a download, so constrained links can be studied on a fast cluster).
@@ -45,8 +45,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import parablock
-from parablock.backends import ClientSpec, build_client, client_device
-from parablock.core.algorithms import run_client
+from parablock.backends import ClientSpec, build_client, client_device, run_spec
 from parablock.core.metrics import ClientLog, RoundRecord, Span
 from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.core.server import Server
@@ -168,8 +167,16 @@ class ClientActor:
         )
 
     def run(self) -> str:
+        def build(spec: ClientSpec):
+            return build_client(
+                spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
+            )
+
+        def current(client) -> None:  # a client that restarted is a new object
+            self.client = client
+
         try:
-            run_client(self.client, self.spec.algorithm)
+            run_spec(self.spec, build, self.client, current)
         except RunStopped:
             pass  # its last barrier is saved; the driver knows why it stopped
         finally:

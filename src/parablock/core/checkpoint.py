@@ -11,6 +11,11 @@ Written after every round, off the critical path (a background writer thread), e
   (the last ``KEEP`` rounds are kept);
 - ``run.json``: when the run started.
 
+Client files hold a site's private training state (deltas, block values), so every file here is
+written readable by its owner only (0o600) in a directory only its owner can enter (0o700).
+A block file also records how many updates the server had accepted and rejected when it
+aggregated that version, so a resumed run's totals cover the whole run.
+
 A resume picks the latest round R for which every client has a valid state and the server's global
 model after round R-1 can be rebuilt; a corrupt or truncated file is reported and skipped, so the
 previous good one is used. Random state needs no file: batches are a pure function of (seed, round)
@@ -37,6 +42,8 @@ from parablock.errors import CheckpointError  # noqa: F401
 log = logging.getLogger(__name__)
 
 KEEP = 3
+FILE_MODE = 0o600  # client state is private to its site; nothing here is for other users
+DIR_MODE = 0o700
 
 
 @dataclass
@@ -101,11 +108,19 @@ class ResumePoint:
     participants: dict[int, list[int]]
     started_at: float
     initial_eval: dict  # the base model's eval record
+    # updates the server had accepted / rejected when it aggregated round ``round - 1`` (None:
+    # an older checkpoint that did not record them)
+    accepted: int | None = None
+    rejected: int | None = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory; the file is the owner's only from its creation
+    (a mode set after writing would leave a moment where others could read it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with open(fd, "wb") as f:
+        os.fchmod(f.fileno(), FILE_MODE)  # a leftover temp file may have had another mode
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -122,7 +137,11 @@ class CheckpointStore:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        try:  # also a directory made before checkpoints were private
+            os.chmod(self.dir, DIR_MODE)
+        except OSError as e:
+            log.warning("cannot make %s private to its owner: %s", self.dir, e.strerror)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -164,13 +183,18 @@ class CheckpointStore:
         tensors: dict[str, torch.Tensor],
         aggregate_s: float,
         participants: list[int],
+        updates: tuple[int, int] | None = None,
     ) -> None:
+        """Queue block ``block``'s global value after round ``version``; ``updates``: the
+        server's (accepted, rejected) totals at that aggregation."""
         meta = {
             "block": block,
             "version": version,
             "aggregate_s": aggregate_s,
             "participants": participants,
         }
+        if updates is not None:
+            meta["accepted"], meta["rejected"] = updates
         tensors = {n: t.detach().clone() for n, t in tensors.items()}
         self._submit(
             self._write,
@@ -210,14 +234,15 @@ class CheckpointStore:
             log.warning("checkpoint file %s is unusable (%s); using an earlier one", path, e)
             return None
 
+    def run_info(self) -> dict:
+        """``run.json``: when the run started and the base model's eval (see ``read_run_info``)."""
+        return read_run_info(self.dir)
+
     def load_server(self, plan: list[int]) -> ResumePoint:
         """The server's side alone (clients keep their own checkpoints at their sites): the
         latest round R such that the global model after round R-1 can be rebuilt, i.e. every
         block holds the version of the last round <= R-1 that trained it."""
-        run_file = self.dir / "run.json"
-        if not run_file.is_file():
-            raise CheckpointError(f"{self.dir} holds no checkpoint (no run.json)")
-        info = json.loads(run_file.read_text())
+        info = self.run_info()
         cache: dict[tuple[int, int], tuple[dict, dict] | None] = {}
 
         def read(b: int, v: int):
@@ -241,6 +266,7 @@ class CheckpointStore:
                     part,
                     info["started_at"],
                     info["initial_eval"],
+                    *_updates([m for m, _ in got.values() if m["version"] == r - 1], r),
                 )
         raise CheckpointError(f"{self.dir}: no consistent server checkpoint")  # unreachable
 
@@ -256,10 +282,7 @@ class CheckpointStore:
 
     def load(self, clients: int, block_ids: list[int]) -> ResumePoint:
         """The latest consistent point to resume from (see the module docstring)."""
-        run_file = self.dir / "run.json"
-        if not run_file.is_file():
-            raise CheckpointError(f"{self.dir} holds no checkpoint (no run.json)")
-        info = json.loads(run_file.read_text())
+        info = self.run_info()
         states: dict[int, dict[int, ClientState]] = {}
         for i in range(clients):
             states[i] = {}
@@ -296,6 +319,7 @@ class CheckpointStore:
                         if v <= r - 1:
                             agg[v], part[v] = meta["aggregate_s"], meta["participants"]
                 log.info("resuming after round %d", r)
+                last = [v[r - 1][0] for v in blocks.values() if r - 1 in v]
                 return ResumePoint(
                     r,
                     chosen,
@@ -304,7 +328,39 @@ class CheckpointStore:
                     part,
                     info["started_at"],
                     info["initial_eval"],
+                    *_updates(last, r),
                 )
         raise CheckpointError(
             f"{self.dir}: no round for which every client and the server have a valid checkpoint"
         )
+
+
+def read_run_info(directory: str | Path) -> dict:
+    """``directory/run.json`` checked: a missing or corrupt one is a one-line CheckpointError
+    naming the file (the run cannot be resumed without it: it says when the run started)."""
+    path = Path(directory) / "run.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} holds no checkpoint (no run.json)")
+    try:
+        info = json.loads(path.read_text())
+        started = float(info["started_at"])
+        initial = info["initial_eval"]
+        if initial is not None and not isinstance(initial, dict):
+            raise TypeError("initial_eval is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(
+            f"{path} is corrupt ({why}); the run cannot be resumed from it: start it again "
+            "with another run.out"
+        ) from None
+    return {"started_at": started, "initial_eval": initial}
+
+
+def _updates(metas: list[dict], r: int) -> tuple[int | None, int | None]:
+    """(accepted, rejected) as the server counted them at round ``r - 1``'s aggregation."""
+    if r == 0:
+        return 0, 0
+    for m in metas:
+        if "accepted" in m:
+            return int(m["accepted"]), int(m["rejected"])
+    return None, None

@@ -73,8 +73,28 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _row_key(row: dict) -> tuple:
+    """What a row is about: a client's round (or drain), a round, an evaluation, or a span."""
+    if "phase" in row:
+        return ("span", row.get("client"), row.get("round"), row.get("phase"))
+    return (row.get("kind"), row.get("client"), row.get("round"), row.get("drain"))
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The last row of each key, in file order. A run appends its files as it goes; after a
+    hard kill and a resume, a round that was written but not checkpointed is run and written
+    again, and the later row is the one the run's model and summary come from."""
+    latest: dict[tuple, dict] = {}
+    for row in rows:
+        key = _row_key(row)
+        latest.pop(key, None)
+        latest[key] = row
+    return list(latest.values())
+
+
 def load_run(path: str | Path) -> RunData:
-    """Read one run directory's config.toml, summary.json, metrics.jsonl and timeline.jsonl."""
+    """Read one run directory's config.toml, summary.json, metrics.jsonl and timeline.jsonl
+    (the last row of anything written twice, see ``latest_rows``)."""
     p = Path(path)
     for name in ("summary.json", "config.toml", "metrics.jsonl", "timeline.jsonl"):
         if not (p / name).is_file():
@@ -88,7 +108,7 @@ def load_run(path: str | Path) -> RunData:
     except tomllib.TOMLDecodeError as e:
         raise ReportError(f"{p / 'config.toml'}: not valid TOML ({e})") from None
     run = RunData(p, summary, config)
-    for row in _jsonl(p / "metrics.jsonl"):
+    for row in latest_rows(_jsonl(p / "metrics.jsonl")):
         kind = row.get("kind")
         if kind == "client_round":
             run.client_rounds.append(row)
@@ -96,7 +116,7 @@ def load_run(path: str | Path) -> RunData:
             run.rounds.append(row)
         elif kind == "eval":
             run.evals.append(row)
-    run.spans = _jsonl(p / "timeline.jsonl")
+    run.spans = latest_rows(_jsonl(p / "timeline.jsonl"))
     return run
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 
 import grpc
 
@@ -101,15 +102,23 @@ class GrpcConnection:
         return reply
 
     def upload(self, update: BlockUpdate) -> int:
+        return self.send_chunks(update.chunks())
+
+    def send_chunks(self, chunks: Iterable[bytes], token: str | None = None) -> int:
+        """Stream an update's chunks as they are (fault injection sends crafted ones, or a
+        wrong ``token``)."""
         sent = 0
 
         def counted():
             nonlocal sent
-            for chunk in self.uplink.pace(update.chunks()):
+            for chunk in self.uplink.pace(chunks):
                 sent += len(chunk)
                 yield chunk
 
-        reply = UploadReply.from_bytes(self._call(self._upload, counted(), "upload"))
+        metadata = None if token is None else (("authorization", f"Bearer {token}"),)
+        reply = UploadReply.from_bytes(
+            self._call(self._upload, counted(), "upload", metadata=metadata)
+        )
         if not reply.accepted:
             raise UpdateRejected(reply.reason)
         return sent
@@ -147,9 +156,11 @@ class GrpcConnection:
         self.channel.close()
 
     # -- errors --------------------------------------------------------------------------------
-    def _call(self, method, request, what: str, timeout: float | None = None) -> bytes:
+    def _call(
+        self, method, request, what: str, timeout: float | None = None, metadata=None
+    ) -> bytes:
         try:
-            return method(request, metadata=self._metadata, timeout=timeout)
+            return method(request, metadata=metadata or self._metadata, timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(e, what) from None
 

@@ -8,11 +8,12 @@ links when ``link.*`` is set, so the local simulator moves exactly what a networ
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from parablock.core.messages import BlockUpdate, BlockValue, Expected
 from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
-from parablock.errors import UpdateRejected
+from parablock.errors import ConnectError, UpdateRejected
 from parablock.transport.link import Link, LinkSpec
 
 
@@ -45,7 +46,13 @@ class InProcessConnection:
         return self.server.join(request, self.client)
 
     def upload(self, update: BlockUpdate) -> int:
-        received = self.uplink.transmit(update.serialize())
+        return self.send_chunks([update.serialize()])
+
+    def send_chunks(self, chunks: Iterable[bytes], token: str | None = None) -> int:
+        """Send an update's bytes as they are (fault injection sends crafted ones)."""
+        if token is not None:
+            raise ConnectError("an in-process connection carries no token")
+        received = self.uplink.transmit(b"".join(chunks))
         ok, reason = self.server.receive_update(received, self.client)
         if not ok:
             raise UpdateRejected(reason)
