@@ -15,8 +15,7 @@ from parablock.backends import local as local_backend
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
 from parablock.core.blocks import block_state
-from parablock.core.messages import BlockUpdate
-from parablock.faults import KINDS, parse
+from parablock.faults import KINDS, parse, withhold
 from parablock.runner import prepare
 
 
@@ -26,27 +25,13 @@ def _cfg(model_dir, out, faults, rounds=8, **fed):
     return tiny_config(model_dir, out, federation=federation, run={"faults": faults})
 
 
-def _withhold(server, participants: dict[int, list[int]]) -> None:
-    """The replay: the server refuses every update that did not make it into the faulty run's
-    aggregates, as if its client had sent nothing that round."""
-    receive = server.receive_update
-
-    def withheld(payload, client):
-        u = BlockUpdate.deserialize(payload)
-        if client not in participants.get(u.round, []):
-            return server._reject(client, u.round, "withheld by the replay")
-        return receive(payload, client)
-
-    server.receive_update = withheld
-
-
 def _run(cfg, monkeypatch, participants=None):
     """A local run; returns the federation and the clients that finished."""
     f = prepare(cfg)
     ckpt = str(Path(cfg.run.out) / "checkpoint")  # a crashed client restarts from it
     f.specs = [replace(s, checkpoint_dir=ckpt) for s in f.specs]
     if participants is not None:
-        _withhold(f.server, participants)
+        withhold(f.server, participants)
     finished = []
     real = local_backend.run_spec
 
@@ -59,7 +44,7 @@ def _run(cfg, monkeypatch, participants=None):
     return f, finished
 
 
-def _check(tiny_model_dir, tmp_path, monkeypatch, faults, reasons, **fed):
+def _check(tiny_model_dir, tmp_path, monkeypatch, faults, reasons, replayed=True, **fed):
     cfg = _cfg(tiny_model_dir, str(tmp_path / "faulty"), faults, **fed)
     faulty, clients = _run(cfg, monkeypatch)
     server = faulty.server
@@ -73,6 +58,8 @@ def _check(tiny_model_dir, tmp_path, monkeypatch, faults, reasons, **fed):
         for b in server.blocks:
             got, want = block_state(c.model, b), block_state(server.model, b)
             assert all(torch.equal(got[n], want[n]) for n in want), (c.id, b.index)
+    if not replayed:
+        return server
     # the replay without faults, in which the server took exactly the updates the faulty run
     # aggregated: the same global model, bit for bit
     participants = dict(server.stats.participants)
@@ -103,18 +90,36 @@ def test_corrupted_updates_are_rejected_and_never_reach_the_model(
         assert set(who) == {0, 1, 2} - bad, r
 
 
-def test_crash_stall_replay_and_token_are_ridden_out(tiny_model_dir, tmp_path, monkeypatch):
+def test_crash_replay_and_token_are_ridden_out(tiny_model_dir, tmp_path, monkeypatch):
     server = _check(
         tiny_model_dir,
         tmp_path,
         monkeypatch,
-        "crash@0:1,replay@1:2,token@2:2,stall@2:4,crash@1:5",
-        ["duplicate", "late"],
+        "crash@0:1,replay@1:2,token@2:2,crash@1:5",
+        [],
+        rounds=7,
+    )
+    assert server.stats.dropped == []
+    assert 0 in server.stats.participants[1] and 1 in server.stats.participants[5]  # rejoined
+
+
+def test_a_stalled_client_is_dropped_rejoins_behind_and_ends_equal(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A stall past the deadline: the round goes on without the client; its late update is
+    refused and it rejoins at the open round from its checkpoint (a new trajectory, so no
+    replay), and it still ends equal to the server."""
+    server = _check(
+        tiny_model_dir,
+        tmp_path,
+        monkeypatch,
+        "stall@2:2",
+        ["late"],
+        replayed=False,
         rounds=7,
         round_timeout_s=1.0,
     )
-    assert server.stats.dropped == [2]  # the stalled client; it came back afterwards
-    assert 0 in server.stats.participants[1] and 1 in server.stats.participants[5]  # rejoined
+    assert server.stats.dropped == [2] and 2 not in server.stats.participants[2]
 
 
 def test_fault_specs_are_checked_and_deterministic():

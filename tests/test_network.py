@@ -620,3 +620,37 @@ def test_a_crashed_server_resumes_and_its_clients_rejoin_by_themselves(
     want = _fingerprint(tmp_path / "srv" / "summary.json")
     for i in range(2):
         assert _fingerprint(tmp_path / f"site{i}" / "summary.json") == want
+
+
+def test_faulty_client_processes_are_ridden_out_and_end_equal_to_the_server(
+    site, tiny_model_dir, tmp_path
+):
+    """Client 0 crashes (restarts from its checkpoint) and sends an upload with a wrong token;
+    client 1 sends a NaN delta, a replay and forged metadata: every bad message is refused, the
+    run completes, and both clients end with the server's model."""
+    fed = {"rounds": 5, "round_timeout_s": 30.0, "min_clients": 1}
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    faults = ["crash@0:1,token@0:2", "nan@1:1,replay@1:2,forge@1:3"]
+    procs = []
+    try:
+        server, port = _start_server(
+            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
+        )
+        procs.append(server)
+        for i in range(2):
+            args = _client_args(
+                site, port, i, tiny_model_dir, tmp_path / f"site{i}", "--faults", faults[i]
+            )
+            procs.append(_start(args, tmp_path / f"client{i}.log"))
+        for p, name in zip(procs[1:] + procs[:1], ["client0", "client1", "server"], strict=True):
+            assert _wait(p, tmp_path / f"{name}.log") == 0, (tmp_path / f"{name}.log").read_text()
+    finally:
+        _stop(*procs)
+    summary = json.loads((tmp_path / "srv" / "summary.json").read_text())
+    assert summary["updates_rejected"] >= 3  # NaN, replay, forged (the token never got in)
+    want = summary["final_model_fingerprint"]
+    for i in range(2):
+        assert _fingerprint(tmp_path / f"site{i}" / "summary.json") == want
+    log0 = (tmp_path / "client0.log").read_text()
+    assert "restarting from its checkpoint" in log0 and "wrong token was refused" in log0
+    assert "unknown token" in (tmp_path / "server.log").read_text()

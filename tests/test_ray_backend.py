@@ -286,3 +286,27 @@ def test_long_polls_answer_on_news_and_the_last_relay_ends_a_waiting_one():
     assert not asked.is_alive()
     assert got[-1] == ((0, 0, 0), [(5, 0, "compute", True)], [], [])
     assert client.progress((1, 0, 0)) == ((1, 0, 0), [], [], [])  # no news, no wait: empty
+
+
+def test_faults_on_ray_end_with_the_local_backends_model(ray_session, tiny_model_dir, tmp_path):
+    """The same injected faults (a NaN delta, forged metadata, a crash restarted from the
+    checkpoint inside the actor) on both backends: the same updates are refused, the same model."""
+    from dataclasses import replace
+
+    models = []
+    for name in ("local", "ray"):
+        cfg = tiny_config(
+            tiny_model_dir,
+            str(tmp_path / name),
+            federation={"min_clients": 1, "round_timeout_s": 30.0},
+            run={"faults": "nan@1:0,crash@0:1,forge@1:2"},
+        )
+        f = prepare(cfg)
+        ckpt = str(tmp_path / name / "checkpoint")
+        specs = [replace(s, checkpoint_dir=ckpt) for s in f.specs]
+        BACKENDS.get(name)(specs, f.server, threads=1)
+        assert f.server.next_round == cfg.federation.rounds
+        assert f.server.stats.participants[0] == [0] and f.server.stats.participants[2] == [0]
+        models.append(_params(f.model))
+    for n in models[0]:
+        assert torch.equal(models[0][n], models[1][n]), n

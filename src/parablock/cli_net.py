@@ -112,6 +112,13 @@ def add_parsers(sub, config_args) -> None:
         help="after losing a server it had joined, keep trying to rejoin for this long "
         "(from its checkpoint) before giving up (default: 300; 0 = give up at once)",
     )
+    c.add_argument(
+        "--faults",
+        default="",
+        metavar="SPEC",
+        help="fault injection for tests and benchmarks (run.faults syntax, e.g. 'nan@0:3,"
+        "crash~0.05'): this client's uploads go wrong on purpose",
+    )
     c.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
 
     k = sub.add_parser(
@@ -189,6 +196,7 @@ def client(args, setup_logging) -> int:
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,
         reconnect_s=args.reconnect_s,
+        faults=args.faults,
     )
     try:
         summary = run_site(o)

@@ -99,6 +99,14 @@ class RunInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the run after saving its state; the message says how to resume."""
 
 
-class ClientCrash(RuntimeError):
-    """An injected crash (``run.faults``): the client restarts from its last checkpoint and
-    rejoins, as a real process would after dying."""
+class ClientRestart(RuntimeError):
+    """The client restarts from its last checkpoint and rejoins (the server says where)."""
+
+
+class ClientCrash(ClientRestart):
+    """An injected crash (``run.faults``), ridden out as a real process that died would be."""
+
+
+class ClientBehind(ClientRestart):
+    """The client's round closed without it (it stalled past the deadline): rejoining skips it
+    to the open round instead of replaying every round it missed."""

@@ -216,3 +216,18 @@ def faulty(connection, client: int, spec: str, seed: int, stall_s: float, plans:
     if plan is None:
         plan = plans[spec, seed] = parse(spec, seed)
     return FaultyConnection(connection, client, plan, stall_s)
+
+
+def withhold(server, participants: dict[int, list[int]]) -> None:
+    """Make ``server`` (in this process) refuse every update that is not in ``participants``
+    (round -> clients), as if its client had sent nothing that round: the replay that a run with
+    faults must equal bit for bit, if the faults only ever removed updates."""
+    receive = server.receive_update
+
+    def withheld(payload, client: int):
+        u = BlockUpdate.deserialize(payload)
+        if client not in participants.get(u.round, []):
+            return server._reject(client, u.round, "withheld by the replay")
+        return receive(payload, client)
+
+    server.receive_update = withheld

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from parablock.backends import MAX_RESTARTS
 from parablock.core.algorithms import ALGORITHMS, run_client
 from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
@@ -27,7 +28,9 @@ from parablock.core.metrics import describe
 from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.data.examples import DataStats, encode_all
 from parablock.data.sources import client_records
-from parablock.errors import ConfigError, ServerGone, Unreachable
+from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
+from parablock.faults import faulty
+from parablock.faults import parse as parse_faults
 from parablock.model import load_model, load_tokenizer, model_fingerprint
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
@@ -37,6 +40,8 @@ from parablock.transport.link import LinkSpec
 log = logging.getLogger(__name__)
 
 RETRY_S = 5.0  # between two attempts to rejoin a server that went away
+STALL_S = 30.0  # an injected stall (--faults); longer than the round timeout the tests set
+_PLANS: dict = {}  # the fault plan, kept across the client's restarts in this process
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class SiteOptions:
     down_mbps: float | None = None
     latency_ms: float = 0.0
     reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
+    faults: str = ""  # run.faults syntax: this client's uploads go wrong on purpose (tests)
 
     def out_dir(self) -> Path:
         return Path(self.out or f"site-{self.client}")
@@ -106,9 +112,11 @@ def run_site(o: SiteOptions) -> dict:
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together (mutual TLS)")
     client_records(o.data, 1, 0)  # a bad --data is a one-line error before anything connects
+    if o.faults:
+        parse_faults(o.faults)  # a bad spec: one line, before anything connects
     o.out_dir().mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(o.threads or os.cpu_count() or 1)
-    state = {"joined": False, "lost_at": None}
+    state = {"joined": False, "lost_at": None, "crashes": 0}
 
     def on_joined() -> None:
         state["joined"], state["lost_at"] = True, None
@@ -116,6 +124,11 @@ def run_site(o: SiteOptions) -> dict:
     while True:
         try:
             return _session(o, token, ca, cert, key, on_joined)
+        except ClientRestart as e:  # a crash, or behind: restart from the checkpoint and rejoin
+            state["crashes"] += 1
+            if state["crashes"] > MAX_RESTARTS:
+                raise
+            log.warning("client %d: %s; restarting from its checkpoint", o.client, e)
         except (ServerGone, Unreachable) as e:
             if not state["joined"]:
                 raise  # never reached the server: the address or credentials are wrong
@@ -140,9 +153,11 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
     if state is not None:
         log.info("client %d: rejoining from its checkpoint after round %d", o.client, state.round)
     up, down = _links(o)
-    conn = GrpcConnection(
+    grpc_conn = GrpcConnection(
         o.server, token, ca=ca, cert=cert, key=key, insecure=o.insecure, up=up, down=down
     )
+    # The plan's seed is the client id (the server's seed is not known before the join).
+    conn = faulty(grpc_conn, o.client, o.faults, o.client, STALL_S, _PLANS)
     try:
         reply = conn.join(request_from(o.client, fingerprint, state))
     except BaseException:

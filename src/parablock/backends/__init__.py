@@ -23,7 +23,7 @@ from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
-from parablock.errors import ClientCrash, ConfigError
+from parablock.errors import ClientRestart, ConfigError
 from parablock.faults import faulty
 from parablock.model import load_model
 from parablock.registry import Registry
@@ -113,8 +113,9 @@ def run_spec(
     on_client: Callable[[Client], None] | None = None,
 ) -> Client:
     """Run one client to the end (``client``, or one ``build`` makes); returns the client that
-    finished. A crash (``ClientCrash``) restarts it from its last checkpoint, as a process that
-    died would be restarted, and it rejoins; ``on_client`` hears each new client object."""
+    finished. A crash, or a round that closed without it (``ClientRestart``), restarts it from
+    its last checkpoint, as a process that died would be restarted, and it rejoins (at the open
+    round); ``on_client`` hears each new client object."""
     for restart in range(MAX_RESTARTS + 1):
         client = client or build(spec)
         if on_client is not None:
@@ -122,7 +123,7 @@ def run_spec(
         try:
             run_client(client, spec.algorithm)
             return client
-        except ClientCrash as e:
+        except ClientRestart as e:
             if restart == MAX_RESTARTS:
                 raise
             state = None

@@ -23,6 +23,7 @@ from parablock.core.correction import Correction
 from parablock.core.messages import BlockUpdate, BlockValue, Expected
 from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.protocol import (
+    BEHIND,
     PROTOCOL,
     JoinReply,
     JoinRequest,
@@ -32,7 +33,7 @@ from parablock.core.protocol import (
 )
 from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import Example, round_indices
-from parablock.errors import DataError, UpdateRejected
+from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.transport import ServerConnection
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,10 @@ class Client:
                 record.bytes_up += self.connection.upload(pending)
             except UpdateRejected as e:
                 log.warning("client %d: round %d update rejected: %s", self.id, round, e)
+                if BEHIND in str(e):
+                    raise ClientBehind(
+                        f"client {self.id}: round {round} closed without it"
+                    ) from None
         with self.log.span(round + 1, "wait", record):
             ready = self.connection.wait_aggregate(round)
         with self.log.span(round + 1, "download", record):

@@ -172,10 +172,14 @@ class JoinReply(Message):
     stale: dict[int, int]  # block -> version to download before starting
 
 
+# Marks a rejection of an update whose round has closed: its client is behind and rejoins.
+BEHIND = "[behind]"
+
+
 @dataclass(frozen=True)
 class UploadReply(Message):
     accepted: bool
-    reason: str
+    reason: str  # why it was rejected; holds BEHIND when the client should rejoin
 
 
 @dataclass(frozen=True)

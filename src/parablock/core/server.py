@@ -43,6 +43,7 @@ from parablock.core.messages import (
 )
 from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
 from parablock.core.protocol import (
+    BEHIND,
     PROTOCOL,
     AggregateReady,
     JoinReply,
@@ -353,7 +354,7 @@ class Server:
     def _validate(self, u: BlockUpdate, client: int) -> None:
         where = f"update from client {client} for round {u.round}"
         if u.round < self.next_round or u.round in self._failed:
-            raise MessageError(f"{where}: late, round {u.round} is already closed")
+            raise MessageError(f"{where}: late, round {u.round} is already closed {BEHIND}")
         if u.round >= len(self.plan) or u.block != self.plan[u.round]:
             raise MessageError(f"{where}: block {u.block} is not the round's block")
         if u.round > self.next_round:
