@@ -114,4 +114,20 @@ def tiny_config(model_dir: str, out: str, **sections) -> Config:
     return from_dict(base)
 
 
-__all__ = ["Record", "make_model", "make_tokenizer", "tiny_config"]
+def slow_run_sets(model_dir: str, out) -> list[str]:
+    """``--set`` items of a CLI run long enough (30 rounds, paced links) to signal mid-way."""
+    return [
+        f"model.name_or_path={model_dir}",
+        "model.blocks=all",
+        "data.train_size=24",
+        "data.max_length=320",
+        "federation.rounds=30",
+        "federation.batch_size=2",
+        "link.latency_ms=30",
+        "eval.size=4",
+        f"run.out={out}",
+        "run.threads=1",
+    ]
+
+
+__all__ = ["Record", "make_model", "make_tokenizer", "slow_run_sets", "tiny_config"]

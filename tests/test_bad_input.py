@@ -212,16 +212,14 @@ def test_config_file_not_utf8_names_file_and_byte_offset(tmp_path):
     p.write_bytes("[federation]\n# caf\xe9\nrounds = 3\n".encode("latin-1"))
     with pytest.raises(ConfigError) as e:
         load(p)
-    assert f"config file {p} is not UTF-8 text: byte 0xe9 at byte offset 18 (line 2)" in str(
-        e.value
-    )
+    assert f"config file {p}:2: not UTF-8 text: byte 0xe9 at byte offset 18" in str(e.value)
 
 
 def test_config_file_not_utf8_is_one_line_exit_2_via_the_cli(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_bytes(b"\xff\xfe[\x00r\x00u\x00n\x00]\x00")  # UTF-16, as some editors save
     proc = _cli("run", "--config", str(p), cwd=tmp_path)
-    _one_line_exit_2(proc, f"config file {p} is not UTF-8 text", "byte offset 0")
+    _one_line_exit_2(proc, f"config file {p}:1: not UTF-8 text", "byte offset 0")
 
 
 def test_section_that_is_not_a_table_is_a_config_error(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import slow_run_sets, tiny_config
 from parablock.core.checkpoint import CheckpointError, CheckpointStore
 from parablock.runner import RunInterrupted, run
 
@@ -101,18 +101,7 @@ def test_no_usable_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_signal_then_cli_resume_finishes(tiny_model_dir, tmp_path, sig):
     """SIGTERM saves and exits cleanly (130); SIGKILL loses at most the round in progress."""
     out = tmp_path / "run"
-    sets = [
-        f"model.name_or_path={tiny_model_dir}",
-        "model.blocks=all",
-        "data.train_size=24",
-        "data.max_length=320",
-        "federation.rounds=30",
-        "federation.batch_size=2",
-        "link.latency_ms=30",
-        "eval.size=4",
-        f"run.out={out}",
-        "run.threads=1",
-    ]
+    sets = slow_run_sets(tiny_model_dir, out)
     args = [sys.executable, "-m", "parablock.cli", "run"] + [x for s in sets for x in ("--set", s)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import slow_run_sets, tiny_config
 from parablock.backends import BACKENDS
 from parablock.cli import main
 from parablock.core.checkpoint import CheckpointError, CheckpointStore
@@ -182,19 +182,7 @@ def test_a_stop_without_checkpoints_does_not_advertise_a_resume(tiny_model_dir, 
 
 def test_sigterm_without_checkpoints_says_the_run_cannot_be_resumed(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    sets = [
-        f"model.name_or_path={tiny_model_dir}",
-        "model.blocks=all",
-        "data.train_size=24",
-        "data.max_length=320",
-        "federation.rounds=30",
-        "federation.batch_size=2",
-        "link.latency_ms=30",
-        "eval.size=4",
-        f"run.out={out}",
-        "run.threads=1",
-        "run.checkpoint=false",
-    ]
+    sets = [*slow_run_sets(tiny_model_dir, out), "run.checkpoint=false"]
     args = [sys.executable, "-m", "parablock.cli", "run", "--quiet"]
     args += [x for s in sets for x in ("--set", s)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

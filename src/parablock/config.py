@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from parablock.errors import ConfigError  # noqa: F401
+from parablock.textfile import read_utf8
 
 
 def opt(
@@ -517,20 +518,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
 def _read_toml(p: Path) -> dict[str, Any]:
     """A config file's tables; a file that is missing, not UTF-8, not TOML, or has a section
     that is not a table is a ConfigError naming the file (and the byte or the section)."""
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(
-            f"config file {p} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
-            f"{e.start} (line {line}); save it as UTF-8"
-        ) from None
+    text = read_utf8(p, "config file", ConfigError)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -41,6 +41,7 @@ import numpy as np
 
 from parablock.data.examples import DataError, DataStats, Record
 from parablock.registry import Registry, UnknownNameError
+from parablock.textfile import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +128,8 @@ def detect_format(obj: dict, where: str) -> str:
 
 
 def read_text(path: Path) -> str:
-    """A data file's text; one that is missing, unreadable or not UTF-8 is a DataError naming
-    the file (and the first bad byte's offset and line). A leading UTF-8 BOM is skipped."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}; "
-            "data files must be UTF-8"
-        ) from None
+    """A data file's text, or a one-line DataError naming it (and a bad byte's line/offset)."""
+    return read_utf8(path, "data file", DataError)
 
 
 def read_objects(path: Path) -> list[tuple[dict, str]]:
