@@ -52,6 +52,10 @@ def _sets(*items: str) -> list[str]:
     [
         ("federation.lr=inf", "federation.lr must be a finite number, got inf"),
         ("link.latency_ms=inf", "link.latency_ms must be a finite number, got inf"),
+        (
+            "link.latency_ms=1e9",
+            "link.latency_ms=1000000000.0 is out of range; it must be <= 60000",
+        ),
         ("federation.lr=1.5", "federation.lr=1.5 is out of range; it must be <= 1"),
         ("federation.server_lr=11", "federation.server_lr=11.0 is out of range; it must be <= 10"),
     ],
@@ -280,6 +284,23 @@ def test_fedbcd_refuses_correction_none():
     assert "federation.correction=none" in str(e.value) and "fedbcd" in str(e.value)
     assert load(None, ["federation.correction=none"]).federation.correction == "none"
     assert load(None, ["federation.algorithm=fedbcd"]).federation.correction == "replace"
+
+
+def test_a_network_server_refuses_the_correction_ablation(tiny_model_dir, tmp_path):
+    from parablock.runner import prepare
+
+    cfg = load(None, ["federation.correction=none", f"model.name_or_path={tiny_model_dir}"])
+    with pytest.raises(ConfigError, match="simulation ablation"):
+        prepare(cfg, serve=True)
+
+
+def test_compare_checks_every_algorithm_before_running_any(tiny_model_dir, tmp_path):
+    from parablock.tools.compare import compare
+
+    cfg = load(None, ["federation.correction=none", f"run.out={tmp_path / 'cmp'}"])
+    with pytest.raises(ConfigError, match="fedbcd"):
+        compare(cfg, ["parablock", "fedbcd"])
+    assert not (tmp_path / "cmp" / "parablock").exists()  # nothing ran
 
 
 # -- 9. held-out never repeats training ----------------------------------------------------------

@@ -222,7 +222,9 @@ class LinkConfig:
     down_mbps: float = opt(
         50.0, "client downlink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0, allow_inf=True
     )
-    latency_ms: float = opt(20.0, "one-way latency per transfer in milliseconds", ge=0.0)
+    latency_ms: float = opt(
+        20.0, "one-way latency per transfer in milliseconds", ge=0.0, le=60_000.0
+    )
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
 
 

@@ -166,6 +166,13 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     client's base model against this one's fingerprint.
     """
     fed, seed = cfg.federation, cfg.run.seed
+    if serve and fed.correction == "none":
+        # The ablation leaves each client's copy apart from the global model, which a real
+        # federation's clients (checked against the server at the end, resumed from it) cannot be.
+        raise ConfigError(
+            "federation.correction=none is a simulation ablation; a networked federation applies "
+            "every aggregate (use federation.correction=replace)"
+        )
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
     blocks = model_blocks(model, cfg.model.extra_blocks)

@@ -115,9 +115,14 @@ def compare(
     ``phase`` methods) for each run.
     """
     out = compare_dir(cfg)
+    # Every run's config is checked before the first one starts: a combination that one
+    # algorithm refuses fails now, not after the others have trained.
+    subs = {
+        alg: cfg.replace(federation={"algorithm": alg}, run={"out": str(out / alg)})
+        for alg in algorithms
+    }
     summaries: dict[str, dict] = {}
-    for alg in algorithms:
-        sub = cfg.replace(federation={"algorithm": alg}, run={"out": str(out / alg)})
+    for alg, sub in subs.items():
         display = hooks(sub) if hooks is not None else None
         if display is None:
             summaries[alg] = run(sub)
