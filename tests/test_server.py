@@ -223,6 +223,26 @@ def _settings(steps: int, batch: int):
     )
 
 
+def test_only_an_accepted_update_starts_a_rounds_deadline():
+    """A client that waits early (its update refused, or a hostile one) cannot close the round
+    on the others: with no accepted update the round waits twice the timeout after opening."""
+    import threading
+    import time
+
+    server, blocks = _server(min_clients=1, round_timeout_s=0.3)
+    ok, _ = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=0)  # a stale base
+    assert not ok  # client 0 forfeits round 0; client 1 is still computing
+    late = threading.Timer(0.45, lambda: _send(server, 1, 0, 1, _delta(blocks, 1, 1.0)))
+    late.start()
+    try:
+        start = time.monotonic()
+        assert server.wait_aggregate(0) == AggregateReady(1, 0)  # not failed at 0.3 s
+        assert time.monotonic() - start >= 0.4
+    finally:
+        late.join()
+    assert server.stats.participants[0] == [1]
+
+
 def test_a_rejected_update_forfeits_the_round_at_once_instead_of_its_deadline():
     server, blocks = _server(round_timeout_s=600.0)  # min_clients = all
     ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=0)  # a stale base

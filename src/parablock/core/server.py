@@ -455,7 +455,6 @@ class Server:
     def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
         """Block until round's aggregate exists; close the round at its deadline if needed."""
         limit = self.round_timeout_s if timeout is None else timeout
-        started = time.monotonic()
         with self._cond:
             while True:
                 if self._stopped:
@@ -466,12 +465,20 @@ class Server:
                     raise RoundFailedError(self._failed[round])
                 if not 0 <= round < len(self.plan):
                     raise MessageError(f"there is no round {round}")
-                now = time.monotonic()
-                first = self._first_arrival.get(round, started)
-                if now - first >= limit and round == self.next_round:
+                left = self._deadline_left(round, limit)
+                if left <= 0 and round == self.next_round:
                     self._close_at_deadline(round, limit)
                     continue
-                self._cond.wait(timeout=max(0.01, min(1.0, limit - (now - first))))
+                self._cond.wait(timeout=max(0.01, min(1.0, left)))
+
+    def _deadline_left(self, round: int, limit: float) -> float:
+        """Seconds until the round's deadline: ``limit`` after its first accepted update, or
+        twice that after it opened if none came. Only accepted updates count, so a client whose
+        update was refused (or one that asks early) cannot close a round on the others."""
+        first = self._first_arrival.get(round)
+        if first is None:
+            return self._opened + 2 * limit - time.monotonic()
+        return first + limit - time.monotonic()
 
     def check_deadline(self) -> None:
         """Close the open round if its deadline has passed (the server's own clock, so rounds
@@ -481,12 +488,8 @@ class Server:
             r = self.next_round
             if r >= len(self.plan) or r in self._failed or self._stopped:
                 return
-            now, limit = time.monotonic(), self.round_timeout_s
-            first = self._first_arrival.get(r)
-            if (first is not None and now - first >= limit) or (
-                first is None and now - self._opened >= 2 * limit
-            ):
-                self._close_at_deadline(r, limit)
+            if self._deadline_left(r, self.round_timeout_s) <= 0:
+                self._close_at_deadline(r, self.round_timeout_s)
 
     def wait_done(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the last round's aggregate; a failed round raises."""
