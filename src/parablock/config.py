@@ -214,6 +214,39 @@ class FederationConfig:
     )
 
 
+def _precisions() -> tuple[str, ...]:
+    from parablock.core.forward import PRECISIONS
+
+    return PRECISIONS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a client computes its training step (not what it computes: see [federation])."""
+
+    precision: str = opt(
+        "auto",
+        "forward precision: bf16 autocast (weights, optimizer state and deltas stay fp32), fp32, "
+        "or auto = bf16 where the device runs it fast (AVX-512-bf16/AMX CPUs, bf16 CUDA GPUs)",
+        choices=_precisions,
+    )
+    prefix_cache_mb: float = opt(
+        512.0,
+        "MB per client for the hidden states entering the lowest trained layer, computed once "
+        "per example and reused (the layers below it never change); 0 = off",
+        ge=0.0,
+    )
+    response_logits: bool = opt(
+        True, "compute the LM head only on response tokens (false: on every position)"
+    )
+    loss_chunk: int = opt(
+        1024,
+        "positions per piece of the LM head and loss, recomputed in backward so at most one "
+        "piece of logits is held (0 = one piece)",
+        ge=0,
+    )
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     up_mbps: float = opt(
@@ -320,6 +353,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "federation": FederationConfig,
+    "train": TrainConfig,
     "link": LinkConfig,
     "eval": EvalConfig,
     "run": RunConfig,
@@ -332,6 +366,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)

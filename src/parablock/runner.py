@@ -155,6 +155,10 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         d.max_length,
         d.train_size,
         d.label_field,
+        cfg.train.precision,
+        cfg.train.prefix_cache_mb,
+        cfg.train.response_logits,
+        cfg.train.loss_chunk,
     )
 
 
@@ -272,6 +276,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             gpus=cfg.run.client_gpus,
             faults=cfg.run.faults,
             stall_s=stall_seconds(fed.round_timeout_s),
+            trained=tuple(selected),
         )
         for i in range(fed.clients)
     ]

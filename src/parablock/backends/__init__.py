@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from parablock.core.algorithms import run_client
 from parablock.core.blocks import model_blocks
@@ -54,6 +55,7 @@ class ClientSpec:
     gpus: float = 0.0  # > 0: the client trains on a GPU
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
+    trained: tuple[int, ...] = ()  # the blocks the run trains (the rest may be shared)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -73,13 +75,16 @@ def build_client(
     on_barrier=None,
     stop=None,
     on_phase: PhaseListener | None = None,
+    model: nn.Module | None = None,
 ) -> Client:
     """A client with its own freshly loaded model copy on its device, connected to ``server``.
 
     ``on_phase`` (optional) hears every phase span start and end, for progress displays;
-    ``stop`` (a threading.Event) asks the client to leave at its next barrier.
+    ``stop`` (a threading.Event) asks the client to leave at its next barrier; ``model``: its
+    copy of the base model when the backend made one (``shared.FrozenShare``).
     """
-    model = load_model(spec.model).to(client_device(spec))
+    if model is None:
+        model = load_model(spec.model).to(client_device(spec))
     client = Client(
         spec.client_id,
         model,

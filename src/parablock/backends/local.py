@@ -13,6 +13,7 @@ import threading
 import torch
 
 from parablock.backends import ClientSpec, build_client, run_spec
+from parablock.backends.shared import FrozenShare
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import RunStopped
@@ -34,11 +35,16 @@ def run_local(
     stop: threading.Event | None = None,
 ) -> list[ClientLog]:
     torch.set_num_threads(torch_threads(len(specs), threads))
-    clients = [build_client(s, server, on_barrier, stop, on_phase) for s in specs]
-    errors: list[BaseException] = []
+    share = FrozenShare()
 
     def build(spec: ClientSpec):
-        return build_client(spec, server, on_barrier, stop, on_phase)
+        model = None
+        if spec.trained and spec.gpus <= 0:
+            model = share.model(spec.model, spec.extra_blocks, spec.trained)
+        return build_client(spec, server, on_barrier, stop, on_phase, model)
+
+    clients = [build(s) for s in specs]
+    errors: list[BaseException] = []
 
     def work(i: int, spec: ClientSpec) -> None:
         def current(client) -> None:  # a client that restarted is a new object

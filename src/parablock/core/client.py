@@ -20,6 +20,7 @@ from parablock.core.aggregate import apply
 from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.correction import Correction
+from parablock.core.forward import BlockForward, first_trained_layer
 from parablock.core.messages import BlockUpdate, BlockValue, Expected
 from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.protocol import (
@@ -81,6 +82,7 @@ class Client:
         self.fingerprint = fingerprint  # of the base model, checked by a network server
         self.log = ClientLog(client_id)
         self._reported_spans = 0
+        self._forward: BlockForward | None = None  # built at the first compute (needs the plan)
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -171,7 +173,9 @@ class Client:
             len(self.data), round, self.settings.steps, self.settings.batch_size, self.seed
         )
         with self.log.span(round, "compute", record):
-            result = train_block(self.model, block, self.data, batches, self.settings, self.pad_id)
+            result = train_block(
+                self.model, block, self.data, batches, self.settings, self.pad_id, self.forward()
+            )
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
             set_block(self.model, block, apply(result.before, result.delta, 1.0))
@@ -187,6 +191,22 @@ class Client:
             result.loss,
             {n: t.cpu() for n, t in result.delta.items()},  # messages carry CPU tensors
         )
+
+    def forward(self) -> BlockForward:
+        """The loss computation, kept across rounds: it holds the prefix cache, which starts at
+        the lowest layer this client's plan ever trains."""
+        if self._forward is None:
+            start = first_trained_layer(self.model, self.blocks, set(self.plan))
+            self._forward = self.settings.forward(self.model, start)
+            log.info(
+                "client %d: %s forward, %s",
+                self.id,
+                self._forward.precision,
+                f"prefix cache from layer {start}"
+                if self._forward.cache is not None
+                else "no prefix cache",
+            )
+        return self._forward
 
     def communicate(self, pending: BlockUpdate, record: RoundRecord) -> BlockValue:
         """Upload a pending delta, wait for its round's aggregate, download it."""

@@ -130,6 +130,11 @@ class RunSettings(Message):
     max_length: int
     train_size: int
     label_field: str
+    # how a client computes its step ([train]); the defaults are today's plain fp32 step
+    precision: str = "fp32"
+    prefix_cache_mb: float = 0.0
+    response_logits: bool = True
+    loss_chunk: int = 0
 
     def train_settings(self) -> TrainSettings:
         """The local training part, as ``core.train`` takes it."""
@@ -141,6 +146,10 @@ class RunSettings(Message):
             self.warmup_steps,
             self.lr_schedule,
             self.grad_clip,
+            self.precision,
+            self.prefix_cache_mb,
+            self.response_logits,
+            self.loss_chunk,
         )
 
 

@@ -3,6 +3,8 @@
 Only the block's parameters require grad, and nothing below it does (the embeddings are frozen), so
 autograd records no graph below the block: backward stops there and the layers underneath run as
 plain inference. A fresh optimizer per call matches BAdam-style state reset at block switches.
+The loss of each batch comes from ``forward.BlockForward`` (precision, prefix cache, response-only
+logits); the parameters, their gradients, the optimizer state and the delta stay fp32.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torch import nn
 
 from parablock.core.blocks import Block, block_state, freeze_all_but
-from parablock.data.examples import Example, collate
+from parablock.core.forward import BlockForward
+from parablock.data.examples import Example
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,21 @@ class TrainSettings:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # or "cosine"
     grad_clip: float = 0.0
+    precision: str = "fp32"  # fp32, bf16 or auto (``forward.resolve_precision``)
+    prefix_cache_mb: float = 0.0  # 0 = every forward starts at the embeddings
+    response_logits: bool = True  # the LM head only where the loss is
+    loss_chunk: int = 0  # > 0: positions per recomputed piece of the LM head and loss
+
+    def forward(self, model: nn.Module, start: int = 0) -> BlockForward:
+        """The loss computation these settings ask for, for blocks at or above layer ``start``."""
+        return BlockForward(
+            model,
+            start,
+            precision=self.precision,
+            prefix_cache_mb=self.prefix_cache_mb,
+            response_logits=self.response_logits,
+            loss_chunk=self.loss_chunk,
+        )
 
 
 @dataclass(frozen=True)
@@ -34,12 +52,6 @@ class TrainResult:
     delta: dict[str, torch.Tensor]  # after - before
     num_examples: int
     loss: float  # mean training loss over the K steps
-
-
-def _to(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The batch on the model's device (a client on a GPU trains there)."""
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def lr_factor(step: int, s: TrainSettings) -> float:
@@ -58,8 +70,14 @@ def train_block(
     batches: list[list[int]],
     settings: TrainSettings,
     pad_id: int,
+    forward: BlockForward | None = None,
 ) -> TrainResult:
-    """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``)."""
+    """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``).
+
+    ``forward``: the client's loss computation (it holds the prefix cache across rounds); by
+    default one built from ``settings`` that starts at the embeddings."""
+    if forward is None:
+        forward = settings.forward(model)
     before = block_state(model, block)
     params = freeze_all_but(model, block)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -68,8 +86,7 @@ def train_block(
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings)
-        batch = _to(collate([data[i] for i in idx], pad_id), model)
-        loss = model(**batch).loss
+        loss = forward.loss(data, idx, pad_id)
         loss.backward()
         if settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

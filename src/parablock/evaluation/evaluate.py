@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from parablock.core.blocks import Block, set_block
-from parablock.data.examples import IGNORE, Example, Record, collate, render_prompt
+from parablock.core.forward import postprocessed_logits, response_loss
+from parablock.data.examples import Example, Record, collate, render_prompt
 from parablock.registry import Registry
 
 # -- loss ------------------------------------------------------------------------------------
@@ -34,22 +35,27 @@ from parablock.registry import Registry
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: int) -> float:
-    """Mean per-token loss on the response tokens of ``data``."""
+    """Mean per-token loss on the response tokens of ``data`` (fp32; the LM head only where the
+    loss is, as in training)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    plain = postprocessed_logits(model)
+    head = nn.Identity() if plain else model.get_output_embeddings()
+    device = next(model.parameters()).device
     for i in range(0, len(data), batch_size):
-        batch = collate(data[i : i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+        batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+        if plain:  # the model's own logits, all positions
+            hidden = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        else:
+            hidden = model.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        loss, n = response_loss(hidden, batch["labels"], head)
         total += loss.item()
-        count += int((labels != IGNORE).sum())
+        count += n
     model.train(was_training)
     return total / max(count, 1)
 

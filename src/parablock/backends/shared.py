@@ -1,0 +1,37 @@
+"""One copy of the frozen weights for every client in a process (the local backend).
+
+A parameter outside every block the run trains is never written by anyone: not by training, not
+by a correction, not by a join (only trained blocks have versions to catch up on). So clients in
+one process can hold the same tensor for it. Each client gets a deep copy of one base model in
+which those parameters are the base's own objects and only the trained blocks are its own, e.g.
+8 of SmolLM2's 30 layers under ``top:8``, without the 113 MB embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+from torch import nn
+
+from parablock.core.blocks import model_blocks
+from parablock.model import load_model
+
+
+class FrozenShare:
+    """Builds client models that share every never-trained parameter (CPU clients only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # restarted clients are rebuilt on their own threads
+        self._bases: dict[str, nn.Module] = {}
+
+    def model(self, path: str, extra_blocks: str, trained: tuple[int, ...]) -> nn.Module:
+        with self._lock:
+            base = self._bases.get(path)
+            if base is None:
+                base = self._bases[path] = load_model(path)
+            blocks = model_blocks(base, extra_blocks)
+            own = {n for b in trained for n in blocks[b].param_names}
+            # deepcopy takes what the memo already holds as is: those parameters stay shared
+            memo = {id(p): p for n, p in base.named_parameters() if n not in own}
+            return copy.deepcopy(base, memo)
