@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from parablock.config import Config
 from parablock.core.algorithms import check_plan
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
+from parablock.core.forward import resolve_precision
 from parablock.core.metrics import describe, summarize
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
@@ -134,6 +136,20 @@ def _per_client_train(
         records += recs
         examples += exs
     return records, examples, parts
+
+
+def _compute_summary(cfg: Config, serve: bool) -> dict:
+    """Which precision the clients trained in, and this process's peak memory (with the local
+    backend: the server and every client, hence also per client)."""
+    device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
+    precision = "per client" if serve else resolve_precision(cfg.train.precision, device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    local = not serve and cfg.run.backend == "local"
+    return {
+        "precision": precision,
+        "peak_rss_mb": peak,
+        "peak_rss_mb_per_client": peak / cfg.federation.clients if local else None,
+    }
 
 
 def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
@@ -570,6 +586,7 @@ def _train(
         model_note="embedded SmolLM2-135M-Instruct is a dequantised Q4_1 (4-bit) GGUF copy"
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",
+        **_compute_summary(cfg, serve),
     )
     for e in evals[1:]:
         files.add(e.to_json())
