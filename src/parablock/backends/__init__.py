@@ -54,6 +54,7 @@ class ClientSpec:
     gpus: float = 0.0  # > 0: the client trains on a GPU
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
+    slowdown: float = 1.0  # federation.compute_slowdown: its compute takes this many times longer
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -101,6 +102,7 @@ def build_client(
         stop=stop,
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
+        slowdown=spec.slowdown,
     )
     client.log.listener = on_phase
     return client
