@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import parablock.core.client as client_module
 from conftest import tiny_config
@@ -159,6 +160,17 @@ def test_each_local_client_gets_its_own_link_and_slowdown(tiny_model_dir, tmp_pa
     assert built.connection.uplink.spec == LinkSpec(5.0, 40.0, chunk)
     assert built.connection.downlink.spec == LinkSpec(100.0, 40.0, chunk)
     assert built.slowdown == 3.0
+    # a Ray client actor (its class, here without a cluster) builds the same client from its spec
+    from parablock.backends.ray import ClientActor
+
+    actor, threads = ClientActor(f.specs[1], server=None, threads=1), torch.get_num_threads()
+    try:
+        actor.setup()
+    finally:
+        torch.set_num_threads(threads)  # setup sets this process's torch threads
+    assert actor.client.connection.uplink.spec == LinkSpec(200.0, 0.0, chunk)
+    assert actor.client.connection.downlink.spec == LinkSpec(100.0, 0.0, chunk)
+    assert actor.client.slowdown == 1.0 and actor.client.id == 1
 
 
 def test_a_slow_client_is_slow_on_its_own_link_and_compute_and_the_run_resumes(
@@ -289,7 +301,12 @@ def test_estimate_waits_for_the_slowest_client_unless_min_clients_lets_it_go(
     r = estimate(tiny_config(tiny_model_dir, str(tmp_path), federation=fed, link=link), est)
     s = r["slowest"]["fedbcd"]
     assert s["left_out"] == [2]
+    # a round closed at the deadline: the fast uploads, then 0.05 s; once the server has
+    # dropped the late client, rounds wait for the fast ones only
     assert s["closes_without_s"] == pytest.approx(0.2 + fast + 0.05)
+    assert s["others_round_s"] == pytest.approx(0.2 + fast)
+    p = r["slowest"]["parablock"]
+    assert p["left_out"] == [2] and p["others_round_s"] == pytest.approx(max(0.2, fast))
     assert "unless federation.min_clients=2 closes the round without client(s) 2" in (
         format_estimate(r)
     )

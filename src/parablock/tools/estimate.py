@@ -295,12 +295,31 @@ def crossover(
     return _as_set(link.up_mbps), _as_set(link.down_mbps)
 
 
-def without_stragglers(rounds: Sequence[float], min_clients: int, timeout_s: float) -> float:
-    """About how long a round takes when ``federation.min_clients`` lets it close without the
-    slowest clients: the server closes it ``round_timeout_s`` after the first update (roughly,
-    after the fastest client's round) once ``min_clients`` are in, or when all are."""
-    r = sorted(rounds)
-    return max(r[min_clients - 1], min(r[-1], r[0] + timeout_s))
+# When a client's upload starts, from the start of its round: FedBCD's after its compute,
+# ParaBlock's at once (the previous round's delta goes up under the compute).
+UPLOAD_STARTS: Registry[Callable[[float], float]] = Registry("upload start")
+UPLOAD_STARTS.add("fedbcd", lambda comp: comp)
+UPLOAD_STARTS.add("parablock", lambda comp: 0.0)
+
+
+def deadline_round(
+    algorithm: str, clients: Sequence[dict], aggregate_s: float, min_clients: int, timeout_s: float
+) -> tuple[float, list[int]]:
+    """One round, every client starting it together, that the server closes ``timeout_s`` after
+    the first update once ``min_clients`` are in (or when all are): the round time of the
+    clients in it (each done at max(T_comp, close + T_agg + T_down)) and the clients left out.
+    ``clients``: per-client ``compute_s``, ``upload_s``, ``download_s``."""
+    start = UPLOAD_STARTS.get(algorithm)
+    arrive = [start(c["compute_s"]) + c["upload_s"] for c in clients]
+    a = sorted(arrive)
+    close = max(a[min_clients - 1], min(a[-1], a[0] + timeout_s))
+    left = [i for i, t in enumerate(arrive) if t > close]
+    secs = max(
+        max(c["compute_s"], close + aggregate_s + c["download_s"])
+        for i, c in enumerate(clients)
+        if i not in left
+    )
+    return secs, left
 
 
 def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None) -> float:
@@ -395,14 +414,17 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "sweep": sweep,
         "heterogeneous": len({(c["compute_s"], c["comm_s"]) for c in clients}) > 1,
         "per_client": clients,
-        "slowest": _slowest(cfg, clients),
+        "slowest": _slowest(cfg, clients, est.aggregate_s),
     }
 
 
-def _slowest(cfg: Config, clients: list[dict]) -> dict[str, dict | None]:
+def _slowest(cfg: Config, clients: list[dict], aggregate_s: float) -> dict[str, dict | None]:
     """Per algorithm: the client every round waits for, and whether ``federation.min_clients``
     lets rounds close without it (``round_timeout_s`` after the first update); None for an
-    algorithm whose clients all take equally long (e.g. a slow link that ParaBlock hides)."""
+    algorithm whose clients all take equally long (e.g. a slow link that ParaBlock hides).
+
+    A round closed at the deadline takes about ``closes_without_s``; the server then drops the
+    late client, so until it rejoins the rounds wait for the others only (``others_round_s``)."""
     fed = cfg.federation
     m = fed.min_clients or fed.clients
     out: dict[str, dict | None] = {}
@@ -413,7 +435,7 @@ def _slowest(cfg: Config, clients: list[dict]) -> dict[str, dict | None]:
         if others >= rounds[worst]:
             out[alg] = None
             continue
-        closed = without_stragglers(rounds, m, fed.round_timeout_s)
+        closed, left = deadline_round(alg, clients, aggregate_s, m, fed.round_timeout_s)
         out[alg] = {
             "client": worst,
             "round_s": rounds[worst],
@@ -421,8 +443,8 @@ def _slowest(cfg: Config, clients: list[dict]) -> dict[str, dict | None]:
             "clients": fed.clients,
             "min_clients": m,
             "round_timeout_s": fed.round_timeout_s,
-            "closes_without_s": closed if closed < rounds[worst] else None,
-            "left_out": [i for i, r in enumerate(rounds) if r > closed],
+            "closes_without_s": closed if left else None,
+            "left_out": left,
         }
     return out
 
@@ -498,9 +520,10 @@ def _format_slowest(slowest: dict[str, dict | None]) -> list[str]:
             who = ", ".join(map(str, s["left_out"]))
             lines.append(
                 f"{head}, unless federation.min_clients={m} closes the round without client(s) "
-                f"{who}: about {s['closes_without_s']:.3f} s (round_timeout_s={timeout:g} after "
-                "the first update; their updates miss those rounds and they rejoin at the open "
-                "round)"
+                f"{who}: about {s['closes_without_s']:.3f} s for a round closed at the deadline "
+                f"(round_timeout_s={timeout:g} after the first update), {s['others_round_s']:.3f} "
+                "s while the server has dropped them; their updates miss those rounds and they "
+                "rejoin at the open round"
             )
         elif m < s["clients"]:
             lines.append(
