@@ -41,7 +41,8 @@ def test_help_lists_every_key_with_default_and_meaning():
     text = help_text()
     for section, cls in SECTIONS.items():
         for f in cls.__dataclass_fields__.values():
-            assert f"{section}.{f.name} = {f.default!r}" in text
+            default = f.default[0] if f.metadata["per_client"] else f.default  # one for all
+            assert f"{section}.{f.name} = {default!r}" in text
     assert "{fedbcd, parablock}" in text
 
 
@@ -56,7 +57,7 @@ def test_set_overrides_are_typed():
         ],
     )
     assert cfg.federation.rounds == 3 and cfg.federation.lr == 0.01
-    assert math.isinf(cfg.link.up_mbps)
+    assert cfg.link.up_mbps == (math.inf,)  # one value: every client's
     assert cfg.federation.algorithm == "fedbcd"
 
 
@@ -113,4 +114,4 @@ def test_floats_must_be_finite_except_link_speeds():
         load(None, ["federation.server_lr=inf"])
     with pytest.raises(ConfigError, match="federation.lr must be a finite number"):
         load(None, ["federation.lr=1e400"])
-    assert math.isinf(load(None, ["link.down_mbps=inf"]).link.down_mbps)
+    assert load(None, ["link.down_mbps=inf"]).link.down_mbps == (math.inf,)

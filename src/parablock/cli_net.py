@@ -105,6 +105,14 @@ def add_parsers(sub, config_args) -> None:
         "--emulate-latency-ms", type=float, default=0.0, metavar="MS", help="add this latency"
     )
     c.add_argument(
+        "--compute-slowdown",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="for studies of slow clients: take F (>= 1) times the compute time (a simulation's "
+        "federation.compute_slowdown for this client)",
+    )
+    c.add_argument(
         "--reconnect-s",
         type=float,
         default=300.0,
@@ -195,6 +203,7 @@ def client(args, setup_logging) -> int:
         up_mbps=args.emulate_up_mbps,
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,
+        slowdown=args.compute_slowdown,
         reconnect_s=args.reconnect_s,
         faults=args.faults,
     )

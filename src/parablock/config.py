@@ -30,16 +30,49 @@ def opt(
     gt: float | None = None,
     le: float | None = None,
     allow_inf: bool = False,
+    per_client: bool = False,
 ) -> Any:
     """A config field with its help text and constraints (checked by ``_validate``); a float is
-    finite unless ``allow_inf``."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "allow_inf": allow_inf}
+    finite unless ``allow_inf``. A ``per_client`` field holds a tuple of floats: one value for
+    every client, or one per client (``per_client_value`` picks a client's), each checked
+    against the bounds."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "allow_inf": allow_inf,
+        "per_client": per_client,
+    }
+    if per_client:
+        default = (float(default),)
     return field(default=default, metadata=meta)
+
+
+PER_CLIENT = "one value for every client, or a comma list with one per client, e.g. '20,20,5'"
+
+
+def per_client_value(values: tuple[float, ...], client: int) -> float:
+    """Client ``client``'s value of a per-client setting (a single value is every client's)."""
+    return values[0] if len(values) == 1 else values[client]
+
+
+def per_client_text(values: tuple[float, ...]) -> str:
+    """A per-client setting as a user would write it, for logs and messages: '20' or '20,20,5'."""
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _per_client_plain(values: tuple[float, ...]) -> float | str:
+    """A per-client setting as config.toml holds it, exactly: a number, or a comma list of
+    exact numbers ('inf' included) in a string, which loads back to the same tuple."""
+    return values[0] if len(values) == 1 else ",".join(repr(v) for v in values)
 
 
 # torch.manual_seed takes at most 2**64 - 1 and numpy any size; a signed 64-bit bound also keeps
 # the seed a TOML integer in config.toml (TOML integers are signed 64-bit), so --resume reads it.
 MAX_SEED = 2**63 - 1
+MAX_LATENCY_MS = 60_000.0  # a minute each way: longer is a typo, not a link
 
 
 def _algorithms() -> list[str]:
@@ -212,6 +245,14 @@ class FederationConfig:
     round_timeout_s: float = opt(
         600.0, "seconds a round waits for missing updates after the first one arrives", gt=0.0
     )
+    compute_slowdown: tuple[float, ...] = opt(
+        1.0,
+        "for studies of slow clients: a client with factor f takes f times its compute time "
+        "(it sleeps (f - 1) x the measured time after each compute, inside the compute span); "
+        f">= 1, {PER_CLIENT}",
+        ge=1.0,
+        per_client=True,
+    )
 
 
 def _precisions() -> tuple[str, ...]:
@@ -249,16 +290,40 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LinkConfig:
-    up_mbps: float = opt(
-        20.0, "client uplink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0, allow_inf=True
+    up_mbps: tuple[float, ...] = opt(
+        20.0,
+        f"client uplink bandwidth in Mbit/s ('inf' = unlimited); {PER_CLIENT}",
+        gt=0.0,
+        allow_inf=True,
+        per_client=True,
     )
-    down_mbps: float = opt(
-        50.0, "client downlink bandwidth in Mbit/s ('inf' = unlimited)", gt=0.0, allow_inf=True
+    down_mbps: tuple[float, ...] = opt(
+        50.0,
+        f"client downlink bandwidth in Mbit/s ('inf' = unlimited); {PER_CLIENT}",
+        gt=0.0,
+        allow_inf=True,
+        per_client=True,
     )
-    latency_ms: float = opt(
-        20.0, "one-way latency per transfer in milliseconds", ge=0.0, le=60_000.0
+    latency_ms: tuple[float, ...] = opt(
+        20.0,
+        f"one-way latency per transfer in milliseconds; {PER_CLIENT}",
+        ge=0.0,
+        le=MAX_LATENCY_MS,
+        per_client=True,
     )
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
+
+    def client(self, client: int) -> tuple[float, float, float]:
+        """Client ``client``'s (up Mbit/s, down Mbit/s, latency ms)."""
+        return (
+            per_client_value(self.up_mbps, client),
+            per_client_value(self.down_mbps, client),
+            per_client_value(self.latency_ms, client),
+        )
+
+    def uniform(self) -> bool:
+        """Every client has the same link."""
+        return all(len(set(v)) == 1 for v in (self.up_mbps, self.down_mbps, self.latency_ms))
 
 
 @dataclass(frozen=True)
@@ -376,6 +441,7 @@ class Config:
         for name in SECTIONS:
             _validate(name, getattr(self, name))
         fed = self.federation
+        _check_client_counts(self)
         if fed.min_clients > fed.clients:
             raise ConfigError(
                 f"federation.min_clients={fed.min_clients} exceeds federation.clients={fed.clients}"
@@ -414,7 +480,16 @@ class Config:
             parse(self.run.faults, self.run.seed)  # a bad spec: one line naming the item
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """Plain TOML values: a per-client setting is a number, or a comma list in a string."""
+        out = {}
+        for name in SECTIONS:
+            obj = getattr(self, name)
+            values = dataclasses.asdict(obj)
+            for f in dataclasses.fields(obj):
+                if f.metadata.get("per_client"):
+                    values[f.name] = _per_client_plain(values[f.name])
+            out[name] = values
+        return out
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -432,24 +507,49 @@ def _validate(section: str, obj: Any) -> None:
         key = f"{section}.{f.name}"
         value = getattr(obj, f.name)
         meta = f.metadata
-        if isinstance(value, float) and math.isnan(value):
-            raise ConfigError(f"{key} must be a number, got nan")
-        if isinstance(value, float) and math.isinf(value) and not meta.get("allow_inf"):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
-        choices = meta.get("choices")
-        if callable(choices):
-            choices = choices()
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed; valid: {', '.join(choices)}")
-        for bound, ok, word in (
-            ("ge", lambda v, b: v >= b, ">="),
-            ("gt", lambda v, b: v > b, ">"),
-            ("le", lambda v, b: v <= b, "<="),
-        ):
-            b = meta.get(bound)
-            if b is not None and not ok(value, b):
+        if not meta.get("per_client"):
+            _check(key, key, value, meta)
+            continue
+        if not (isinstance(value, tuple) and value and all(type(v) is float for v in value)):
+            raise ConfigError(f"{key} must be a tuple of floats, one per client, got {value!r}")
+        for i, v in enumerate(value):
+            _check(key, key if len(value) == 1 else f"{key}: client {i}'s value", v, meta)
+
+
+def _check(key: str, name: str, value: Any, meta: Any) -> None:
+    """One value against its field's constraints; ``name`` says whose value it is."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got nan")
+    if isinstance(value, float) and math.isinf(value) and not meta.get("allow_inf"):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed; valid: {', '.join(choices)}")
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+    ):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            shown = f"{name}={value!r}" if name == key else f"{name} {value!r}"
+            raise ConfigError(f"{shown} is out of range; it must be {word} {_bound_text(b)}")
+
+
+def _check_client_counts(cfg: Config) -> None:
+    """A per-client list has exactly one entry per client."""
+    clients = cfg.federation.clients
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            values = getattr(obj, f.name)
+            if f.metadata.get("per_client") and len(values) not in (1, clients):
                 raise ConfigError(
-                    f"{key}={value!r} is out of range; it must be {word} {_bound_text(b)}"
+                    f"{section}.{f.name}={per_client_text(values)!r} has {len(values)} values "
+                    f"but federation.clients={clients}; give one value for every client or "
+                    f"exactly {clients}, one per client"
                 )
 
 
@@ -488,6 +588,8 @@ def _check_algorithm(cfg: Config) -> None:
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert a TOML value or a ``--set`` string to the field's type, or raise ConfigError."""
+    if f.metadata.get("per_client"):
+        return _per_client(key, value)
     kind = type(f.default)
     if isinstance(value, str) and kind is not str:
         text = value.strip()
@@ -507,6 +609,28 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key} expects {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _per_client(key: str, value: Any) -> tuple[float, ...]:
+    """A number, a comma list of numbers in a string ('20,20,5', as ``--set`` gives it too) or
+    a TOML array of numbers, as a tuple of floats (bounds and the count are checked later)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        items = [items]
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise ValueError
+            out.append(float(item))
+        except ValueError:
+            raise ConfigError(
+                f"{key} expects a number or a comma list of numbers, one per client "
+                f"(e.g. '20,20,5'), got {value!r}"
+            ) from None
+    if not out:
+        raise ConfigError(f"{key} expects a number or a comma list of numbers, got {value!r}")
+    return tuple(out)
 
 
 def _field(section: str, key: str) -> dataclasses.Field:
@@ -582,6 +706,9 @@ def help_text() -> str:
                 except Exception:  # a registry whose optional package is missing
                     choices = None
             extra = f" {{{', '.join(choices)}}}" if choices else ""
-            lines.append(f"  {section}.{f.name} = {f.default!r}{extra}")
+            default = f.default
+            if f.metadata.get("per_client"):
+                default = _per_client_plain(default)
+            lines.append(f"  {section}.{f.name} = {default!r}{extra}")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

@@ -119,6 +119,7 @@ RESUME_FREE = (
     "eval.every",
     "eval.batch_size",
     "federation.round_timeout_s",
+    "federation.compute_slowdown",
     "link.",
     "server.",
 )

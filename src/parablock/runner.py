@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from parablock.backends import BACKENDS, ClientSpec
-from parablock.config import Config
+from parablock.config import Config, per_client_text, per_client_value
 from parablock.core.algorithms import check_plan
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
@@ -72,12 +72,11 @@ def _settings(cfg: Config) -> TrainSettings:
     return run_settings(cfg, []).train_settings()
 
 
-def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
+def _links(cfg: Config, client: int) -> tuple[LinkSpec, LinkSpec]:
+    """Client ``client``'s uplink and downlink (``link.*`` may differ per client)."""
+    up, down, latency = cfg.link.client(client)
     chunk = cfg.link.chunk_kb * 1024
-    return (
-        LinkSpec(cfg.link.up_mbps, cfg.link.latency_ms, chunk),
-        LinkSpec(cfg.link.down_mbps, cfg.link.latency_ms, chunk),
-    )
+    return LinkSpec(up, latency, chunk), LinkSpec(down, latency, chunk)
 
 
 @dataclass
@@ -274,7 +273,6 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     if client_sources:
         data_stats["client_sources"] = client_sources
 
-    up, down = _links(cfg)
     specs = [
         ClientSpec(
             i,
@@ -282,8 +280,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             cfg.model.extra_blocks,
             tuple(train[j] for j in parts[i]),
             _settings(cfg),
-            up,
-            down,
+            *_links(cfg, i),
             fed.algorithm,
             fed.correction,
             seed,
@@ -293,20 +290,24 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             faults=cfg.run.faults,
             stall_s=stall_seconds(fed.round_timeout_s),
             trained=tuple(selected),
+            slowdown=per_client_value(fed.compute_slowdown, i),
         )
         for i in range(fed.clients)
     ]
     log.info(
         "%s: %d clients, %d rounds over blocks %s (%.1f MB per block), links up %s / down %s "
-        "Mbit/s, %g ms",
+        "Mbit/s, %s ms%s",
         fed.algorithm,
         fed.clients,
         fed.rounds,
         selected,
         block_nbytes(model, blocks[selected[0]]) / 1e6,
-        cfg.link.up_mbps,
-        cfg.link.down_mbps,
-        cfg.link.latency_ms,
+        per_client_text(cfg.link.up_mbps),
+        per_client_text(cfg.link.down_mbps),
+        per_client_text(cfg.link.latency_ms),
+        ""
+        if fed.compute_slowdown == (1.0,)
+        else f", compute slow-down {per_client_text(fed.compute_slowdown)}",
     )
     return Federation(
         cfg,
@@ -332,6 +333,11 @@ def _serving(cfg: Config, server: Server, tokenizer, selected: list[int]) -> Fed
         encode_all(records, tokenizer, cfg.data.max_length, "held-out (all)", stats)
     else:
         log.info("no eval.source: the server evaluates nothing (clients' data never leaves them)")
+    if cfg.federation.compute_slowdown != (1.0,) or not cfg.link.uniform():
+        log.info(
+            "link.* and federation.compute_slowdown pace simulated clients only; a networked "
+            "client paces itself with its own --emulate-* and --compute-slowdown options"
+        )
     log.info(
         "%s server: %d clients, %d rounds over blocks %s (%.1f MB per block)",
         cfg.federation.algorithm,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from parablock.backends import MAX_RESTARTS
+from parablock.config import MAX_LATENCY_MS
 from parablock.core.algorithms import ALGORITHMS, run_client
 from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
@@ -62,6 +64,7 @@ class SiteOptions:
     up_mbps: float | None = None  # emulate a slower link on top of the real one
     down_mbps: float | None = None
     latency_ms: float = 0.0
+    slowdown: float = 1.0  # emulate a slower device: compute takes this many times longer
     reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
     faults: str = ""  # run.faults syntax: this client's uploads go wrong on purpose (tests)
 
@@ -70,15 +73,22 @@ class SiteOptions:
 
 
 def _links(o: SiteOptions) -> tuple[LinkSpec | None, LinkSpec | None]:
+    """This process's own link emulation (a simulation's ``link.*`` for one client), checked
+    against the same bounds."""
+    for flag, mbps in (("--emulate-up-mbps", o.up_mbps), ("--emulate-down-mbps", o.down_mbps)):
+        if mbps is not None and not mbps > 0:  # nan too
+            raise ConfigError(f"{flag} must be > 0 Mbit/s or inf, got {mbps:g}")
+    if not 0 <= o.latency_ms <= MAX_LATENCY_MS:
+        raise ConfigError(
+            f"--emulate-latency-ms must be in 0..{MAX_LATENCY_MS:g}, got {o.latency_ms:g}"
+        )
+
     def spec(mbps: float | None) -> LinkSpec | None:
         if mbps is None and not o.latency_ms:
             return None
         return LinkSpec(mbps if mbps is not None else float("inf"), o.latency_ms)
 
-    try:
-        return spec(o.up_mbps), spec(o.down_mbps)
-    except ValueError as e:
-        raise ConfigError(f"--emulate-*: {e}") from None
+    return spec(o.up_mbps), spec(o.down_mbps)
 
 
 def request_from(client: int, fingerprint: str, state: ClientState | None) -> JoinRequest:
@@ -114,6 +124,9 @@ def run_site(o: SiteOptions) -> dict:
     client_records(o.data, 1, 0)  # a bad --data is a one-line error before anything connects
     if o.faults:
         parse_faults(o.faults)  # a bad spec: one line, before anything connects
+    _links(o)  # bad emulation options likewise
+    if not 1 <= o.slowdown < math.inf:
+        raise ConfigError(f"--compute-slowdown must be a finite factor >= 1, got {o.slowdown:g}")
     o.out_dir().mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(o.threads or os.cpu_count() or 1)
     state = {"joined": False, "lost_at": None, "crashes": 0}
@@ -200,6 +213,7 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         checkpoint=store,
         resume=state,
         fingerprint=fingerprint,
+        slowdown=o.slowdown,
     )
     started = time.time()
     try:

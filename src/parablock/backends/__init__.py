@@ -56,6 +56,7 @@ class ClientSpec:
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
     trained: tuple[int, ...] = ()  # the blocks the run trains (the rest may be shared)
+    slowdown: float = 1.0  # federation.compute_slowdown: its compute takes this many times longer
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -106,6 +107,7 @@ def build_client(
         stop=stop,
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
+        slowdown=spec.slowdown,
     )
     client.log.listener = on_phase
     return client

@@ -58,9 +58,12 @@ class Client:
         resume: ClientState | None = None,
         stop: threading.Event | None = None,
         fingerprint: str = "",
+        slowdown: float = 1.0,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
+        if not 1.0 <= slowdown < float("inf"):
+            raise ValueError(f"client {client_id}: compute slow-down must be >= 1, got {slowdown}")
         self.id = client_id
         self.model = model
         self.blocks = blocks
@@ -80,6 +83,7 @@ class Client:
         self.resume = resume
         self.stop = stop
         self.fingerprint = fingerprint  # of the base model, checked by a network server
+        self.slowdown = slowdown  # each compute takes this many times its measured time
         self.log = ClientLog(client_id)
         self._reported_spans = 0
         self._forward: BlockForward | None = None  # built at the first compute (needs the plan)
@@ -173,12 +177,15 @@ class Client:
             len(self.data), round, self.settings.steps, self.settings.batch_size, self.seed
         )
         with self.log.span(round, "compute", record):
+            started = time.perf_counter()
             result = train_block(
                 self.model, block, self.data, batches, self.settings, self.pad_id, self.forward()
             )
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
             set_block(self.model, block, apply(result.before, result.delta, 1.0))
+            if self.slowdown > 1.0:  # a slower device, for studies: inside the span
+                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
         self.dirty.add(block.index)
         record.train_loss = result.loss
         record.examples = result.num_examples

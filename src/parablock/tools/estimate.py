@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
+from parablock.config import (
+    Config,
+    ConfigError,
+    _coerce,
+    _validate,
+    from_dict,
+    opt,
+    per_client_value,
+)
 from parablock.core.blocks import model_blocks, select_blocks
 from parablock.core.schedule import make_plan
 from parablock.errors import EstimateError  # noqa: F401
@@ -197,15 +205,37 @@ ROUND_MODELS.add("fedbcd", lambda comp, comm: comp + comm)
 ROUND_MODELS.add("parablock", lambda comp, comm: max(comp, comm))
 
 
-def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
-    return LinkSpec(cfg.link.up_mbps, cfg.link.latency_ms), LinkSpec(
-        cfg.link.down_mbps, cfg.link.latency_ms
-    )
+def _links(cfg: Config, client: int) -> tuple[LinkSpec, LinkSpec]:
+    up, down, latency = cfg.link.client(client)
+    return LinkSpec(up, latency), LinkSpec(down, latency)
+
+
+def client_comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> list[float]:
+    """Each client's T_up + T_agg + T_down for a block of ``nbytes``."""
+    out = []
+    for i in range(cfg.federation.clients):
+        up, down = _links(cfg, i)
+        out.append(up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes)))
+    return out
 
 
 def comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> float:
-    up, down = _links(cfg)
-    return up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes))
+    """The slowest client's communication time: every round waits for its update."""
+    return max(client_comm_seconds(nbytes, cfg, aggregate_s))
+
+
+def client_compute_seconds(cfg: Config, compute_s: float) -> list[float]:
+    """Each client's T_comp: ``compute_s`` times its ``federation.compute_slowdown``."""
+    f = cfg.federation
+    return [compute_s * per_client_value(f.compute_slowdown, i) for i in range(f.clients)]
+
+
+def round_seconds(algorithm: str, comps: Sequence[float], comms: Sequence[float]) -> float:
+    """A round with every client: the slowest client's round. (In the steady state each client
+    starts a round when it has the last aggregate, so the period is the largest cycle through
+    the server: max over clients of its own comp + comm, or max(comp, comm).)"""
+    model = ROUND_MODELS.get(algorithm)
+    return max(model(c, m) for c, m in zip(comps, comms, strict=True))
 
 
 def mean_round_s(
@@ -217,28 +247,79 @@ def mean_round_s(
     aggregate_s: float,
 ) -> float:
     """Mean over rounds 0..T-1; round t communicates the block trained in round t-1."""
-    model = ROUND_MODELS.get(algorithm)
-    times = [compute_s]
+    comps = client_compute_seconds(cfg, compute_s)
+    times = [max(comps)]
     for t in range(1, len(plan)):
-        times.append(model(compute_s, comm_seconds(block_bytes[plan[t - 1]], cfg, aggregate_s)))
+        comms = client_comm_seconds(block_bytes[plan[t - 1]], cfg, aggregate_s)
+        times.append(round_seconds(algorithm, comps, comms))
     return sum(times) / len(times)
+
+
+def _scaled(cfg: Config, factor: float) -> Config:
+    """``cfg`` with every client's bandwidths times ``factor``."""
+    link = cfg.link
+    return cfg.replace(
+        link={
+            "up_mbps": tuple(v * factor for v in link.up_mbps),
+            "down_mbps": tuple(v * factor for v in link.down_mbps),
+        }
+    )
+
+
+def _as_set(values: tuple[float, ...]) -> float | list[float]:
+    """A per-client value as the config holds it: one number, or one per client."""
+    return values[0] if len(set(values)) == 1 else list(values)
 
 
 def crossover(
     nbytes: float, compute_s: float, cfg: Config, aggregate_s: float
-) -> tuple[float, float] | None:
-    """Up/down bandwidths (Mbit/s, at the configured up:down ratio) where T_comm = T_comp.
+) -> tuple[float | list[float], float | list[float]] | None:
+    """Up/down bandwidths (Mbit/s; every client's at the configured ratios) where the slowest
+    client's T_comm equals the slowest T_comp.
 
-    None when no bandwidth gets there: latency and aggregation alone already exceed T_comp, or the
-    links are unlimited.
+    None when no bandwidth gets there: latency and aggregation alone already exceed T_comp for a
+    client, or the links are unlimited.
     """
-    up, down = cfg.link.up_mbps, cfg.link.down_mbps
-    inv = sum(0.0 if math.isinf(b) else 1.0 / b for b in (up, down))  # s per Mbit at scale 1
-    fixed = 2 * cfg.link.latency_ms / 1000 + aggregate_s
-    if inv == 0 or compute_s <= fixed:
+    target = max(client_compute_seconds(cfg, compute_s))
+    factor = 0.0  # the smallest scale at which every client's T_comm <= target
+    for i in range(cfg.federation.clients):
+        up, down, latency = cfg.link.client(i)
+        inv = sum(0.0 if math.isinf(b) else 1.0 / b for b in (up, down))  # s per Mbit at scale 1
+        fixed = 2 * latency / 1000 + aggregate_s
+        if target <= fixed:
+            return None
+        factor = max(factor, 8 * nbytes / 1e6 * inv / (target - fixed))
+    if factor == 0:
         return None
-    scale = 8 * nbytes / 1e6 * inv / (compute_s - fixed)
-    return up * scale, down * scale
+    link = _scaled(cfg, factor).link
+    return _as_set(link.up_mbps), _as_set(link.down_mbps)
+
+
+# When a client's upload starts, from the start of its round: FedBCD's after its compute,
+# ParaBlock's at once (the previous round's delta goes up under the compute).
+UPLOAD_STARTS: Registry[Callable[[float], float]] = Registry("upload start")
+UPLOAD_STARTS.add("fedbcd", lambda comp: comp)
+UPLOAD_STARTS.add("parablock", lambda comp: 0.0)
+
+
+def deadline_round(
+    algorithm: str, clients: Sequence[dict], aggregate_s: float, min_clients: int, timeout_s: float
+) -> tuple[float, list[int]]:
+    """One round, every client starting it together, that the server closes ``timeout_s`` after
+    the first update once ``min_clients`` are in (or when all are): the round time of the
+    clients in it (each done at max(T_comp, close + T_agg + T_down)) and the clients left out.
+    ``clients``: per-client ``compute_s``, ``upload_s``, ``download_s``."""
+    start = UPLOAD_STARTS.get(algorithm)
+    arrive = [start(c["compute_s"]) + c["upload_s"] for c in clients]
+    a = sorted(arrive)
+    close = max(a[min_clients - 1], min(a[-1], a[0] + timeout_s))
+    left = [i for i, t in enumerate(arrive) if t > close]
+    secs = max(
+        max(c["compute_s"], close + aggregate_s + c["download_s"])
+        for i, c in enumerate(clients)
+        if i not in left
+    )
+    return secs, left
 
 
 def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None) -> float:
@@ -254,7 +335,8 @@ def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None
 
 
 def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | None = None) -> dict:
-    """Per-round times for every algorithm, the speed-up, crossover and a bandwidth sweep."""
+    """Per-round times for every algorithm (per client when clients differ), the speed-up,
+    crossover, a bandwidth sweep, and what ``federation.min_clients`` does about a slow client."""
     sizes = model_sizes(cfg)
     width = DTYPES[est.dtype]
     block_bytes = {i: n * width for i, n in sizes.block_params.items()}
@@ -262,29 +344,46 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
     plan = make_plan(fed.schedule, sorted(block_bytes), fed.rounds, cfg.run.seed)
     compute = resolve_compute_s(cfg, est, measured_compute_s)
     mean_bytes = sum(block_bytes[b] for b in plan) / len(plan)
-    up, down = _links(cfg)
-    t_up, t_down = up.seconds(int(mean_bytes)), down.seconds(int(mean_bytes))
-    comm = t_up + est.aggregate_s + t_down
-    steady = {alg: ROUND_MODELS.get(alg)(compute, comm) for alg in ROUND_MODELS}
+    comps = client_compute_seconds(cfg, compute)
+    comms = client_comm_seconds(mean_bytes, cfg, est.aggregate_s)
+    clients = []
+    for i in range(fed.clients):
+        up, down = _links(cfg, i)
+        row = {
+            "client": i,
+            "up_mbps": up.mbps,
+            "down_mbps": down.mbps,
+            "latency_ms": up.latency_ms,
+            "compute_s": comps[i],
+            "upload_s": up.seconds(int(mean_bytes)),
+            "download_s": down.seconds(int(mean_bytes)),
+            "comm_s": comms[i],
+        }
+        for alg in ROUND_MODELS:
+            row[f"{alg}_round_s"] = ROUND_MODELS.get(alg)(comps[i], comms[i])
+        clients.append(row)
+    steady = {alg: round_seconds(alg, comps, comms) for alg in ROUND_MODELS}
     means = {
         alg: mean_round_s(alg, plan, block_bytes, compute, cfg, est.aggregate_s)
         for alg in ROUND_MODELS
     }
-    # Whole run: T rounds plus the drain (one more communication phase).
-    totals = {alg: means[alg] * fed.rounds + comm for alg in ROUND_MODELS}
+    # Whole run: T rounds plus the drain (one more communication phase, the slowest client's).
+    totals = {alg: means[alg] * fed.rounds + max(comms) for alg in ROUND_MODELS}
     cross = crossover(mean_bytes, compute, cfg, est.aggregate_s)
     sweep = []
     for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
-        c = cfg.replace(link={"up_mbps": up.mbps * factor, "down_mbps": down.mbps * factor})
-        cm = comm_seconds(mean_bytes, c, est.aggregate_s)
+        c = _scaled(cfg, factor)
+        cms = client_comm_seconds(mean_bytes, c, est.aggregate_s)
+        fb, pb = round_seconds("fedbcd", comps, cms), round_seconds("parablock", comps, cms)
         sweep.append(
             {
-                "up_mbps": c.link.up_mbps,
-                "down_mbps": c.link.down_mbps,
-                "comm_s": cm,
-                "fedbcd_round_s": compute + cm,
-                "parablock_round_s": max(compute, cm),
-                "speedup": (compute + cm) / max(compute, cm),
+                "factor": factor,
+                "up_mbps": _as_set(c.link.up_mbps),
+                "down_mbps": _as_set(c.link.down_mbps),
+                "comm_s": max(cms),
+                "fedbcd_round_s": fb,
+                "parablock_round_s": pb,
+                "speedup": fb / pb,
             }
         )
     return {
@@ -296,15 +395,16 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "mean_block_bytes": mean_bytes,
         "clients": fed.clients,
         "rounds": fed.rounds,
-        "up_mbps": cfg.link.up_mbps,
-        "down_mbps": cfg.link.down_mbps,
-        "latency_ms": cfg.link.latency_ms,
+        "up_mbps": _as_set(cfg.link.up_mbps),
+        "down_mbps": _as_set(cfg.link.down_mbps),
+        "latency_ms": _as_set(cfg.link.latency_ms),
+        "compute_slowdown": _as_set(fed.compute_slowdown),
         "compute_s": compute,
         "compute_source": "measured here" if measured_compute_s is not None else "given",
-        "upload_s": t_up,
+        "upload_s": max(c["upload_s"] for c in clients),
         "aggregate_s": est.aggregate_s,
-        "download_s": t_down,
-        "comm_s": comm,
+        "download_s": max(c["download_s"] for c in clients),
+        "comm_s": max(comms),
         "fedbcd_round_s": steady["fedbcd"],
         "parablock_round_s": steady["parablock"],
         "speedup": steady["fedbcd"] / steady["parablock"],
@@ -312,25 +412,79 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "total_s": totals,
         "crossover_mbps": None if cross is None else {"up": cross[0], "down": cross[1]},
         "sweep": sweep,
+        "heterogeneous": len({(c["compute_s"], c["comm_s"]) for c in clients}) > 1,
+        "per_client": clients,
+        "slowest": _slowest(cfg, clients, est.aggregate_s),
     }
+
+
+def _slowest(cfg: Config, clients: list[dict], aggregate_s: float) -> dict[str, dict | None]:
+    """Per algorithm: the client every round waits for, and whether ``federation.min_clients``
+    lets rounds close without it (``round_timeout_s`` after the first update); None for an
+    algorithm whose clients all take equally long (e.g. a slow link that ParaBlock hides).
+
+    A round closed at the deadline takes about ``closes_without_s``; the server then drops the
+    late client, so until it rejoins the rounds wait for the others only (``others_round_s``)."""
+    fed = cfg.federation
+    m = fed.min_clients or fed.clients
+    out: dict[str, dict | None] = {}
+    for alg in ROUND_MODELS:
+        rounds = [c[f"{alg}_round_s"] for c in clients]
+        worst = max(range(len(rounds)), key=rounds.__getitem__)
+        others = max((r for i, r in enumerate(rounds) if i != worst), default=rounds[worst])
+        if others >= rounds[worst]:
+            out[alg] = None
+            continue
+        closed, left = deadline_round(alg, clients, aggregate_s, m, fed.round_timeout_s)
+        out[alg] = {
+            "client": worst,
+            "round_s": rounds[worst],
+            "others_round_s": others,
+            "clients": fed.clients,
+            "min_clients": m,
+            "round_timeout_s": fed.round_timeout_s,
+            "closes_without_s": closed if left else None,
+            "left_out": left,
+        }
+    return out
+
+
+def _mbps(v: float | list[float]) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
 
 
 def format_estimate(r: dict) -> str:
     mb = r["mean_block_bytes"] / 1e6
+    slow = (
+        ""
+        if r["compute_slowdown"] == 1.0
+        else f", compute slow-down {_mbps(r['compute_slowdown'])}"
+    )
     lines = [
         f"model {r['model']}: {r['total_params'] / 1e6:,.1f} M parameters; blocks {r['blocks']} "
         f"({len(r['block_params'])} selected), {mb:,.2f} MB per block ({r['dtype']})",
-        f"{r['clients']} clients, {r['rounds']} rounds; links up {r['up_mbps']:g} / down "
-        f"{r['down_mbps']:g} Mbit/s, latency {r['latency_ms']:g} ms",
+        f"{r['clients']} clients, {r['rounds']} rounds; links up {_mbps(r['up_mbps'])} / down "
+        f"{_mbps(r['down_mbps'])} Mbit/s, latency {_mbps(r['latency_ms'])} ms{slow}",
         f"T_comp {r['compute_s']:.3f} s ({r['compute_source']}); T_up {r['upload_s']:.3f} s, "
         f"T_agg {r['aggregate_s']:.3f} s, T_down {r['download_s']:.3f} s -> T_comm "
-        f"{r['comm_s']:.3f} s",
+        f"{r['comm_s']:.3f} s" + (" (the slowest client's)" if r["heterogeneous"] else ""),
+    ]
+    if r["heterogeneous"]:
+        lines.append("  client  T_comp s  T_up s  T_down s  T_comm s  FedBCD s  ParaBlock s")
+        for c in r["per_client"]:
+            lines.append(
+                f"  {c['client']:6d}  {c['compute_s']:8.3f}  {c['upload_s']:6.3f}  "
+                f"{c['download_s']:8.3f}  {c['comm_s']:8.3f}  {c['fedbcd_round_s']:8.3f}  "
+                f"{c['parablock_round_s']:11.3f}"
+            )
+    lines += [
         f"per round (steady state): FedBCD {r['fedbcd_round_s']:.3f} s = T_comp + T_comm; "
         f"ParaBlock {r['parablock_round_s']:.3f} s = max(T_comp, T_comm); "
         f"speed-up {r['speedup']:.3f}x (at most 2x)",
         f"whole run ({r['rounds']} rounds + drain): FedBCD {r['total_s']['fedbcd']:,.1f} s, "
         f"ParaBlock {r['total_s']['parablock']:,.1f} s",
     ]
+    lines += _format_slowest(r["slowest"])
     c = r["crossover_mbps"]
     if c is None:
         lines.append(
@@ -338,17 +492,50 @@ def format_estimate(r: dict) -> str:
         )
     else:
         lines.append(
-            f"crossover: T_comm = T_comp at up {c['up']:,.1f} / down {c['down']:,.1f} Mbit/s "
+            f"crossover: T_comm = T_comp at up {_mbps(c['up'])} / down {_mbps(c['down'])} Mbit/s "
             "(the best case for ParaBlock, 2x); faster links: compute-bound, slower: comm-bound"
         )
-    lines.append("bandwidth sweep (same up:down ratio):")
-    lines.append("  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up")
+    lines.append("bandwidth sweep (every link times the factor):")
+    lines.append("  factor  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up")
     for s in r["sweep"]:
         lines.append(
-            f"  {s['up_mbps']:9.1f}  {s['down_mbps']:11.1f}  {s['comm_s']:9.3f}  "
-            f"{s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  {s['speedup']:8.3f}"
+            f"  {s['factor']:6g}  {_mbps(s['up_mbps']):>9}  {_mbps(s['down_mbps']):>11}  "
+            f"{s['comm_s']:9.3f}  {s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  "
+            f"{s['speedup']:8.3f}"
         )
     return "\n".join(lines)
+
+
+def _format_slowest(slowest: dict[str, dict | None]) -> list[str]:
+    lines = []
+    for alg, s in slowest.items():
+        if s is None:
+            continue
+        head = (
+            f"{alg}: every round waits for client {s['client']} ({s['round_s']:.3f} s; the "
+            f"others {s['others_round_s']:.3f} s)"
+        )
+        m, timeout = s["min_clients"], s["round_timeout_s"]
+        if s["closes_without_s"] is not None:
+            who = ", ".join(map(str, s["left_out"]))
+            lines.append(
+                f"{head}, unless federation.min_clients={m} closes the round without client(s) "
+                f"{who}: about {s['closes_without_s']:.3f} s for a round closed at the deadline "
+                f"(round_timeout_s={timeout:g} after the first update), {s['others_round_s']:.3f} "
+                "s while the server has dropped them; their updates miss those rounds and they "
+                "rejoin at the open round"
+            )
+        elif m < s["clients"]:
+            lines.append(
+                f"{head}; federation.min_clients={m} could close rounds without it, but "
+                f"round_timeout_s={timeout:g} is longer than the wait"
+            )
+        else:
+            lines.append(
+                f"{head}; federation.min_clients < {s['clients']} with a shorter round_timeout_s "
+                "would let rounds close without it"
+            )
+    return lines
 
 
 # -- measuring compute here ------------------------------------------------------------------
@@ -426,7 +613,11 @@ def from_run(path: str | Path) -> list[dict]:
         )
         aggs = [float(r.get("aggregate_s", 0.0)) for r in run.rounds]
         agg = sum(aggs) / len(aggs) if aggs else 0.0
-        compute = float(run.summary["mean_compute_s"])
+        # the measured mean over clients includes their compute slow-downs: the model's base
+        # compute is the time that, slowed down per client, has that mean
+        f = cfg.federation
+        slow = sum(per_client_value(f.compute_slowdown, i) for i in range(f.clients))
+        compute = float(run.summary["mean_compute_s"]) * f.clients / slow
         predicted = {
             alg: mean_round_s(alg, plan, block_bytes, compute, cfg, agg) for alg in ROUND_MODELS
         }
