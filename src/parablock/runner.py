@@ -155,6 +155,8 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         d.max_length,
         d.train_size,
         d.label_field,
+        cfg.link.compression,
+        f.server_lr,
     )
 
 
@@ -197,6 +199,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         round_timeout_s=fed.round_timeout_s,
         settings=run_settings(cfg, plan),
         fingerprint=model_fingerprint(model) if serve else "",
+        compression=cfg.link.compression,
     )
     if serve:
         return _serving(cfg, server, tokenizer, selected)
@@ -272,6 +275,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             gpus=cfg.run.client_gpus,
             faults=cfg.run.faults,
             stall_s=stall_seconds(fed.round_timeout_s),
+            compression=cfg.link.compression,
+            server_lr=fed.server_lr,
         )
         for i in range(fed.clients)
     ]
@@ -411,7 +416,9 @@ def _run(
     point = None
     if resume:
         point = _resume_point(cfg, saved, store, selected, serve, out)
-        server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
+        server.restore(
+            point.round, point.blocks, point.aggregate_s, point.participants, point.residuals
+        )
         _restore_counts(server, point)
         specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
         started_at = point.started_at
@@ -620,9 +627,10 @@ def _saving(store: CheckpointStore, server: Server):
     missing from the checkpoint's count)."""
     accepted = [server.stats.accepted]
 
-    def save(r: int, b: int, value: dict, secs: float, who: list[int]) -> None:
+    def save(r: int, b: int, value: dict, secs: float, who: list[int], residual: dict) -> None:
         accepted[0] += len(who)
-        store.save_block(b, r, value, secs, who, (accepted[0], len(server.stats.rejected)))
+        updates = (accepted[0], len(server.stats.rejected))
+        store.save_block(b, r, value, secs, who, updates, residual)
 
     return save
 

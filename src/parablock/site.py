@@ -200,6 +200,8 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         checkpoint=store,
         resume=state,
         fingerprint=fingerprint,
+        compression=s.compression,
+        server_lr=s.server_lr,
     )
     started = time.time()
     try:

@@ -54,6 +54,8 @@ class ClientSpec:
     gpus: float = 0.0  # > 0: the client trains on a GPU
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
+    compression: str = "none"  # link.compression
+    server_lr: float = 1.0  # federation.server_lr (a compressed aggregate is applied with it)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -101,6 +103,8 @@ def build_client(
         stop=stop,
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
+        compression=spec.compression,
+        server_lr=spec.server_lr,
     )
     client.log.listener = on_phase
     return client
