@@ -237,7 +237,9 @@ class Client:
         self.bases.pop(round, None)
         return value
 
-    def _download_layout(self, block: int, compressed: bool):
+    def _download_layout(
+        self, block: int, compressed: bool
+    ) -> Expected | Callable[[dict], Expected]:
         """What a download may hold: the block's value, or (when this client can apply one) a
         compressed aggregate in the codec's wire form."""
         value = self._expected(block)

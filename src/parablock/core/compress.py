@@ -21,6 +21,8 @@ dtypes, shapes), finite non-negative scales and int8 values within [-127, 127], 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from parablock.core.messages import Expected, MessageError, all_finite
@@ -33,21 +35,23 @@ SCALE = "#scale"  # suffix of an int8 tensor's scales ('#' is in no parameter na
 QMAX = 127
 
 
-class Codec:
+class Codec(ABC):
     """The layout, encoder and checked decoder of one ``link.compression``."""
 
     name = ""
     lossy = True
 
+    @abstractmethod
     def layout(self, shapes: Shapes) -> Expected:
         """Exactly the wire tensors ``encode`` makes for parameters of these shapes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, tensors: Tensors) -> Tensors:
-        raise NotImplementedError
+        """The wire tensors of float32 ``tensors``."""
 
+    @abstractmethod
     def _decode(self, wire: Tensors, shapes: Shapes) -> Tensors:
-        raise NotImplementedError
+        """float32 tensors from wire tensors whose layout ``decode`` has checked."""
 
     def decode(self, wire: Tensors, shapes: Shapes) -> Tensors:
         """float32 tensors from wire tensors that must match ``layout(shapes)`` exactly."""
