@@ -45,12 +45,19 @@ def _interrupt(cfg, after_round: int) -> None:
         run(cfg, on_barrier=hook, stop=stop)
 
 
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
-def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path, algorithm):
+@pytest.mark.parametrize(
+    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+)
+def test_resume_ends_exactly_like_an_uninterrupted_run(
+    tiny_model_dir, tmp_path, algorithm, compression
+):
     fed = {"algorithm": algorithm, "rounds": 6}
     ev = {"every": 1, "accuracy_size": 0}
-    full = run(tiny_config(tiny_model_dir, str(tmp_path / "full"), federation=fed, eval=ev))
-    cfg = tiny_config(tiny_model_dir, str(tmp_path / "cut"), federation=fed, eval=ev)
+    link = {"compression": compression}  # int8: residuals and bases must be checkpointed too
+    full = run(
+        tiny_config(tiny_model_dir, str(tmp_path / "full"), federation=fed, eval=ev, link=link)
+    )
+    cfg = tiny_config(tiny_model_dir, str(tmp_path / "cut"), federation=fed, eval=ev, link=link)
     _interrupt(cfg, after_round=2)
     assert not (tmp_path / "cut" / "summary.json").exists()
     resumed = run(cfg, resume=True)

@@ -145,18 +145,22 @@ def _fingerprint(summary: Path) -> str:
 
 
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+@pytest.mark.parametrize(
+    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+)
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
-    site, tiny_model_dir, tmp_path, algorithm
+    site, tiny_model_dir, tmp_path, algorithm, compression
 ):
     fed = {"algorithm": algorithm, "rounds": 4, "round_timeout_s": 60.0}
-    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
+    link = {"compression": compression}  # the clients take it from the server at join
+    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed, link=link)
     sources = ";".join(f"gsm8k:{site / f'd{i}.jsonl'}" for i in range(2))
     local = run(
         tiny_config(
             tiny_model_dir,
             str(tmp_path / "local"),
             federation=fed,
+            link=link,
             data={"partition": "per_client", "client_sources": sources},
             eval={"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0},
         )
@@ -183,6 +187,8 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     # the server evaluates on the same held-out draw of eval.source as the simulator
     assert summary["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
     assert summary["bytes_up"] > 0 and summary["mean_compute_s"] > 0
+    # the same bytes cross as in the simulator (int8: compressed both ways)
+    assert (summary["bytes_up"], summary["bytes_down"]) == (local["bytes_up"], local["bytes_down"])
     timeline = (tmp_path / "srv" / "timeline.jsonl").read_text().splitlines()
     assert {json.loads(x)["client"] for x in timeline} == {0, 1}  # from the clients' reports
     assert (tmp_path / "site0" / "metrics.jsonl").read_text().count("client_round") == 5

@@ -46,13 +46,20 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+@pytest.mark.parametrize(
+    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+)
 def test_ray_and_local_end_with_the_same_global_model(
-    ray_session, tiny_model_dir, tmp_path, algorithm
+    ray_session, tiny_model_dir, tmp_path, algorithm, compression
 ):
-    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"algorithm": algorithm})
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"algorithm": algorithm},
+        link={"compression": compression},
+    )
     local = prepare(cfg)
-    run_local(local.specs, local.server, threads=1)
+    logs_local = {lg.client: lg.rounds for lg in run_local(local.specs, local.server, threads=1)}
     remote = prepare(cfg)
     seen, phases = [], []
     logs = BACKENDS.get("ray")(
@@ -71,6 +78,8 @@ def test_ray_and_local_end_with_the_same_global_model(
     rounds = cfg.federation.rounds + 1  # drain included
     assert sorted(seen) == sorted((c, t) for c in (0, 1) for t in range(rounds))
     assert [len(lg.rounds) for lg in logs] == [rounds, rounds]
+    local_bytes = [(r.bytes_up, r.bytes_down) for c in sorted(logs_local) for r in logs_local[c]]
+    assert [(r.bytes_up, r.bytes_down) for lg in logs for r in lg.rounds] == local_bytes
     assert all({s.phase for s in lg.spans} >= {"compute", "upload", "download"} for lg in logs)
     # Phases inside the actors reach the driver's display: a start and an end for every span
     # (idle is recorded after the fact, never announced).

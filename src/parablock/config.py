@@ -99,6 +99,12 @@ def _aggregators() -> list[str]:
     return AGGREGATORS.names()
 
 
+def _compressions() -> list[str]:
+    from parablock.core.compress import CODECS
+
+    return CODECS.names()
+
+
 def _partitions() -> list[str]:
     from parablock.data.partition import PARTITIONS
 
@@ -312,6 +318,13 @@ class LinkConfig:
         per_client=True,
     )
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
+    compression: str = opt(
+        "none",
+        "block deltas on the wire, both ways: none (float32), bf16 (half the bytes) or int8 "
+        "(a quarter: int8 values and one float32 scale per row), the lossy ones with error "
+        "feedback; the server's choice holds for every client",
+        choices=_compressions,
+    )
 
     def client(self, client: int) -> tuple[float, float, float]:
         """Client ``client``'s (up Mbit/s, down Mbit/s, latency ms)."""

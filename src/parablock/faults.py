@@ -118,7 +118,8 @@ def corrupt(kind: str, u: BlockUpdate, plan: list[int]) -> list[bytes]:
     nothing, so these reach the server as crafted)."""
     meta, tensors = u.meta(), dict(u.tensors)
     first = sorted(tensors)[0]
-    if kind == "nan":
+    if kind == "nan":  # into a float tensor (an int8-compressed delta's scales)
+        first = sorted(n for n in tensors if tensors[n].is_floating_point())[0]
         t = tensors[first].clone()
         t.view(-1)[0] = float("nan")
         tensors[first] = t
@@ -192,8 +193,8 @@ class FaultyConnection:
     def wait_aggregate(self, round: int):
         return self.inner.wait_aggregate(round)
 
-    def download(self, block: int, version: int, expected=None):
-        return self.inner.download(block, version, expected)
+    def download(self, block: int, version: int, expected=None, base=None):
+        return self.inner.download(block, version, expected, base)
 
     def report(self, report) -> None:
         self.inner.report(report)

@@ -123,6 +123,7 @@ RESUME_FREE = (
     "link.",
     "server.",
 )
+RESUME_FIXED = ("link.compression",)  # under "link.", but it changes what is computed
 RESUME_IGNORED = ("run.out",)  # the run directory itself, however the resume spells it
 
 
@@ -139,6 +140,8 @@ def config_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
 
 
 def _free(key: str) -> bool:
+    if key in RESUME_FIXED:
+        return False
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE)
 
 

@@ -84,7 +84,7 @@ class RunFiles:
             self._dirty = True
             self._cond.notify()
 
-    def aggregated(self, round: int, block: int, value, seconds: float, who: list[int]) -> None:
+    def aggregated(self, round: int, block: int, value, seconds: float, who: list[int], *_) -> None:
         with self._cond:
             self._news.append((round, seconds, list(who)))
             self._dirty = True

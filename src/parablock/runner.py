@@ -174,6 +174,8 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         cfg.train.prefix_cache_mb,
         cfg.train.response_logits,
         cfg.train.loss_chunk,
+        cfg.link.compression,
+        f.server_lr,
     )
 
 
@@ -216,6 +218,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         round_timeout_s=fed.round_timeout_s,
         settings=run_settings(cfg, plan),
         fingerprint=model_fingerprint(model) if serve else "",
+        compression=cfg.link.compression,
     )
     if serve:
         return _serving(cfg, server, tokenizer, selected)
@@ -291,6 +294,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             stall_s=stall_seconds(fed.round_timeout_s),
             trained=tuple(selected),
             slowdown=per_client_value(fed.compute_slowdown, i),
+            compression=cfg.link.compression,
+            server_lr=fed.server_lr,
         )
         for i in range(fed.clients)
     ]
@@ -438,7 +443,9 @@ def _run(
     point = None
     if resume:
         point = _resume_point(cfg, saved, store, selected, serve, out)
-        server.restore(point.round, point.blocks, point.aggregate_s, point.participants)
+        server.restore(
+            point.round, point.blocks, point.aggregate_s, point.participants, point.residuals
+        )
         _restore_counts(server, point)
         specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
         started_at = point.started_at
@@ -648,9 +655,10 @@ def _saving(store: CheckpointStore, server: Server):
     missing from the checkpoint's count)."""
     accepted = [server.stats.accepted]
 
-    def save(r: int, b: int, value: dict, secs: float, who: list[int]) -> None:
+    def save(r: int, b: int, value: dict, secs: float, who: list[int], residual: dict) -> None:
         accepted[0] += len(who)
-        store.save_block(b, r, value, secs, who, (accepted[0], len(server.stats.rejected)))
+        updates = (accepted[0], len(server.stats.rejected))
+        store.save_block(b, r, value, secs, who, updates, residual)
 
     return save
 

@@ -214,6 +214,8 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         resume=state,
         fingerprint=fingerprint,
         slowdown=o.slowdown,
+        compression=s.compression,
+        server_lr=s.server_lr,
     )
     started = time.time()
     try:

@@ -57,6 +57,8 @@ class ClientSpec:
     stall_s: float = 0.0  # how long an injected stall lasts
     trained: tuple[int, ...] = ()  # the blocks the run trains (the rest may be shared)
     slowdown: float = 1.0  # federation.compute_slowdown: its compute takes this many times longer
+    compression: str = "none"  # link.compression
+    server_lr: float = 1.0  # federation.server_lr (a compressed aggregate is applied with it)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -108,6 +110,8 @@ def build_client(
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
         slowdown=spec.slowdown,
+        compression=spec.compression,
+        server_lr=spec.server_lr,
     )
     client.log.listener = on_phase
     return client

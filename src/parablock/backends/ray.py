@@ -97,8 +97,8 @@ class ServerActor:
     def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
         return self.server.wait_aggregate(round, timeout)
 
-    def block_payload(self, block: int, version: int) -> bytes:
-        return self.server.block_payload(block, version)
+    def block_payload(self, block: int, version: int, base: int | None = None) -> bytes:
+        return self.server.block_payload(block, version, base)
 
     def report(self, report: RoundReport, client: int) -> None:
         self.server.report(report, client)
@@ -128,8 +128,8 @@ class RemoteServer:
     def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]:
         return ray.get(self.handle.receive_update.remote(payload, client))
 
-    def block_payload(self, block: int, version: int) -> bytes:
-        return ray.get(self.handle.block_payload.remote(block, version))
+    def block_payload(self, block: int, version: int, base: int | None = None) -> bytes:
+        return ray.get(self.handle.block_payload.remote(block, version, base))
 
     def report(self, report: RoundReport, client: int) -> None:
         ray.get(self.handle.report.remote(report, client))

@@ -105,7 +105,7 @@ def run_remote(
     if on_listening is not None:
         on_listening(port)
 
-    def announce(round: int, block: int, value, seconds: float, who: list[int]) -> None:
+    def announce(round: int, block: int, value, seconds: float, who: list[int], *_) -> None:
         log.info(
             "round %d/%d: block %d aggregated from client(s) %s in %.3fs",
             round + 1,

@@ -9,6 +9,9 @@ Written after every round, off the critical path (a background writer thread), e
 - ``client{i}.r{t}.st``: client i at its barrier of round t: block versions it knows, its pending
   delta, the values of blocks where it differs from the global model, and its round records/spans
   (the last ``KEEP`` rounds are kept);
+- with a lossy ``link.compression``, also each error-feedback residual (the server's for the block
+  in its block file, a client's for every block it trained) and the global value the client's
+  pending delta was trained from (a compressed aggregate is applied to it);
 - ``run.json``: when the run started.
 
 Client files hold a site's private training state (deltas, block values), so every file here is
@@ -55,9 +58,17 @@ class ClientState:
     dirty: dict[int, dict[str, torch.Tensor]]  # block -> value where the client != global
     records: list[RoundRecord] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    # link.compression: block -> error-feedback residual, and the global value of the pending
+    # delta's block at its base version (None: no compression, or nothing pending)
+    residuals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] | None = None
 
     def to_bytes(self) -> bytes:
         tensors = {f"dirty.{b}.{n}": t for b, ts in self.dirty.items() for n, t in ts.items()}
+        tensors.update(
+            {f"residual.{b}.{n}": t for b, ts in self.residuals.items() for n, t in ts.items()}
+        )
+        tensors.update({f"base.{n}": t for n, t in (self.base or {}).items()})
         meta = {
             "client": self.client,
             "round": self.round,
@@ -79,14 +90,17 @@ class ClientState:
     def from_bytes(cls, payload: bytes) -> ClientState:
         meta, tensors = unpack("ClientState", payload)
         dirty: dict[int, dict[str, torch.Tensor]] = {}
-        pending_t = {}
+        residuals: dict[int, dict[str, torch.Tensor]] = {}
+        pending_t, base = {}, {}
         for key, t in tensors.items():
             kind, _, rest = key.partition(".")
             if kind == "pending":
                 pending_t[rest] = t
+            elif kind == "base":
+                base[rest] = t
             else:
                 b, _, name = rest.partition(".")
-                dirty.setdefault(int(b), {})[name] = t
+                (residuals if kind == "residual" else dirty).setdefault(int(b), {})[name] = t
         pending = BlockUpdate(tensors=pending_t, **meta["pending"]) if meta["pending"] else None
         return cls(
             meta["client"],
@@ -96,6 +110,8 @@ class ClientState:
             dirty,
             [RoundRecord(**r) for r in meta["records"]],
             [Span(**s) for s in meta["spans"]],
+            residuals,
+            base or None,
         )
 
 
@@ -112,6 +128,8 @@ class ResumePoint:
     # an older checkpoint that did not record them)
     accepted: int | None = None
     rejected: int | None = None
+    # link.compression: block -> the server's error-feedback residual at the version in ``blocks``
+    residuals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -184,9 +202,11 @@ class CheckpointStore:
         aggregate_s: float,
         participants: list[int],
         updates: tuple[int, int] | None = None,
+        residual: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Queue block ``block``'s global value after round ``version``; ``updates``: the
-        server's (accepted, rejected) totals at that aggregation."""
+        server's (accepted, rejected) totals at that aggregation; ``residual``: the server's
+        error-feedback residual of the block then (compression only)."""
         meta = {
             "block": block,
             "version": version,
@@ -196,6 +216,7 @@ class CheckpointStore:
         if updates is not None:
             meta["accepted"], meta["rejected"] = updates
         tensors = {n: t.detach().clone() for n, t in tensors.items()}
+        tensors.update({RESIDUAL + n: t.detach().clone() for n, t in (residual or {}).items()})
         self._submit(
             self._write,
             f"block{block}.v{version}.st",
@@ -258,15 +279,17 @@ class CheckpointStore:
                 agg = {want[b]: m["aggregate_s"] for b, (m, _) in got.items()}
                 part = {want[b]: m["participants"] for b, (m, _) in got.items()}
                 log.info("the server's checkpoint holds rounds 1..%d", r)
+                blocks, residuals = _split({b: (want[b], ts) for b, (_, ts) in got.items()})
                 return ResumePoint(
                     r,
-                    {b: (want[b], ts) for b, (_, ts) in got.items()},
+                    blocks,
                     {},
                     agg,
                     part,
                     info["started_at"],
                     info["initial_eval"],
                     *_updates([m for m, _ in got.values() if m["version"] == r - 1], r),
+                    residuals,
                 )
         raise CheckpointError(f"{self.dir}: no consistent server checkpoint")  # unreachable
 
@@ -320,6 +343,7 @@ class CheckpointStore:
                             agg[v], part[v] = meta["aggregate_s"], meta["participants"]
                 log.info("resuming after round %d", r)
                 last = [v[r - 1][0] for v in blocks.values() if r - 1 in v]
+                chosen, residuals = _split(chosen)
                 return ResumePoint(
                     r,
                     chosen,
@@ -329,6 +353,7 @@ class CheckpointStore:
                     info["started_at"],
                     info["initial_eval"],
                     *_updates(last, r),
+                    residuals,
                 )
         raise CheckpointError(
             f"{self.dir}: no round for which every client and the server have a valid checkpoint"
@@ -354,6 +379,20 @@ def read_run_info(directory: str | Path) -> dict:
             "with another run.out"
         ) from None
     return {"started_at": started, "initial_eval": initial}
+
+
+RESIDUAL = "#residual."  # prefix of a residual's tensors in a block file (no parameter name)
+
+
+def _split(blocks: dict[int, tuple[int, dict]]) -> tuple[dict[int, tuple[int, dict]], dict]:
+    """Block files' tensors as (block -> (version, value)) and (block -> residual)."""
+    values, residuals = {}, {}
+    for b, (v, ts) in blocks.items():
+        values[b] = (v, {n: t for n, t in ts.items() if not n.startswith(RESIDUAL)})
+        residual = {n[len(RESIDUAL) :]: t for n, t in ts.items() if n.startswith(RESIDUAL)}
+        if residual:
+            residuals[b] = residual
+    return values, residuals
 
 
 def _updates(metas: list[dict], r: int) -> tuple[int | None, int | None]:

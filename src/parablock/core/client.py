@@ -4,6 +4,11 @@ thread. The algorithms (``algorithms.py``) decide how the primitives here are or
 Primitives: ``compute`` trains the round's block and keeps the delta as the pending upload;
 ``communicate`` uploads it, waits for the round's aggregate and downloads it; ``correct`` applies
 the block-level correction. All of them record spans and per-round numbers in ``self.log``.
+
+With a lossy ``link.compression`` the pending delta is kept in the codec's wire form (quantised
+once, with this client's error feedback for the block), and the client keeps the global value of
+the block it trained from until that round's aggregate arrives: the server then sends the
+compressed aggregate, which the client applies to that value with the server's own formula.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from torch import nn
 from parablock.core.aggregate import apply
 from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.checkpoint import CheckpointStore, ClientState
+from parablock.core.compress import CODECS, ErrorFeedback
 from parablock.core.correction import Correction
 from parablock.core.forward import BlockForward, first_trained_layer
-from parablock.core.messages import BlockUpdate, BlockValue, Expected
+from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError
 from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.protocol import (
     BEHIND,
@@ -59,6 +65,8 @@ class Client:
         stop: threading.Event | None = None,
         fingerprint: str = "",
         slowdown: float = 1.0,
+        compression: str = "none",
+        server_lr: float = 1.0,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
@@ -84,6 +92,10 @@ class Client:
         self.stop = stop
         self.fingerprint = fingerprint  # of the base model, checked by a network server
         self.slowdown = slowdown  # each compute takes this many times its measured time
+        self.codec = CODECS.get(compression)  # the server's link.compression
+        self.server_lr = server_lr
+        self.feedback = ErrorFeedback(self.codec)  # residuals of this client's uploads
+        self.bases: dict[int, dict] = {}  # round -> the global block value its delta is from
         self.log = ClientLog(client_id)
         self._reported_spans = 0
         self._forward: BlockForward | None = None  # built at the first compute (needs the plan)
@@ -114,6 +126,7 @@ class Client:
                 self.pending.round,
             )
             self.pending = None
+            self.bases.clear()
         for b, version in sorted(reply.stale.items()):
             value, _ = self.connection.download(b, version, self._expected(b))
             set_block(self.model, self.blocks[b], value.tensors)
@@ -145,6 +158,9 @@ class Client:
             b: state.versions.get(b, -1) if b in self.dirty else -1 for b in self.versions
         }
         self.pending = state.pending
+        self.feedback.residuals = dict(state.residuals)
+        if state.pending is not None and state.base is not None:
+            self.bases = {state.pending.round: state.base}
         self.log.rounds = list(state.records)
         self.log.spans = list(state.spans)
         self._reported_spans = len(self.log.spans)
@@ -160,6 +176,8 @@ class Client:
             {b: block_state(self.model, self.blocks[b]) for b in sorted(self.dirty)},
             list(self.log.rounds),
             list(self.log.spans),
+            dict(self.feedback.residuals),
+            self.bases.get(self.pending.round) if self.pending is not None else None,
         )
 
     def stopping(self) -> bool:
@@ -189,6 +207,10 @@ class Client:
         self.dirty.add(block.index)
         record.train_loss = result.loss
         record.examples = result.num_examples
+        delta = {n: t.cpu() for n, t in result.delta.items()}  # messages carry CPU tensors
+        if self.codec.lossy:  # quantised once, here: a re-sent update is the same bytes
+            delta = self.feedback.encode(block.index, delta)
+            self.bases[round] = {n: t.cpu() for n, t in result.before.items()}
         return BlockUpdate(
             self.id,
             round,
@@ -196,7 +218,7 @@ class Client:
             self.versions[block.index],
             result.num_examples,
             result.loss,
-            {n: t.cpu() for n, t in result.delta.items()},  # messages carry CPU tensors
+            delta,
         )
 
     def forward(self) -> BlockForward:
@@ -229,12 +251,43 @@ class Client:
                     ) from None
         with self.log.span(round + 1, "wait", record):
             ready = self.connection.wait_aggregate(round)
+        base = self.bases.get(round) if ready.block == pending.block else None
         with self.log.span(round + 1, "download", record):
             value, nbytes = self.connection.download(
-                ready.block, ready.version, self._expected(ready.block)
+                ready.block,
+                ready.version,
+                self._download_layout(ready.block, base is not None),
+                None if base is None else pending.base_version,
             )
+            value = self._resolve(value, pending.base_version, base)
         record.bytes_down += nbytes
+        self.bases.pop(round, None)
         return value
+
+    def _download_layout(
+        self, block: int, compressed: bool
+    ) -> Expected | Callable[[dict], Expected]:
+        """What a download may hold: the block's value, or (when this client can apply one) a
+        compressed aggregate in the codec's wire form."""
+        value = self._expected(block)
+        if not compressed:
+            return value
+        wire = self.codec.layout({n: shape for n, (shape, _) in value.items()})
+        return lambda meta: wire if "base_version" in meta else value
+
+    def _resolve(self, value: BlockValue, base_version: int, base: dict | None) -> BlockValue:
+        """The block's global value: as sent, or the compressed aggregate applied to ``base``
+        (the global value at ``base_version``) with the server's own decode and formula."""
+        if value.base_version is None:
+            return value
+        if base is None or value.base_version != base_version:
+            raise MessageError(
+                f"client {self.id}: block {value.block} v{value.version} came as a change from "
+                f"v{value.base_version}, but this client holds v{base_version}"
+            )
+        shapes = {n: tuple(t.shape) for n, t in base.items()}
+        delta = self.codec.decode(value.tensors, shapes)
+        return BlockValue(value.block, value.version, apply(base, delta, self.server_lr))
 
     def communicate_async(self, pending: BlockUpdate, record: RoundRecord) -> Future[BlockValue]:
         return self._comm.submit(self.communicate, pending, record)

@@ -297,31 +297,45 @@ class BlockUpdate:
 
 @dataclass(frozen=True)
 class BlockValue:
-    """The server's global value of one block, at ``version`` (the round that last changed it)."""
+    """The server's global value of one block, at ``version`` (the round that last changed it).
+
+    With a lossy ``link.compression`` a round's aggregate can come instead as the change from
+    ``base_version``: ``tensors`` are then that change in the codec's wire form, and the client
+    applies it to its own copy of the block at ``base_version`` with the server's formula.
+    ``base_version`` is None for a whole value (and then absent from the bytes, as before).
+    """
 
     block: int
     version: int
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    base_version: int | None = None
 
     def __post_init__(self) -> None:
         if self.block < 0 or self.version < -1:
             raise MessageError(f"BlockValue: bad block/version in {self}")
+        if self.base_version is not None and not -1 <= self.base_version < self.version:
+            raise MessageError(f"BlockValue: bad base version in {self}")
         _check_tensors(self.tensors, f"BlockValue(block {self.block})")
 
+    def meta(self) -> dict:
+        meta = {"block": self.block, "version": self.version}
+        if self.base_version is not None:
+            meta["base_version"] = self.base_version
+        return meta
+
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        return encode(
-            "BlockValue", {"block": self.block, "version": self.version}, self.tensors, chunk_bytes
-        )
+        return encode("BlockValue", self.meta(), self.tensors, chunk_bytes)
 
     def serialize(self) -> bytes:
-        return _pack("BlockValue", {"block": self.block, "version": self.version}, self.tensors)
+        return _pack("BlockValue", self.meta(), self.tensors)
 
     @classmethod
     def from_chunks(
         cls, chunks: Iterable[bytes], expected: Callable[[dict], Expected | None] | None = None
     ) -> BlockValue:
         def check(meta: dict) -> Expected | None:
-            _strict_meta("BlockValue", meta, ("block", "version"))
+            ints = ("block", "version") + (("base_version",) if "base_version" in meta else ())
+            _strict_meta("BlockValue", meta, ints)
             return expected(meta) if expected is not None else None
 
         meta, tensors = decode("BlockValue", chunks, check)
@@ -330,6 +344,16 @@ class BlockValue:
     @classmethod
     def deserialize(cls, payload: bytes) -> BlockValue:
         return cls.from_chunks([payload])
+
+
+def expecting(
+    expected: Expected | Callable[[dict], Expected | None] | None,
+) -> Callable[[dict], Expected | None] | None:
+    """A receiver's expectation as ``decode`` takes it: a function of the metadata (a whole block
+    value and a compressed change of it have different layouts), or one layout for any."""
+    if expected is None or callable(expected):
+        return expected
+    return lambda meta: expected
 
 
 # The same checked envelope (safetensors + JSON metadata + digest) serves checkpoint files.

@@ -9,7 +9,10 @@ new ``BlockValue``. A rejected update is logged and counted, never applied.
 Trust: an update is checked whole before it is stored (identity from the caller, the open round
 only, the round's block, the block's current version, exact names, shapes and dtype, finite values,
 ``num_examples`` within what a round can use, the delta's norm within ``max_update_norm``), and the
-new block value is computed aside and checked finite before it is written. A client whose update
+new block value is computed aside and checked finite before it is written. With a lossy
+``link.compression`` an update must arrive in exactly the codec's wire form and is decoded to
+float32 (``core.compress``) before those checks; the aggregate is compressed with the server's own
+error feedback and the server applies the decoded aggregate, the one its clients apply. A client whose update
 for the open round is rejected forfeits that round: the round goes on without it (as if it had sent
 nothing) instead of waiting for its deadline, and the client is told why at once.
 
@@ -33,13 +36,13 @@ from torch import nn
 
 from parablock.core.aggregate import AGGREGATORS, apply, capped_weights, delta_norm
 from parablock.core.blocks import Block, block_state, set_block
+from parablock.core.compress import CODECS, ErrorFeedback, Shapes
 from parablock.core.messages import (
     BlockUpdate,
     BlockValue,
     Expected,
     MessageError,
     all_finite,
-    encode,
 )
 from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
 from parablock.core.protocol import (
@@ -107,6 +110,7 @@ class Server:
         round_timeout_s: float = 600.0,
         settings: RunSettings | None = None,
         fingerprint: str = "",
+        compression: str = "none",
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -135,16 +139,26 @@ class Server:
         self._first_arrival: dict[int, float] = {}
         self._opened = time.monotonic()  # when the open round opened (or the last join)
         self._aggregates: dict[int, BlockValue] = {}
+        # link.compression: updates arrive in the codec's wire form and are decoded before any
+        # check; each aggregate is sent back compressed too (``_deltas``: round -> the change
+        # from the block's previous version), with the server's own error feedback per block.
+        self.codec = CODECS.get(compression)
+        self.feedback = ErrorFeedback(self.codec)
+        self._deltas: dict[int, BlockValue] = {}
         self._failed: dict[int, str] = {}
         self._forfeit: dict[int, set[int]] = {}  # round -> clients whose update was rejected
         self._dropped: set[int] = set()
         self._cond = threading.Condition()
         self._stopped = False
         self._params = {n: p for n, p in model.named_parameters()}
-        # Each is called as listener(round, block, new_value, aggregate_s, participants) after an
-        # aggregation, with the lock held (keep them cheap): the run records the aggregate history
-        # there (evaluation of past rounds afterwards) and queues checkpoint writes.
-        self.aggregate_listeners: list[Callable[[int, int, dict, float, list[int]], None]] = []
+        # Each is called as listener(round, block, new_value, aggregate_s, participants, residual)
+        # after an aggregation, with the lock held (keep them cheap): the run records the
+        # aggregate history there (evaluation of past rounds afterwards) and queues checkpoint
+        # writes. ``residual``: the block's error-feedback residual ({} without compression),
+        # which a checkpoint needs to resume bit for bit.
+        self.aggregate_listeners: list[
+            Callable[[int, int, dict, float, list[int], dict], None]
+        ] = []
 
     # A copy of the server can be shipped to another process (the Ray backend hosts it in an
     # actor); the lock is not picklable, so the copy gets a fresh one.
@@ -204,11 +218,17 @@ class Server:
         settings = self.settings or _no_settings(self.plan)
         return JoinReply(PROTOCOL, settings, start, keep, stale)
 
-    def block_value(self, block: int, version: int) -> BlockValue:
-        """Block ``block`` at ``version``: the current value, or a recent round's aggregate."""
+    def block_value(self, block: int, version: int, base: int | None = None) -> BlockValue:
+        """Block ``block`` at ``version``: the current value, or a recent round's aggregate.
+
+        ``base``: the version the asking client holds; when round ``version``'s compressed
+        aggregate was applied to exactly that version, the compressed change is sent instead."""
         with self._cond:
             if not 0 <= block < len(self.blocks):
                 raise MessageError(f"no block {block}")
+            change = self._deltas.get(version)
+            if change is not None and change.block == block and change.base_version == base:
+                return change
             if self.versions[block] == version:
                 return BlockValue(block, version, block_state(self.model, self.blocks[block]))
             held = self._aggregates.get(version)
@@ -216,13 +236,11 @@ class Server:
                 raise MessageError(f"block {block} version {version} is no longer held")
             return held
 
-    def block_payload(self, block: int, version: int) -> bytes:
-        return self.block_value(block, version).serialize()
+    def block_payload(self, block: int, version: int, base: int | None = None) -> bytes:
+        return self.block_value(block, version, base).serialize()
 
-    def block_chunks(self, block: int, version: int, chunk_bytes: int):
-        value = self.block_value(block, version)
-        meta = {"block": value.block, "version": value.version}
-        return encode("BlockValue", meta, value.tensors, chunk_bytes)
+    def block_chunks(self, block: int, version: int, chunk_bytes: int, base: int | None = None):
+        return self.block_value(block, version, base).chunks(chunk_bytes)
 
     # -- updates ---------------------------------------------------------------------------
     def receive_update(self, payload, client: int) -> tuple[bool, str]:
@@ -233,16 +251,25 @@ class Server:
             update = BlockUpdate.from_chunks(chunks, self._expected)
         except MessageError as e:
             return self._reject(client, None, f"update from client {client}: {e}")
+        if self.codec.lossy:  # to float32 before any other check (those see what is applied)
+            try:
+                tensors = self.codec.decode(update.tensors, self._shapes(update.block))
+                update = replace(update, tensors=tensors)
+            except MessageError as e:
+                where = f"update from client {client} for round {update.round}"
+                return self._reject(client, update.round, f"{where}: {e}")
         return self.submit(update, client)
 
+    def _shapes(self, block: int) -> Shapes:
+        return {n: tuple(self._params[n].shape) for n in self.blocks[block].param_names}
+
     def _expected(self, meta: dict) -> Expected:
-        """The only tensors an update's header may announce: its block's, in the model's dtype."""
+        """The only tensors an update's header may announce: its block's, in the wire form of
+        ``link.compression`` (float32 without compression)."""
         b = meta.get("block")
         if type(b) is not int or not 0 <= b < len(self.blocks):
             raise MessageError(f"update for unknown block {b!r:.20}")
-        return {
-            n: (tuple(self._params[n].shape), torch.float32) for n in self.blocks[b].param_names
-        }
+        return self.codec.layout(self._shapes(b))
 
     def submit(self, update: BlockUpdate, client: int) -> tuple[bool, str]:
         """Validate and store one update; aggregate when the round is complete."""
@@ -419,6 +446,10 @@ class Server:
         except AggregationError as e:
             self._fail(round, f"round {round} failed: {e}; the global model is unchanged")
             return
+        wire, residual = None, {}
+        if self.codec.lossy:  # the clients will apply the decoded aggregate: so does the server
+            wire, residual = self.feedback.encode_aside(block.index, delta)
+            delta = self.codec.decode(wire, self._shapes(block.index))
         value = apply(block_state(self.model, block), delta, self.server_lr)
         bad = [n for n, t in value.items() if not all_finite(t)]
         if bad:  # computed aside: the model and the versions stay as they were
@@ -429,6 +460,10 @@ class Server:
             )
             return
         set_block(self.model, block, value)
+        if wire is not None:
+            self.feedback.keep(block.index, residual)
+            self._deltas[round] = BlockValue(block.index, round, wire, self.versions[block.index])
+            self._deltas.pop(round - KEEP_AGGREGATES, None)
         self.versions[block.index] = round
         self._aggregates[round] = BlockValue(block.index, round, value)
         self._aggregates.pop(round - KEEP_AGGREGATES, None)
@@ -443,6 +478,7 @@ class Server:
                 value,
                 self.stats.aggregate_s[round],
                 self.stats.participants[round],
+                residual,
             )
         log.debug(
             "round %d: aggregated block %d from clients %s",
@@ -585,12 +621,16 @@ class Server:
         blocks: dict[int, tuple[int, dict]],
         aggregate_s: dict[int, float],
         participants: dict[int, list[int]],
+        residuals: dict[int, dict] | None = None,
     ) -> None:
-        """Continue from a checkpoint: the global model after round ``round - 1``."""
+        """Continue from a checkpoint: the global model after round ``round - 1`` (and, with
+        compression, each block's error-feedback residual after its last aggregation)."""
         with self._cond:
             for b, (version, tensors) in blocks.items():
                 set_block(self.model, self.blocks[b], tensors)
                 self.versions[b] = version
+            for b, residual in (residuals or {}).items():
+                self.feedback.keep(b, residual)
             self.next_round = round
             self.stats.aggregate_s.update(aggregate_s)
             self.stats.participants.update(participants)

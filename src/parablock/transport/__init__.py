@@ -29,9 +29,11 @@ class ServerConnection(Protocol):
         ...
 
     def download(
-        self, block: int, version: int, expected: Expected | None = None
+        self, block: int, version: int, expected: Expected | None = None, base: int | None = None
     ) -> tuple[BlockValue, int]:
-        """A block's global value at ``version`` and the bytes received."""
+        """A block's global value at ``version`` and the bytes received. ``expected``: the
+        layout the reply must have (or a function of its metadata); ``base``: the version of
+        the block this client holds, so that a compressed aggregate may come instead."""
         ...
 
     def report(self, report: RoundReport) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from parablock.core.messages import BlockUpdate, BlockValue, Expected
+from parablock.core.messages import BlockUpdate, BlockValue, Expected, expecting
 from parablock.core.protocol import (
     AggregateReady,
     JoinReply,
@@ -128,10 +128,13 @@ class GrpcConnection:
         return AggregateReady.from_bytes(self._call(self._wait, payload, "wait for the aggregate"))
 
     def download(
-        self, block: int, version: int, expected: Expected | None = None
+        self, block: int, version: int, expected: Expected | None = None, base: int | None = None
     ) -> tuple[BlockValue, int]:
         received = 0
-        request = json.dumps({"block": block, "version": version}).encode()
+        ask = {"block": block, "version": version}
+        if base is not None:
+            ask["base"] = base
+        request = json.dumps(ask).encode()
 
         def counted():
             nonlocal received
@@ -142,7 +145,7 @@ class GrpcConnection:
             except grpc.RpcError as e:
                 raise self._error(e, "download") from None
 
-        value = BlockValue.from_chunks(counted(), (lambda meta: expected) if expected else None)
+        value = BlockValue.from_chunks(counted(), expecting(expected))
         if (value.block, value.version) != (block, version):
             raise MessageError(
                 f"asked for block {block} v{version}, got {value.block} v{value.version}"

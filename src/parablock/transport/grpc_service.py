@@ -9,7 +9,8 @@ safetensors stream of ``core.messages``):
   into tensors of the block's known shapes, so memory stays bounded by one block plus one chunk;
 - ``WaitAggregate`` (unary, held open until the round is aggregated): ``{"round"}`` ->
   ``AggregateReady``;
-- ``Download`` (server stream of chunks): ``{"block", "version"}`` -> a ``BlockValue``;
+- ``Download`` (server stream of chunks): ``{"block", "version"}`` and, optionally, ``"base"``
+  (the version the client holds, so a compressed aggregate can come instead) -> a ``BlockValue``;
 - ``Report`` (unary): ``RoundReport`` -> ``{}``.
 
 Every call is authenticated before anything of its payload is read: the ``authorization``
@@ -169,8 +170,9 @@ class FederationService:
     def download(self, payload: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         with self._session(context, "Download"):
             block, version = _field(payload, "block", context), _field(payload, "version", context)
+            base = _field(payload, "base", context, optional=True)
             try:
-                chunks = self.server.block_chunks(block, version, CHUNK_BYTES)
+                chunks = self.server.block_chunks(block, version, CHUNK_BYTES, base)
             except MessageError as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(e))
             yield from chunks
@@ -199,10 +201,16 @@ class FederationService:
         )
 
 
-def _field(payload: bytes, name: str, context: grpc.ServicerContext) -> int:
+def _field(payload: bytes, name: str, context: grpc.ServicerContext, optional: bool = False):
+    """The integer ``name`` of a JSON request (None when ``optional`` and absent)."""
     try:
-        value = json.loads(payload)[name]
-    except (ValueError, KeyError, TypeError):
+        request = json.loads(payload)
+        value = request[name]
+    except KeyError:
+        if optional and isinstance(request, dict):
+            return None
+        value = None
+    except (ValueError, TypeError):
         value = None
     if type(value) is not int:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected {{{name!r}: integer}}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from parablock.core.messages import BlockUpdate, BlockValue, Expected
+from parablock.core.messages import BlockUpdate, BlockValue, Expected, expecting
 from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.errors import ConnectError, UpdateRejected
 from parablock.transport.link import Link, LinkSpec
@@ -24,7 +24,7 @@ class ServerEndpoint(Protocol):
 
     def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady: ...
 
-    def block_payload(self, block: int, version: int) -> bytes: ...
+    def block_payload(self, block: int, version: int, base: int | None = None) -> bytes: ...
 
     def report(self, report: RoundReport, client: int) -> None: ...
 
@@ -62,10 +62,10 @@ class InProcessConnection:
         return self.server.wait_aggregate(round)
 
     def download(
-        self, block: int, version: int, expected: Expected | None = None
+        self, block: int, version: int, expected: Expected | None = None, base: int | None = None
     ) -> tuple[BlockValue, int]:
-        received = self.downlink.transmit(self.server.block_payload(block, version))
-        value = BlockValue.from_chunks([received], (lambda meta: expected) if expected else None)
+        received = self.downlink.transmit(self.server.block_payload(block, version, base))
+        value = BlockValue.from_chunks([received], expecting(expected))
         return value, len(received)
 
     def report(self, report: RoundReport) -> None:
