@@ -145,7 +145,7 @@ def _fingerprint(summary: Path) -> str:
 
 
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd", "fedit_lora"])
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     site, tiny_model_dir, tmp_path, algorithm
 ):

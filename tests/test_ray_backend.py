@@ -46,7 +46,7 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd", "fedit_lora"])
 def test_ray_and_local_end_with_the_same_global_model(
     ray_session, tiny_model_dir, tmp_path, algorithm
 ):

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from parablock.core.algorithms import run_client
-from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
+from parablock.core.lora import LoraSettings, blocks_for
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
@@ -56,6 +56,7 @@ class ClientSpec:
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
     trained: tuple[int, ...] = ()  # the blocks the run trains (the rest may be shared)
+    lora: LoraSettings | None = None  # the adapter the client trains instead (fedit_lora)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -81,14 +82,19 @@ def build_client(
 
     ``on_phase`` (optional) hears every phase span start and end, for progress displays;
     ``stop`` (a threading.Event) asks the client to leave at its next barrier; ``model``: its
-    copy of the base model when the backend made one (``shared.FrozenShare``).
+    copy of the base model when the backend made one (``shared.FrozenShare``). A LoRA adapter
+    is injected on the CPU, before the model moves to the client's device.
     """
+    fresh = model is None
     if model is None:
-        model = load_model(spec.model).to(client_device(spec))
+        model = load_model(spec.model)
+    blocks = blocks_for(model, spec.extra_blocks, spec.lora, spec.seed)
+    if fresh:
+        model = model.to(client_device(spec))
     client = Client(
         spec.client_id,
         model,
-        model_blocks(model, spec.extra_blocks),
+        blocks,
         list(spec.data),
         spec.settings,
         faulty(
