@@ -33,6 +33,7 @@ from parablock.evaluation.evaluate import eval_loss
 from parablock.model import load_model
 from parablock.runner import prepare, run
 from parablock.tools.compare import compare
+from parablock.tools.estimate import from_run
 
 LORA = {"algorithm": "fedit_lora"}
 NO_GENERATION = {"accuracy_size": 0}  # greedy decoding is not what these tests are about
@@ -293,3 +294,5 @@ def test_compare_runs_block_methods_and_fedit_lora_each_at_its_lr(tiny_model_dir
     assert rows["fedit_lora"]["final_eval_loss"] == lora["final_eval_loss"]
     assert lora["final_eval_loss"] < lora["initial_eval_loss"]
     assert (tmp_path / "cmp" / "fedit_lora" / "model-adapter" / "adapter_config.json").exists()
+    # the timing model covers the block methods and skips fedit_lora instead of failing
+    assert sorted(r["algorithm"] for r in from_run(tmp_path / "cmp")) == ["fedbcd", "parablock"]
