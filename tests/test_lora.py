@@ -31,7 +31,7 @@ from parablock.data.examples import round_indices
 from parablock.errors import MessageError
 from parablock.evaluation.evaluate import eval_loss
 from parablock.model import load_model
-from parablock.runner import prepare, run
+from parablock.runner import prepare, run, run_settings
 from parablock.tools.compare import compare
 from parablock.tools.estimate import from_run
 
@@ -76,6 +76,16 @@ def test_every_copy_gets_the_same_adapter_that_leaves_the_model_unchanged(tiny_t
     assert any(not torch.equal(pa[n], p) for n, p in _params(c).items() if ".lora_A." in n)
 
 
+def test_rank_alpha_dropout_and_targets_reach_peft(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    inject(model, LoraSettings(2, 6.0, 0.25, "gate_proj"), seed=0)
+    layer = model.model.layers[0].mlp.gate_proj
+    assert layer.r["default"] == 2 and layer.scaling["default"] == 3.0
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Dropout)
+    assert layer.lora_dropout["default"].p == 0.25
+    assert {n.split(".")[4] for n in _lora_names(model)} == {"gate_proj"}
+
+
 def test_the_adapter_trains_from_layer_0_so_no_prefix_is_cached(tiny_tokenizer):
     model = make_model(len(tiny_tokenizer))
     blocks = blocks_for(model, "", SMALL, 0)
@@ -115,6 +125,10 @@ def test_run_settings_carry_the_adapter_and_refuse_an_impossible_one():
     )
     back = JoinReply.from_bytes(JoinReply(1, s, 0, False, {}).to_bytes()).settings
     assert back == s and back.lora() == LoraSettings(8, 16.0, 0.0, "q_proj,v_proj")
+    cfg = load(None, ["federation.algorithm=fedit_lora", "lora.r=8"])
+    handed = run_settings(cfg, [0])  # what a server hands its clients
+    assert handed.lora() == settings_for(cfg) and handed.lr == cfg.lora.lr
+    assert run_settings(load(), [0]).lora() is None
     raw = json.loads(JoinReply(1, s, 0, False, {}).to_bytes())
     for key, value in (("lora_r", -1), ("lora_dropout", 1.0), ("lora_target_modules", "a b")):
         bad = {**raw, "settings": {**raw["settings"], key: value}}

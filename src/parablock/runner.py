@@ -178,8 +178,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         cfg.train.prefix_cache_mb,
         cfg.train.response_logits,
         cfg.train.loss_chunk,
-        # the adapter of an adapter algorithm (fedit_lora); left at its defaults otherwise
-        *((lora.r, lora.alpha, lora.dropout, lora.target_modules) if lora else ()),
+        **(lora.run_fields() if lora else {}),  # the adapter of fedit_lora
     )
 
 

@@ -75,6 +75,15 @@ class LoraSettings:
             raise ValueError(f"LoRA dropout {self.dropout} must be in [0, 1)")
         target_names(self.target_modules)  # a ConfigError is a ValueError
 
+    def run_fields(self) -> dict[str, object]:
+        """The adapter as ``protocol.RunSettings`` carries it to networked clients."""
+        return {
+            "lora_r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "lora_target_modules": self.target_modules,
+        }
+
     def peft_config(self):
         from peft import LoraConfig as PeftLoraConfig
 
