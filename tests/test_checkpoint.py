@@ -46,7 +46,8 @@ def _interrupt(cfg, after_round: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+    "algorithm,compression",
+    [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8"), ("fedit_lora", "none")],
 )
 def test_resume_ends_exactly_like_an_uninterrupted_run(
     tiny_model_dir, tmp_path, algorithm, compression

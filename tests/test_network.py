@@ -146,7 +146,8 @@ def _fingerprint(summary: Path) -> str:
 
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
 @pytest.mark.parametrize(
-    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+    "algorithm,compression",
+    [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8"), ("fedit_lora", "none")],
 )
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     site, tiny_model_dir, tmp_path, algorithm, compression

@@ -47,7 +47,8 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "algorithm,compression", [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8")]
+    "algorithm,compression",
+    [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8"), ("fedit_lora", "none")],
 )
 def test_ray_and_local_end_with_the_same_global_model(
     ray_session, tiny_model_dir, tmp_path, algorithm, compression

@@ -229,15 +229,16 @@ def test_only_an_accepted_update_starts_a_rounds_deadline():
     import threading
     import time
 
-    server, blocks = _server(min_clients=1, round_timeout_s=0.3)
+    server, blocks = _server(min_clients=1, round_timeout_s=0.5)
     ok, _ = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), base=0)  # a stale base
     assert not ok  # client 0 forfeits round 0; client 1 is still computing
-    late = threading.Timer(0.45, lambda: _send(server, 1, 0, 1, _delta(blocks, 1, 1.0)))
+    # after the old deadline (0.5 s from the wait), well before the new one (1 s from opening)
+    late = threading.Timer(0.6, lambda: _send(server, 1, 0, 1, _delta(blocks, 1, 1.0)))
     late.start()
     try:
         start = time.monotonic()
-        assert server.wait_aggregate(0) == AggregateReady(1, 0)  # not failed at 0.3 s
-        assert time.monotonic() - start >= 0.4
+        assert server.wait_aggregate(0) == AggregateReady(1, 0)  # not failed at 0.5 s
+        assert time.monotonic() - start >= 0.5
     finally:
         late.join()
     assert server.stats.participants[0] == [1]

@@ -203,7 +203,8 @@ class DataConfig:
 class FederationConfig:
     algorithm: str = opt(
         "parablock",
-        "parablock (two threads per client) or fedbcd (sequential)",
+        "parablock (two threads per client), fedbcd (sequential), or fedit_lora (FedAvg over "
+        "LoRA adapters, [lora])",
         choices=_algorithms,
     )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
@@ -427,6 +428,33 @@ class ServerConfig:
     )
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA adapter of federation.algorithm=fedit_lora (PEFT; unused by block algorithms)."""
+
+    r: int = opt(16, "adapter rank", ge=1, le=4096)
+    alpha: float = opt(32.0, "LoRA alpha: the adapter's output is scaled by alpha / r", gt=0.0)
+    dropout: float = opt(
+        0.0,
+        "dropout on the adapter's input while training; > 0 draws masks from torch's shared "
+        "generator, so runs are no longer reproducible bit for bit",
+        ge=0.0,
+        le=0.9,
+    )
+    target_modules: str = opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated linear modules of every decoder layer that get an adapter (default: "
+        "all of attention and MLP)",
+    )
+    lr: float = opt(
+        1e-3,
+        "client AdamW learning rate of fedit_lora, used unless federation.lr is changed from "
+        "its default",
+        gt=0.0,
+        le=1.0,
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -436,6 +464,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "run": RunConfig,
     "server": ServerConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -449,6 +478,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
@@ -574,20 +604,28 @@ def _bound_text(b: float) -> str:
 def _check_algorithm(cfg: Config) -> None:
     """Algorithm combinations the config alone shows cannot run (the model shows the rest:
     ``core.algorithms.check_plan``)."""
-    from parablock.core.algorithms import MIN_SELECTED
+    from parablock.core.algorithms import ADAPTER_ALGORITHMS, MIN_SELECTED
     from parablock.core.blocks import BlockError, extra_names, fixed_selection_size
+    from parablock.core.lora import target_names
 
     fed, model = cfg.federation, cfg.model
     try:
         extra_names(model.extra_blocks)
     except BlockError as e:
         raise ConfigError(str(e)) from None
-    if fed.algorithm == "fedbcd" and fed.correction == "none":
+    target_names(cfg.lora.target_modules)
+    if fed.algorithm in ADAPTER_ALGORITHMS and model.extra_blocks:
+        raise ConfigError(
+            f"federation.algorithm={fed.algorithm} trains a LoRA adapter only; model.extra_blocks"
+            f"={model.extra_blocks!r} must be empty"
+        )
+    if fed.algorithm != "parablock" and fed.correction == "none":
         # FedBCD trains the next block only after downloading the aggregate; with 'none' it
         # would never write that aggregate into its model yet claim the block's new version.
         raise ConfigError(
             "federation.correction=none is the ParaBlock ablation only; federation.algorithm="
-            "fedbcd always applies the aggregate it downloads (use federation.correction=replace)"
+            f"{fed.algorithm} always applies the aggregate it downloads (use "
+            "federation.correction=replace)"
         )
     need = MIN_SELECTED.get(fed.algorithm, 1)
     n = fixed_selection_size(model.blocks, model.extra_blocks)

@@ -5,7 +5,8 @@ round, eval), ``timeline.jsonl`` (compute/upload/wait/download/idle spans, secon
 ``summary.json``, ``data.json`` (sources, examples kept/truncated/dropped), ``partition.json`` and
 ``partition.png`` (per client: examples, tokens, examples per label), ``eval_items.jsonl`` (what the
 model answered on each accuracy item at each evaluation), ``model/`` (the final global model and
-tokenizer, ``save_pretrained`` format), ``checkpoint/`` and ``lock``.
+tokenizer, ``save_pretrained`` format; with a LoRA adapter the merged model, and the adapter alone
+in ``model-adapter/``), ``checkpoint/`` and ``lock``.
 
 A run holds ``lock`` (flock) from start to end, so a second run into the same directory fails at
 once instead of overwriting it. ``metrics.jsonl`` and ``timeline.jsonl`` grow round by round
@@ -32,9 +33,10 @@ import torch
 from parablock.backends import BACKENDS, ClientSpec
 from parablock.config import Config, per_client_text, per_client_value
 from parablock.core.algorithms import check_plan
-from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
+from parablock.core.blocks import block_nbytes, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.forward import resolve_precision
+from parablock.core.lora import blocks_for, client_lr, export, settings_for
 from parablock.core.metrics import describe, summarize
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
@@ -154,6 +156,7 @@ def _compute_summary(cfg: Config, serve: bool) -> dict:
 def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
     """The training settings a server hands every client at join."""
     f, d = cfg.federation, cfg.data
+    lora = settings_for(cfg)
     return RunSettings(
         f.algorithm,
         f.correction,
@@ -161,7 +164,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         cfg.model.extra_blocks,
         f.local_steps,
         f.batch_size,
-        f.lr,
+        client_lr(cfg),
         f.weight_decay,
         f.warmup_steps,
         f.lr_schedule,
@@ -176,6 +179,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         cfg.train.loss_chunk,
         cfg.link.compression,
         f.server_lr,
+        **(lora.run_fields() if lora else {}),  # the adapter of fedit_lora
     )
 
 
@@ -196,8 +200,10 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         )
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
-    blocks = model_blocks(model, cfg.model.extra_blocks)
-    selected = select_blocks(blocks, cfg.model.blocks)
+    fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter
+    lora = settings_for(cfg)
+    blocks = blocks_for(model, cfg.model.extra_blocks, lora, seed)
+    selected = [b.index for b in blocks] if lora else select_blocks(blocks, cfg.model.blocks)
     check_plan(fed.algorithm, selected)
     plan = make_plan(fed.schedule, selected, fed.rounds, seed)
 
@@ -217,7 +223,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         update_norm_action=fed.update_norm_action,
         round_timeout_s=fed.round_timeout_s,
         settings=run_settings(cfg, plan),
-        fingerprint=model_fingerprint(model) if serve else "",
+        fingerprint=fingerprint,
         compression=cfg.link.compression,
     )
     if serve:
@@ -296,6 +302,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             slowdown=per_client_value(fed.compute_slowdown, i),
             compression=cfg.link.compression,
             server_lr=fed.server_lr,
+            lora=lora,
         )
         for i in range(fed.clients)
     ]
@@ -593,6 +600,7 @@ def _train(
         clients_dropped=server.stats.dropped,
         blocks=selected,
         plan=plan,
+        lr=client_lr(cfg),
         run_dir=str(out),
         backend="remote" if serve else cfg.run.backend,
         final_model_fingerprint=model_fingerprint(model),
@@ -605,7 +613,11 @@ def _train(
         files.add(e.to_json())
     files.close()
     _write(out, evals, summary)
-    model.save_pretrained(out / "model")
+    lora = settings_for(cfg)
+    if lora is None:
+        model.save_pretrained(out / "model")
+    else:
+        export(model, lora, cfg.model.name_or_path, out / "model", out / "model-adapter")
     tokenizer.save_pretrained(out / "model")
     log.info(
         "wall time %.1fs, mean round %.2fs; run directory: %s", wall, summary["mean_round_s"], out
@@ -737,6 +749,7 @@ def _evaluate_history(
     results = []
     if len(history.eval_at) > 1:
         replica = load_model(cfg.model.name_or_path)
+        blocks_for(replica, cfg.model.extra_blocks, settings_for(cfg), cfg.run.seed)
         first = -1
         if point is not None:
             for b, (_, tensors) in point.blocks.items():

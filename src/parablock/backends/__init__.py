@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from parablock.core.algorithms import run_client
-from parablock.core.blocks import model_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
+from parablock.core.lora import LoraSettings, blocks_for
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
@@ -59,6 +59,7 @@ class ClientSpec:
     slowdown: float = 1.0  # federation.compute_slowdown: its compute takes this many times longer
     compression: str = "none"  # link.compression
     server_lr: float = 1.0  # federation.server_lr (a compressed aggregate is applied with it)
+    lora: LoraSettings | None = None  # the adapter the client trains instead (fedit_lora)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -84,14 +85,19 @@ def build_client(
 
     ``on_phase`` (optional) hears every phase span start and end, for progress displays;
     ``stop`` (a threading.Event) asks the client to leave at its next barrier; ``model``: its
-    copy of the base model when the backend made one (``shared.FrozenShare``).
+    copy of the base model when the backend made one (``shared.FrozenShare``). A LoRA adapter
+    is injected on the CPU, before the model moves to the client's device.
     """
+    fresh = model is None
     if model is None:
-        model = load_model(spec.model).to(client_device(spec))
+        model = load_model(spec.model)
+    blocks = blocks_for(model, spec.extra_blocks, spec.lora, spec.seed)
+    if fresh:
+        model = model.to(client_device(spec))
     client = Client(
         spec.client_id,
         model,
-        model_blocks(model, spec.extra_blocks),
+        blocks,
         list(spec.data),
         spec.settings,
         faulty(

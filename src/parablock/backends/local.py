@@ -39,7 +39,9 @@ def run_local(
 
     def build(spec: ClientSpec):
         model = None
-        if spec.trained and spec.gpus <= 0:
+        if spec.gpus <= 0 and spec.lora is not None:  # an adapter run trains no base weight
+            model = share.model(spec.model, spec.extra_blocks, ())
+        elif spec.trained and spec.gpus <= 0:
             model = share.model(spec.model, spec.extra_blocks, spec.trained)
         return build_client(spec, server, on_barrier, stop, on_phase, model)
 

@@ -4,7 +4,9 @@ A parameter outside every block the run trains is never written by anyone: not b
 by a correction, not by a join (only trained blocks have versions to catch up on). So clients in
 one process can hold the same tensor for it. Each client gets a deep copy of one base model in
 which those parameters are the base's own objects and only the trained blocks are its own, e.g.
-8 of SmolLM2's 30 layers under ``top:8``, without the 113 MB embedding.
+8 of SmolLM2's 30 layers under ``top:8``, without the 113 MB embedding. A LoRA run trains no
+base weight (``trained`` empty): every client shares them all, and PEFT's injection into a copy
+wraps the copy's own modules without writing the shared weights.
 """
 
 from __future__ import annotations

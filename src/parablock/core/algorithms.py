@@ -1,9 +1,10 @@
-"""The two client-side algorithms over the same primitives (see ../shared/ALGORITHM.md).
+"""The client-side algorithms over the same primitives (see ../shared/ALGORITHM.md).
 
 Round t of either algorithm = communicate round t-1's delta + compute round t's block. FedBCD does
 the two strictly one after the other; ParaBlock runs them at the same time on two threads, trains
 from the stale model, and applies the block-level correction at the barrier. After round T-1 both
-drain: upload the last delta and apply its aggregate.
+drain: upload the last delta and apply its aggregate. ``fedit_lora`` is FedBCD's sequence over
+a single block, the LoRA adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 # ParaBlock trains round t+1's block while round t's is still in flight, so the schedule must
 # alternate between at least two blocks; FedBCD waits for each aggregate and can train just one.
 MIN_SELECTED: dict[str, int] = {"parablock": 2}
+# Algorithms that train a LoRA adapter (``core/lora.py``) instead of blocks of the model itself.
+ADAPTER_ALGORITHMS = frozenset({"fedit_lora"})
 
 
 def check_plan(algorithm: str, selected: list[int]) -> None:
@@ -83,6 +86,12 @@ def fedbcd(client: Client) -> None:
         client.barrier(record)
         _check_stop(client)
     _drain(client)
+
+
+# FedIT (federated instruction tuning with LoRA): FedAvg over the adapter. Its one block (every
+# adapter tensor) trains every round, so the client does exactly FedBCD's sequence: download the
+# aggregate, train K steps, upload the delta; the drain uploads the last one.
+ALGORITHMS.add("fedit_lora", fedbcd)
 
 
 def _check_stop(client: Client) -> None:

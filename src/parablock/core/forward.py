@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from contextlib import nullcontext
 
 import torch
@@ -74,7 +75,8 @@ def postprocessed_logits(model: nn.Module) -> bool:
 
 def first_trained_layer(model: nn.Module, blocks: list[Block], trained: set[int]) -> int:
     """The decoder layer below which nothing ever trains (0 if the embeddings train); the
-    number of layers if only the final norm or the head train."""
+    number of layers if only the final norm or the head train. A block spread over layers (a
+    LoRA adapter) counts from the lowest layer it has parameters in."""
     layers = len(model.model.layers)
     lowest = layers
     for b in trained:
@@ -83,6 +85,9 @@ def first_trained_layer(model: nn.Module, blocks: list[Block], trained: set[int]
             return 0
         if name.startswith("layer."):
             lowest = min(lowest, int(name.split(".")[1]))
+        else:
+            found = (re.match(r"model\.layers\.(\d+)\.", n) for n in blocks[b].param_names)
+            lowest = min([lowest] + [int(m.group(1)) for m in found if m])
     return lowest
 
 

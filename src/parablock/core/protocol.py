@@ -15,6 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from parablock.core.lora import LoraSettings
 from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
 
@@ -137,6 +138,21 @@ class RunSettings(Message):
     loss_chunk: int = 0
     compression: str = "none"  # link.compression: the wire form of deltas, both ways
     server_lr: float = 1.0  # a compressed aggregate is applied as base + server_lr * delta
+    # the LoRA adapter every copy of the model gets (fedit_lora); lora_r = 0: none
+    lora_r: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = ""
+
+    def __post_init__(self) -> None:
+        self.lora()  # an impossible adapter is refused at parse time
+
+    def lora(self) -> LoraSettings | None:
+        if self.lora_r == 0:
+            return None
+        return LoraSettings(
+            self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules
+        )
 
     def train_settings(self) -> TrainSettings:
         """The local training part, as ``core.train`` takes it."""
