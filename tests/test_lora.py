@@ -151,8 +151,8 @@ def test_only_adapter_tensors_cross_the_link(tiny_model_dir, tmp_path):
         ups.append((client, BlockUpdate.deserialize(data), len(data)))
         return receive(data, client)
 
-    def block_payload(b, version):
-        data = payload(b, version)
+    def block_payload(b, version, base=None):
+        data = payload(b, version, base)
         downs.append((BlockValue.deserialize(data), len(data)))
         return data
 
