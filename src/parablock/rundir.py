@@ -119,6 +119,7 @@ RESUME_FREE = (
     "eval.every",
     "eval.batch_size",
     "federation.round_timeout_s",
+    "federation.duplex",  # when transfers run, never what is trained
     "link.",
     "server.",
 )

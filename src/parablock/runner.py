@@ -34,6 +34,7 @@ from parablock.core.algorithms import check_plan
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.metrics import describe, summarize
+from parablock.core.overlap import Overlap
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
 from parablock.core.server import Rejections, Server
@@ -155,6 +156,8 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         d.max_length,
         d.train_size,
         d.label_field,
+        f.local_steps_max,
+        f.duplex,
     )
 
 
@@ -272,6 +275,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             gpus=cfg.run.client_gpus,
             faults=cfg.run.faults,
             stall_s=stall_seconds(fed.round_timeout_s),
+            overlap=Overlap(fed.local_steps_max, fed.duplex),
         )
         for i in range(fed.clients)
     ]
@@ -561,6 +565,8 @@ def _train(
         plan=plan,
         run_dir=str(out),
         backend="remote" if serve else cfg.run.backend,
+        duplex=fed.duplex,  # parablock only: fedbcd has nothing to overlap
+        local_steps_max=fed.local_steps_max,
         final_model_fingerprint=model_fingerprint(model),
         model_note="embedded SmolLM2-135M-Instruct is a dequantised Q4_1 (4-bit) GGUF copy"
         if cfg.model.name_or_path == "smollm2-135m-instruct"

@@ -200,6 +200,7 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         checkpoint=store,
         resume=state,
         fingerprint=fingerprint,
+        overlap=s.overlap(),
     )
     started = time.time()
     try:

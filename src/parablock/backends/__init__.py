@@ -21,6 +21,7 @@ from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import ClientLog, PhaseListener
+from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
 from parablock.errors import ClientRestart, ConfigError
@@ -54,6 +55,7 @@ class ClientSpec:
     gpus: float = 0.0  # > 0: the client trains on a GPU
     faults: str = ""  # run.faults: what goes wrong in this client's uploads (tests, benchmarks)
     stall_s: float = 0.0  # how long an injected stall lasts
+    overlap: Overlap = Overlap()  # extra steps while the link is busy, full duplex (parablock)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -101,6 +103,7 @@ def build_client(
         stop=stop,
         resume=spec.resume,
         checkpoint=CheckpointStore(spec.checkpoint_dir) if spec.checkpoint_dir else None,
+        overlap=spec.overlap,
     )
     client.log.listener = on_phase
     return client

@@ -2,8 +2,10 @@
 thread. The algorithms (``algorithms.py``) decide how the primitives here are ordered in time.
 
 Primitives: ``compute`` trains the round's block and keeps the delta as the pending upload;
-``communicate`` uploads it, waits for the round's aggregate and downloads it; ``correct`` applies
-the block-level correction. All of them record spans and per-round numbers in ``self.log``.
+``communicate`` uploads it, waits for the round's aggregate and downloads it (``send`` then
+``fetch``; in full duplex ``send_async`` runs the two on separate threads, ``core/overlap.py``);
+``correct`` applies the block-level correction. All of them record spans and per-round numbers in
+``self.log``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.correction import Correction
 from parablock.core.messages import BlockUpdate, BlockValue, Expected
 from parablock.core.metrics import ClientLog, RoundRecord
+from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight, Overlap
 from parablock.core.protocol import (
     BEHIND,
     PROTOCOL,
+    AggregateReady,
     JoinReply,
     JoinRequest,
     RecordReport,
@@ -32,7 +36,7 @@ from parablock.core.protocol import (
     SpanReport,
 )
 from parablock.core.train import TrainSettings, train_block
-from parablock.data.examples import Example, round_indices
+from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.transport import ServerConnection
 
@@ -57,6 +61,7 @@ class Client:
         resume: ClientState | None = None,
         stop: threading.Event | None = None,
         fingerprint: str = "",
+        overlap: Overlap | None = None,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
@@ -79,9 +84,11 @@ class Client:
         self.resume = resume
         self.stop = stop
         self.fingerprint = fingerprint  # of the base model, checked by a network server
+        self.overlap = overlap or Overlap()  # off: exactly local_steps, half duplex
         self.log = ClientLog(client_id)
         self._reported_spans = 0
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
+        self._duplex: DuplexLink | None = None  # full duplex's two threads, made when first used
 
     # -- lifecycle ---------------------------------------------------------------------------
     def join_request(self) -> JoinRequest:
@@ -153,7 +160,8 @@ class Client:
             self.pending,
             {b: block_state(self.model, self.blocks[b]) for b in sorted(self.dirty)},
             list(self.log.rounds),
-            list(self.log.spans),
+            # in full duplex the next round's upload may have begun already: not this barrier's
+            [s for s in list(self.log.spans) if s.round <= round],
         )
 
     def stopping(self) -> bool:
@@ -161,15 +169,25 @@ class Client:
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
+        if self._duplex is not None:
+            self._duplex.close()
         self.connection.close()
 
     # -- primitives ----------------------------------------------------------------------------
-    def compute(self, round: int, record: RoundRecord) -> BlockUpdate:
-        """Train the round's block from the current model; leave global + delta in place."""
+    def compute(
+        self, round: int, record: RoundRecord, busy: Callable[[], bool] | None = None
+    ) -> BlockUpdate:
+        """Train the round's block from the current model; leave global + delta in place.
+
+        ``busy``: with ``overlap.local_steps_max``, keep taking steps beyond ``local_steps`` (up
+        to ``local_steps_max``) while it says the link is still busy."""
         block = self.blocks[self.plan[round]]
-        batches = round_indices(
-            len(self.data), round, self.settings.steps, self.settings.batch_size, self.seed
-        )
+        s = self.settings
+        if busy is not None and self.overlap.local_steps_max > s.steps:
+            stream = round_batches(len(self.data), round, s.steps, s.batch_size, self.seed)
+            batches = ElasticBatches(stream, s.steps, self.overlap.local_steps_max, busy)
+        else:
+            batches = round_indices(len(self.data), round, s.steps, s.batch_size, self.seed)
         with self.log.span(round, "compute", record):
             result = train_block(self.model, block, self.data, batches, self.settings, self.pad_id)
             # Hold exactly base + delta (the server's own formula), so that with identical
@@ -178,6 +196,7 @@ class Client:
         self.dirty.add(block.index)
         record.train_loss = result.loss
         record.examples = result.num_examples
+        record.steps = batches.taken if isinstance(batches, ElasticBatches) else len(batches)
         return BlockUpdate(
             self.id,
             round,
@@ -190,6 +209,10 @@ class Client:
 
     def communicate(self, pending: BlockUpdate, record: RoundRecord) -> BlockValue:
         """Upload a pending delta, wait for its round's aggregate, download it."""
+        return self.fetch(self.send(pending, record), record)
+
+    def send(self, pending: BlockUpdate, record: RoundRecord) -> AggregateReady:
+        """Upload a pending delta and wait until its round's aggregate exists."""
         round = pending.round
         with self.log.span(round + 1, "upload", record):
             try:
@@ -201,8 +224,11 @@ class Client:
                         f"client {self.id}: round {round} closed without it"
                     ) from None
         with self.log.span(round + 1, "wait", record):
-            ready = self.connection.wait_aggregate(round)
-        with self.log.span(round + 1, "download", record):
+            return self.connection.wait_aggregate(round)
+
+    def fetch(self, ready: AggregateReady, record: RoundRecord) -> BlockValue:
+        """Download the aggregate ``ready`` announces (round ``ready.version``'s)."""
+        with self.log.span(ready.version + 1, "download", record):
             value, nbytes = self.connection.download(
                 ready.block, ready.version, self._expected(ready.block)
             )
@@ -211,6 +237,12 @@ class Client:
 
     def communicate_async(self, pending: BlockUpdate, record: RoundRecord) -> Future[BlockValue]:
         return self._comm.submit(self.communicate, pending, record)
+
+    def send_async(self, pending: BlockUpdate, record: RoundRecord) -> InFlight:
+        """Full duplex: ``send`` on the upload thread, then ``fetch`` on the download thread."""
+        if self._duplex is None:
+            self._duplex = DuplexLink(self.id, self.send, self.fetch)
+        return self._duplex.send(pending, record)
 
     def correct(self, value: BlockValue) -> None:
         """Block-level correction for the block that was in flight."""

@@ -51,6 +51,7 @@ class RoundRecord:
     start: float = 0.0
     end: float = 0.0
     drain: bool = False
+    steps: int = 0  # optimizer steps taken (more than local_steps with local_steps_max)
 
     def to_json(self) -> dict:
         return {"kind": "client_round", **asdict(self)}
@@ -154,4 +155,5 @@ def summarize(
         "bytes_up": sum(r.bytes_up for r in records),
         "bytes_down": sum(r.bytes_down for r in records),
         "mean_train_loss": _mean([r.train_loss for r in train]),
+        "mean_steps": _mean([r.steps for r in train]),
     }

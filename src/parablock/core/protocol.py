@@ -15,10 +15,11 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: RunSettings.local_steps_max and duplex, RecordReport.steps
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -130,6 +131,16 @@ class RunSettings(Message):
     max_length: int
     train_size: int
     label_field: str
+    local_steps_max: int = 0  # 0: exactly local_steps
+    duplex: bool = False
+
+    def __post_init__(self) -> None:
+        if self.local_steps_max < 0 or 0 < self.local_steps_max < self.local_steps:
+            raise ValueError("local_steps_max must be 0 or at least local_steps")
+
+    def overlap(self) -> Overlap:
+        """How a ParaBlock client overlaps beyond its two threads (``core/overlap.py``)."""
+        return Overlap(self.local_steps_max, self.duplex)
 
     def train_settings(self) -> TrainSettings:
         """The local training part, as ``core.train`` takes it."""
@@ -215,6 +226,7 @@ class RecordReport(Message):
     start: float
     end: float
     drain: bool
+    steps: int = 0
 
 
 @dataclass(frozen=True)
