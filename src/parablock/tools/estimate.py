@@ -6,10 +6,18 @@ payload dtype's size) and the links of ``link.*``::
     T_up   = latency + 8 B / up_bandwidth          T_down = latency + 8 B / down_bandwidth
     T_comm = T_up + T_agg + T_down
     FedBCD round    = T_comp + T_comm              ParaBlock round = max(T_comp, T_comm)
+    ParaBlock, full duplex (federation.duplex) = max(T_comp, T_up + T_agg, T_down,
+                                                     (T_comp + T_comm) / 2)
 
-Round 0 has nothing to send (both algorithms take T_comp), and the drain after round T-1 is one
-communication phase; the mean round time (as ``metrics.round_times`` measures it) leaves the drain
-out. Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
+Full duplex starts round t's upload right after compute t, beside round t-1's download; the last
+term is the one-round staleness: compute t, its upload, aggregation and download must fit in the
+two rounds before compute t+2 (``core/overlap.py``). Those are steady states; the mean and total
+times come from ``simulate``, which plays the rounds of the plan through (each block's own size)
+with identical clients: round 0 has nothing to send (both algorithms take T_comp), and the drain
+after round T-1 is one more communication; the mean round time (as ``metrics.round_times``
+measures it) leaves the drain out. With ``federation.local_steps_max`` a ParaBlock client keeps
+stepping (T_comp / local_steps per step) while the next upload could not start yet, so rounds
+stay as long and ``simulate`` counts the steps taken. Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
 ``arch:<name>`` for an architecture built on the meta device (no weights, no memory).
 ``--from-run`` predicts a finished run's mean round time from its own measured compute time, its
 aggregation time and its link settings, and prints predicted against measured.
@@ -191,10 +199,33 @@ def model_sizes(cfg: Config) -> ModelSizes:
 
 # -- the timing model ------------------------------------------------------------------------
 
-# How one client's round time follows from its compute and communication times.
-ROUND_MODELS: Registry[Callable[[float, float], float]] = Registry("round model")
-ROUND_MODELS.add("fedbcd", lambda comp, comm: comp + comm)
-ROUND_MODELS.add("parablock", lambda comp, comm: max(comp, comm))
+
+@dataclass(frozen=True)
+class Phases:
+    """One client's times for one round, in seconds."""
+
+    comp: float
+    up: float
+    agg: float
+    down: float
+
+    @property
+    def comm(self) -> float:
+        return self.up + self.agg + self.down
+
+
+# How one client's steady-state round time follows from its phase times.
+ROUND_MODELS: Registry[Callable[[Phases], float]] = Registry("round model")
+ROUND_MODELS.add("fedbcd", lambda p: p.comp + p.comm)
+ROUND_MODELS.add("parablock", lambda p: max(p.comp, p.comm))
+ROUND_MODELS.add(
+    "parablock_duplex", lambda p: max(p.comp, p.up + p.agg, p.down, (p.comp + p.comm) / 2)
+)
+
+
+def round_model(algorithm: str, duplex: bool) -> str:
+    """The round model of a run of ``algorithm`` (full duplex only changes ParaBlock)."""
+    return "parablock_duplex" if duplex and algorithm == "parablock" else algorithm
 
 
 def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
@@ -208,20 +239,90 @@ def comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> float:
     return up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes))
 
 
+@dataclass(frozen=True)
+class Simulated:
+    round_s: list[float]  # each round's time, barrier to barrier
+    steps: list[int]  # optimizer steps each round takes
+    total_s: float  # the whole run, drain included
+
+    @property
+    def mean_round_s(self) -> float:
+        return sum(self.round_s) / len(self.round_s)
+
+    @property
+    def mean_steps(self) -> float:
+        return sum(self.steps) / len(self.steps)
+
+
+def simulate(
+    model: str,
+    plan: Sequence[int],
+    block_bytes: dict[int, float],
+    compute_s: float,
+    cfg: Config,
+    aggregate_s: float,
+) -> Simulated:
+    """Play the plan's rounds through for identical clients; round t communicates the block
+    trained in round t-1. ``compute_s`` is ``federation.local_steps`` steps; ParaBlock takes
+    more (up to ``local_steps_max``) while the link holds the next upload back."""
+    ROUND_MODELS.get(model)
+    fed = cfg.federation
+    up, down = _links(cfg)
+    least = fed.local_steps
+    most = least if model == "fedbcd" else max(least, fed.local_steps_max)
+    step = compute_s / least
+
+    def steps_until(start: float, busy_until: float) -> int:
+        """Steps taken from ``start``: each one after local_steps only while still busy."""
+        if step <= 0:
+            return least
+        return max(least, min(most, math.ceil((busy_until - start) / step - 1e-12)))
+
+    def t_up(t: int) -> float:
+        return up.seconds(int(block_bytes[plan[t]])) + aggregate_s
+
+    def t_down(t: int) -> float:
+        return down.seconds(int(block_bytes[plan[t]]))
+
+    ends: list[float] = []  # each round's barrier
+    steps: list[int] = []
+    ready = fetched = 0.0  # full duplex: round t-1's aggregate exists / is downloaded
+    for t in range(len(plan)):
+        start = ends[-1] if ends else 0.0
+        if model == "fedbcd":
+            comm_end = start + (t_up(t - 1) + t_down(t - 1) if t else 0.0)
+            steps.append(least)
+            ends.append(comm_end + compute_s)
+        elif model == "parablock":
+            comm_end = start + (t_up(t - 1) + t_down(t - 1) if t else 0.0)
+            steps.append(steps_until(start, comm_end) if t else least)
+            ends.append(max(start + steps[-1] * step, comm_end))
+        else:  # full duplex: round t's delta goes up as soon as it exists and round t-1's is up
+            steps.append(steps_until(start, ready) if t else least)
+            computed = start + steps[-1] * step
+            ready_t = max(computed, ready) + t_up(t)
+            fetched_t = max(ready_t, fetched) + t_down(t)
+            ends.append(max(computed, fetched) if t else computed)
+            ready, fetched = ready_t, fetched_t
+    last = len(plan) - 1
+    if model == "parablock_duplex":
+        total = max(ends[-1], fetched)
+    else:
+        total = ends[-1] + t_up(last) + t_down(last)
+    rounds = [b - a for a, b in zip([0.0] + ends[:-1], ends, strict=True)]
+    return Simulated(rounds, steps, total)
+
+
 def mean_round_s(
-    algorithm: str,
+    model: str,
     plan: Sequence[int],
     block_bytes: dict[int, float],
     compute_s: float,
     cfg: Config,
     aggregate_s: float,
 ) -> float:
-    """Mean over rounds 0..T-1; round t communicates the block trained in round t-1."""
-    model = ROUND_MODELS.get(algorithm)
-    times = [compute_s]
-    for t in range(1, len(plan)):
-        times.append(model(compute_s, comm_seconds(block_bytes[plan[t - 1]], cfg, aggregate_s)))
-    return sum(times) / len(times)
+    """Mean over rounds 0..T-1 (``simulate``)."""
+    return simulate(model, plan, block_bytes, compute_s, cfg, aggregate_s).mean_round_s
 
 
 def crossover(
@@ -265,18 +366,16 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
     up, down = _links(cfg)
     t_up, t_down = up.seconds(int(mean_bytes)), down.seconds(int(mean_bytes))
     comm = t_up + est.aggregate_s + t_down
-    steady = {alg: ROUND_MODELS.get(alg)(compute, comm) for alg in ROUND_MODELS}
-    means = {
-        alg: mean_round_s(alg, plan, block_bytes, compute, cfg, est.aggregate_s)
-        for alg in ROUND_MODELS
-    }
+    phases = Phases(compute, t_up, est.aggregate_s, t_down)
+    steady = {m: ROUND_MODELS.get(m)(phases) for m in ROUND_MODELS}
     # Whole run: T rounds plus the drain (one more communication phase).
-    totals = {alg: means[alg] * fed.rounds + comm for alg in ROUND_MODELS}
+    sims = {m: simulate(m, plan, block_bytes, compute, cfg, est.aggregate_s) for m in ROUND_MODELS}
     cross = crossover(mean_bytes, compute, cfg, est.aggregate_s)
     sweep = []
     for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
         c = cfg.replace(link={"up_mbps": up.mbps * factor, "down_mbps": down.mbps * factor})
         cm = comm_seconds(mean_bytes, c, est.aggregate_s)
+        u, d = (link.seconds(int(mean_bytes)) for link in _links(c))
         sweep.append(
             {
                 "up_mbps": c.link.up_mbps,
@@ -284,6 +383,9 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
                 "comm_s": cm,
                 "fedbcd_round_s": compute + cm,
                 "parablock_round_s": max(compute, cm),
+                "parablock_duplex_round_s": ROUND_MODELS.get("parablock_duplex")(
+                    Phases(compute, u, est.aggregate_s, d)
+                ),
                 "speedup": (compute + cm) / max(compute, cm),
             }
         )
@@ -307,9 +409,15 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "comm_s": comm,
         "fedbcd_round_s": steady["fedbcd"],
         "parablock_round_s": steady["parablock"],
+        "parablock_duplex_round_s": steady["parablock_duplex"],
         "speedup": steady["fedbcd"] / steady["parablock"],
-        "mean_round_s": means,
-        "total_s": totals,
+        "speedup_duplex": steady["fedbcd"] / steady["parablock_duplex"],
+        "configured": round_model(fed.algorithm, fed.duplex),
+        "local_steps": fed.local_steps,
+        "local_steps_max": fed.local_steps_max,
+        "mean_round_s": {m: sim.mean_round_s for m, sim in sims.items()},
+        "total_s": {m: sim.total_s for m, sim in sims.items()},
+        "mean_steps": {m: sim.mean_steps for m, sim in sims.items()},
         "crossover_mbps": None if cross is None else {"up": cross[0], "down": cross[1]},
         "sweep": sweep,
     }
@@ -328,9 +436,19 @@ def format_estimate(r: dict) -> str:
         f"per round (steady state): FedBCD {r['fedbcd_round_s']:.3f} s = T_comp + T_comm; "
         f"ParaBlock {r['parablock_round_s']:.3f} s = max(T_comp, T_comm); "
         f"speed-up {r['speedup']:.3f}x (at most 2x)",
+        f"ParaBlock full duplex {r['parablock_duplex_round_s']:.3f} s = max(T_comp, T_up + T_agg, "
+        f"T_down, (T_comp + T_comm) / 2); speed-up {r['speedup_duplex']:.3f}x",
         f"whole run ({r['rounds']} rounds + drain): FedBCD {r['total_s']['fedbcd']:,.1f} s, "
-        f"ParaBlock {r['total_s']['parablock']:,.1f} s",
+        f"ParaBlock {r['total_s']['parablock']:,.1f} s, full duplex "
+        f"{r['total_s']['parablock_duplex']:,.1f} s (this config: {r['configured']})",
     ]
+    if r["local_steps_max"] > r["local_steps"]:
+        st = r["mean_steps"]
+        lines.append(
+            f"steps per round with local_steps_max={r['local_steps_max']} (local_steps="
+            f"{r['local_steps']}): ParaBlock {st['parablock']:.2f}, full duplex "
+            f"{st['parablock_duplex']:.2f} (extra steps while the next upload could not start)"
+        )
     c = r["crossover_mbps"]
     if c is None:
         lines.append(
@@ -342,11 +460,14 @@ def format_estimate(r: dict) -> str:
             "(the best case for ParaBlock, 2x); faster links: compute-bound, slower: comm-bound"
         )
     lines.append("bandwidth sweep (same up:down ratio):")
-    lines.append("  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up")
+    lines.append(
+        "  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up  full duplex s"
+    )
     for s in r["sweep"]:
         lines.append(
             f"  {s['up_mbps']:9.1f}  {s['down_mbps']:11.1f}  {s['comm_s']:9.3f}  "
-            f"{s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  {s['speedup']:8.3f}"
+            f"{s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  {s['speedup']:8.3f}  "
+            f"{s['parablock_duplex_round_s']:13.3f}"
         )
     return "\n".join(lines)
 
@@ -426,11 +547,12 @@ def from_run(path: str | Path) -> list[dict]:
         )
         aggs = [float(r.get("aggregate_s", 0.0)) for r in run.rounds]
         agg = sum(aggs) / len(aggs) if aggs else 0.0
-        compute = float(run.summary["mean_compute_s"])
-        predicted = {
-            alg: mean_round_s(alg, plan, block_bytes, compute, cfg, agg) for alg in ROUND_MODELS
-        }
+        # measured compute per round, back to local_steps steps (local_steps_max takes more)
+        k = cfg.federation.local_steps
+        compute = float(run.summary["mean_compute_s"]) * k / (run.summary.get("mean_steps") or k)
+        predicted = {m: mean_round_s(m, plan, block_bytes, compute, cfg, agg) for m in ROUND_MODELS}
         alg = run.summary["algorithm"]
+        model = round_model(alg, bool(run.summary.get("duplex")))
         measured = float(run.summary["mean_round_s"])
         ups = [r["bytes_up"] for r in run.client_rounds if r.get("bytes_up")]
         out.append(
@@ -441,9 +563,10 @@ def from_run(path: str | Path) -> list[dict]:
                 "aggregate_s": agg,
                 "predicted_block_bytes": sum(block_bytes[b] for b in plan) / len(plan),
                 "measured_upload_bytes": sum(ups) / len(ups) if ups else None,
-                "predicted_mean_round_s": predicted[alg],
+                "round_model": model,
+                "predicted_mean_round_s": predicted[model],
                 "measured_mean_round_s": measured,
-                "error": predicted[alg] / measured - 1 if measured > 0 else math.nan,
+                "error": predicted[model] / measured - 1 if measured > 0 else math.nan,
                 "predicted_by_algorithm": predicted,
             }
         )
