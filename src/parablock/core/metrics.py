@@ -89,7 +89,7 @@ class ClientLog:
 def describe(r: RoundRecord, rounds: int) -> str:
     """One log line for a client's round."""
     what = "drain" if r.drain else f"round {r.round + 1}/{rounds} block {r.block}"
-    loss = "" if r.drain else f", train loss {r.train_loss:.4f}"
+    loss = "" if r.drain else f", {r.steps} steps, train loss {r.train_loss:.4f}"
     return (
         f"{what}: compute {r.compute_s:.2f}s, upload {r.upload_s:.2f}s, wait {r.wait_s:.2f}s, "
         f"download {r.download_s:.2f}s, idle {r.idle_s:.2f}s{loss}"
