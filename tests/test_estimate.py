@@ -122,3 +122,40 @@ def test_from_run_predicts_from_the_runs_own_numbers(tiny_model_dir, tmp_path, c
     assert nbytes < row["measured_upload_bytes"] < nbytes * 1.02
     assert main(["estimate", "--from-run", str(tmp_path / "run")]) == 0
     assert "predicted" in capsys.readouterr().out
+
+
+def test_full_duplex_and_extra_steps_match_a_hand_computation(tiny_model_dir, tmp_path, capsys):
+    """T_comp 1 s (one step), T_up = T_down = 2 s, no aggregation time, 4 rounds.
+
+    Half duplex: rounds 1, 4, 4, 4 (max(T_comp, T_up + T_down)), drain 4 -> 17 s. Full duplex,
+    round t's upload beside round t-1's download: barriers at 1, 5, 7, 10 (rounds 1, 4, 2, 3:
+    2.5 s in the steady state = (T_comp + T_up + T_down) / 2), drain done at 12 s. With
+    local_steps_max=3 half duplex steps until the aggregate is down (3 steps in rounds 1-3);
+    full duplex only until the previous upload is through (2 steps in round 1, then 1)."""
+    nbytes = LAYER_PARAMS * 4
+    mbps = 8 * nbytes / 2e6  # 2 s each way
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"rounds": 4, "local_steps": 1, "local_steps_max": 3, "duplex": True},
+        link={"up_mbps": mbps, "down_mbps": mbps, "latency_ms": 0.0},
+    )
+    r = estimate(cfg, EstimateSettings(compute_s=1.0))
+    assert r["upload_s"] == pytest.approx(2.0) and r["download_s"] == pytest.approx(2.0)
+    assert r["parablock_round_s"] == pytest.approx(4.0)
+    assert r["parablock_duplex_round_s"] == pytest.approx(2.5)
+    assert r["speedup_duplex"] == pytest.approx(5.0 / 2.5)
+    assert r["mean_round_s"]["parablock"] == pytest.approx((1 + 3 * 4) / 4)
+    assert r["total_s"]["parablock"] == pytest.approx(17.0)
+    assert r["mean_round_s"]["parablock_duplex"] == pytest.approx((1 + 4 + 2 + 3) / 4)
+    assert r["total_s"]["parablock_duplex"] == pytest.approx(12.0)
+    assert r["mean_steps"] == {
+        "fedbcd": 1.0,
+        "parablock": pytest.approx((1 + 3 * 3) / 4),
+        "parablock_duplex": pytest.approx((1 + 2 + 1 + 1) / 4),
+    }
+    assert r["configured"] == "parablock_duplex"
+    args = ["estimate", "--set", f"model.name_or_path={tiny_model_dir}", "--set"]
+    assert main(args + ["estimate.compute_s=1", "--set", "federation.local_steps_max=4"]) == 0
+    out = capsys.readouterr().out
+    assert "full duplex" in out and "steps per round with local_steps_max=4" in out

@@ -210,6 +210,13 @@ class FederationConfig:
     clients: int = opt(2, "number of clients", ge=1, le=1024)
     rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
     local_steps: int = opt(2, "optimizer steps K per client per round", ge=1)
+    local_steps_max: int = opt(
+        0,
+        "parablock: while the link is still busy, keep taking steps on the round's block, up to "
+        "this many (0 = exactly local_steps; else >= local_steps, with lr_schedule=constant); "
+        "the update counts the examples it really used. No effect on fedbcd",
+        ge=0,
+    )
     batch_size: int = opt(4, "examples per optimizer step", ge=1)
     lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
@@ -235,7 +242,8 @@ class FederationConfig:
     max_client_weight: float = opt(
         1.0,
         "largest share of a round's total weight one update may carry (a client's "
-        "num_examples is also capped at local_steps x batch_size); 1 = no share cap",
+        "num_examples is also capped at local_steps (or local_steps_max) x batch_size); "
+        "1 = no share cap",
         gt=0.0,
         le=1.0,
     )
@@ -259,6 +267,13 @@ class FederationConfig:
         f">= 1, {PER_CLIENT}",
         ge=1.0,
         per_client=True,
+    )
+
+    duplex: bool = opt(
+        False,
+        "parablock: full duplex, each delta starts uploading as soon as it is trained while the "
+        "previous aggregate may still be downloading (the same model, shorter rounds on slow "
+        "links; false = one upload-wait-download sequence per round). No effect on fedbcd",
     )
 
 
@@ -609,6 +624,16 @@ def _check_algorithm(cfg: Config) -> None:
     from parablock.core.lora import target_names
 
     fed, model = cfg.federation, cfg.model
+    if 0 < fed.local_steps_max < fed.local_steps:
+        raise ConfigError(
+            f"federation.local_steps_max={fed.local_steps_max} is below federation.local_steps="
+            f"{fed.local_steps}; set it to at least {fed.local_steps}, or 0 for exactly local_steps"
+        )
+    if fed.local_steps_max and fed.lr_schedule != "constant":
+        raise ConfigError(
+            f"federation.local_steps_max={fed.local_steps_max} needs federation.lr_schedule="
+            f"constant (a {fed.lr_schedule} schedule needs a known number of steps per round)"
+        )
     try:
         extra_names(model.extra_blocks)
     except BlockError as e:

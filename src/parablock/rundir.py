@@ -120,6 +120,7 @@ RESUME_FREE = (
     "eval.batch_size",
     "federation.round_timeout_s",
     "federation.compute_slowdown",
+    "federation.duplex",  # when transfers run, never what is trained
     "link.",
     "server.",
 )

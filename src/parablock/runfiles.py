@@ -191,7 +191,9 @@ class RunFiles:
 
     def _spans(self, through: int | None) -> None:
         """Each client's spans of rounds <= ``through`` (all of them with None). A client's
-        spans end in round order (round t+1 starts after barrier t), so a cursor suffices."""
+        spans end in round order (round t+1 starts after barrier t), so a cursor suffices; in
+        full duplex round t+1's upload can end before barrier t, and then it and the spans after
+        it are written at the next call."""
         for c, lg in self._seen.items():
             at = self._span_at.get(c, 0)
             with lg._lock:

@@ -38,6 +38,7 @@ from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.forward import resolve_precision
 from parablock.core.lora import blocks_for, client_lr, export, settings_for
 from parablock.core.metrics import describe, summarize
+from parablock.core.overlap import Overlap
 from parablock.core.protocol import RunSettings
 from parablock.core.schedule import make_plan
 from parablock.core.server import Rejections, Server
@@ -180,6 +181,8 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         cfg.link.compression,
         f.server_lr,
         **(lora.run_fields() if lora else {}),  # the adapter of fedit_lora
+        local_steps_max=f.local_steps_max,
+        duplex=f.duplex,
     )
 
 
@@ -303,6 +306,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             compression=cfg.link.compression,
             server_lr=fed.server_lr,
             lora=lora,
+            overlap=Overlap(fed.local_steps_max, fed.duplex),
         )
         for i in range(fed.clients)
     ]
@@ -603,6 +607,8 @@ def _train(
         lr=client_lr(cfg),
         run_dir=str(out),
         backend="remote" if serve else cfg.run.backend,
+        duplex=fed.duplex,  # parablock only: fedbcd has nothing to overlap
+        local_steps_max=fed.local_steps_max,
         final_model_fingerprint=model_fingerprint(model),
         model_note="embedded SmolLM2-135M-Instruct is a dequantised Q4_1 (4-bit) GGUF copy"
         if cfg.model.name_or_path == "smollm2-135m-instruct"

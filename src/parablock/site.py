@@ -216,6 +216,7 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
         slowdown=o.slowdown,
         compression=s.compression,
         server_lr=s.server_lr,
+        overlap=s.overlap(),
     )
     started = time.time()
     try:

@@ -22,6 +22,7 @@ from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
 from parablock.core.lora import LoraSettings, blocks_for
 from parablock.core.metrics import ClientLog, PhaseListener
+from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
 from parablock.errors import ClientRestart, ConfigError
@@ -60,6 +61,7 @@ class ClientSpec:
     compression: str = "none"  # link.compression
     server_lr: float = 1.0  # federation.server_lr (a compressed aggregate is applied with it)
     lora: LoraSettings | None = None  # the adapter the client trains instead (fedit_lora)
+    overlap: Overlap = Overlap()  # extra steps while the link is busy, full duplex (parablock)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -118,6 +120,7 @@ def build_client(
         slowdown=spec.slowdown,
         compression=spec.compression,
         server_lr=spec.server_lr,
+        overlap=spec.overlap,
     )
     client.log.listener = on_phase
     return client

@@ -272,13 +272,14 @@ class _Fleet:
         self.wait_s = min(LONG_POLL_S, self.answer_s / 2)  # a long poll ends well before a drop
         env = _runtime_env()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        # Each client holds at most a join, an upload and a wait at once; the driver adds a few
-        # (its long poll for aggregations, a stop, a drop, the final state).
+        # Each client holds at most a join, an upload or a wait, a download (full duplex) and a
+        # report at once; the driver adds a few (its long poll for aggregations, a stop, a drop,
+        # the final state).
         self.server = (
             ray.remote(ServerActor)
             .options(
                 num_cpus=0,
-                max_concurrency=3 * len(specs) + 4,
+                max_concurrency=4 * len(specs) + 4,
                 scheduling_strategy=here,
                 runtime_env=env,
             )

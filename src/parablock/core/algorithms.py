@@ -5,14 +5,21 @@ the two strictly one after the other; ParaBlock runs them at the same time on tw
 from the stale model, and applies the block-level correction at the barrier. After round T-1 both
 drain: upload the last delta and apply its aggregate. ``fedit_lora`` is FedBCD's sequence over
 a single block, the LoRA adapter.
+drain: upload the last delta and apply its aggregate. ParaBlock's options ``local_steps_max`` (extra
+steps while the link is busy) and ``duplex`` (round t's delta starts up before round t-1's
+aggregate is down) are explained in ``overlap.py``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from parablock.core.client import Client
+from parablock.core.messages import BlockValue
+from parablock.core.metrics import RoundRecord
+from parablock.core.overlap import InFlight
 from parablock.core.protocol import JoinReply
 from parablock.errors import ConfigError, RunStopped
 from parablock.registry import Registry
@@ -55,23 +62,70 @@ def _check_in_flight(plan: list[int]) -> None:
 @ALGORITHMS.register("parablock")
 def parablock(client: Client) -> None:
     _check_in_flight(client.plan)
+    if client.overlap.duplex:
+        _parablock_duplex(client)
+        return
     for t in range(client.start_round, len(client.plan)):
         record = client.new_record(t)
         pending = client.pending
         # The communication thread moves round t-1's delta while this thread trains round t.
         inflight = client.communicate_async(pending, record) if pending is not None else None
-        update = client.compute(t, record)
+        update = client.compute(t, record, _running(inflight))
         if inflight is not None:
-            idle_from = time.time()
-            value = inflight.result()  # the barrier
-            client.log.add_span(t, "idle", idle_from, time.time())
-            record.idle_s = time.time() - idle_from
-            client.correct(value)
+            _await(client, t, record, inflight.result)  # the barrier
         client.pending = update
         client.barrier(record)
         _check_stop(client)
     if client.correction.drain:
         _drain(client)
+
+
+def _running(inflight: Future | None) -> Callable[[], bool] | None:
+    return None if inflight is None else (lambda: not inflight.done())
+
+
+def _parablock_duplex(client: Client) -> None:
+    """ParaBlock in full duplex: round t's delta starts up right after compute t, while round
+    t-1's aggregate may still be coming down; compute t+1 still starts only after that aggregate
+    is down and corrected (the same barrier, the same staleness, the same updates per round)."""
+    last = len(client.plan) - 1
+    ahead: tuple[InFlight, RoundRecord] | None = None  # round t-1's delta, sent before barrier t-1
+    for t in range(client.start_round, len(client.plan)):
+        if ahead is not None:
+            flight, record = ahead
+            record.start = time.time()
+        else:  # the first round here: a pending delta from a checkpoint starts up now
+            record = client.new_record(t)
+            pending = client.pending
+            flight = client.send_async(pending, record) if pending is not None else None
+        update = client.compute(t, record, flight.busy if flight is not None else None)
+        ahead = None
+        if (t < last or client.correction.drain) and not client.stopping():
+            following = client.new_record(t + 1, drain=t == last)
+            ahead = (client.send_async(update, following), following)
+        if flight is not None:
+            _await(client, t, record, flight.result)  # the barrier
+        client.pending = update
+        client.barrier(record)
+        _check_stop(client)
+    if ahead is None:
+        if client.correction.drain:
+            _drain(client)
+        return
+    flight, record = ahead  # the drain: round T-1's delta is on its way already
+    record.start = time.time()
+    client.correct(flight.result())
+    client.pending = None
+    client.barrier(record)
+
+
+def _await(client: Client, t: int, record: RoundRecord, result: Callable[[], BlockValue]) -> None:
+    """The barrier: wait (idle) for round t-1's aggregate, then apply the correction."""
+    idle_from = time.time()
+    value = result()
+    client.log.add_span(t, "idle", idle_from, time.time())
+    record.idle_s = time.time() - idle_from
+    client.correct(value)
 
 
 @ALGORITHMS.register("fedbcd")

@@ -2,8 +2,10 @@
 thread. The algorithms (``algorithms.py``) decide how the primitives here are ordered in time.
 
 Primitives: ``compute`` trains the round's block and keeps the delta as the pending upload;
-``communicate`` uploads it, waits for the round's aggregate and downloads it; ``correct`` applies
-the block-level correction. All of them record spans and per-round numbers in ``self.log``.
+``communicate`` uploads it, waits for the round's aggregate and downloads it (``send`` then
+``fetch``; in full duplex ``send_async`` runs the two on separate threads, ``core/overlap.py``);
+``correct`` applies the block-level correction. All of them record spans and per-round numbers in
+``self.log``.
 
 With a lossy ``link.compression`` the pending delta is kept in the codec's wire form (quantised
 once, with this client's error feedback for the block), and the client keeps the global value of
@@ -29,9 +31,11 @@ from parablock.core.correction import Correction
 from parablock.core.forward import BlockForward, first_trained_layer
 from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError
 from parablock.core.metrics import ClientLog, RoundRecord
+from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight, Overlap
 from parablock.core.protocol import (
     BEHIND,
     PROTOCOL,
+    AggregateReady,
     JoinReply,
     JoinRequest,
     RecordReport,
@@ -39,7 +43,7 @@ from parablock.core.protocol import (
     SpanReport,
 )
 from parablock.core.train import TrainSettings, train_block
-from parablock.data.examples import Example, round_indices
+from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.transport import ServerConnection
 
@@ -67,6 +71,7 @@ class Client:
         slowdown: float = 1.0,
         compression: str = "none",
         server_lr: float = 1.0,
+        overlap: Overlap | None = None,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
@@ -96,10 +101,13 @@ class Client:
         self.server_lr = server_lr
         self.feedback = ErrorFeedback(self.codec)  # residuals of this client's uploads
         self.bases: dict[int, dict] = {}  # round -> the global block value its delta is from
+        self._sent: dict[int, BlockUpdate] = {}  # round -> the update ``send`` uploaded
+        self.overlap = overlap or Overlap()  # off: exactly local_steps, half duplex
         self.log = ClientLog(client_id)
         self._reported_spans = 0
         self._forward: BlockForward | None = None  # built at the first compute (needs the plan)
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
+        self._duplex: DuplexLink | None = None  # full duplex's two threads, made when first used
 
     # -- lifecycle ---------------------------------------------------------------------------
     def join_request(self) -> JoinRequest:
@@ -175,7 +183,8 @@ class Client:
             self.pending,
             {b: block_state(self.model, self.blocks[b]) for b in sorted(self.dirty)},
             list(self.log.rounds),
-            list(self.log.spans),
+            # in full duplex the next round's upload may have begun already: not this barrier's
+            [s for s in list(self.log.spans) if s.round <= round],
             dict(self.feedback.residuals),
             self.bases.get(self.pending.round) if self.pending is not None else None,
         )
@@ -185,15 +194,25 @@ class Client:
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
+        if self._duplex is not None:
+            self._duplex.close()
         self.connection.close()
 
     # -- primitives ----------------------------------------------------------------------------
-    def compute(self, round: int, record: RoundRecord) -> BlockUpdate:
-        """Train the round's block from the current model; leave global + delta in place."""
+    def compute(
+        self, round: int, record: RoundRecord, busy: Callable[[], bool] | None = None
+    ) -> BlockUpdate:
+        """Train the round's block from the current model; leave global + delta in place.
+
+        ``busy``: with ``overlap.local_steps_max``, keep taking steps beyond ``local_steps`` (up
+        to ``local_steps_max``) while it says the link is still busy."""
         block = self.blocks[self.plan[round]]
-        batches = round_indices(
-            len(self.data), round, self.settings.steps, self.settings.batch_size, self.seed
-        )
+        s = self.settings
+        if busy is not None and self.overlap.local_steps_max > s.steps:
+            stream = round_batches(len(self.data), round, s.steps, s.batch_size, self.seed)
+            batches = ElasticBatches(stream, s.steps, self.overlap.local_steps_max, busy)
+        else:
+            batches = round_indices(len(self.data), round, s.steps, s.batch_size, self.seed)
         with self.log.span(round, "compute", record):
             started = time.perf_counter()
             result = train_block(
@@ -207,6 +226,7 @@ class Client:
         self.dirty.add(block.index)
         record.train_loss = result.loss
         record.examples = result.num_examples
+        record.steps = batches.taken if isinstance(batches, ElasticBatches) else len(batches)
         delta = {n: t.cpu() for n, t in result.delta.items()}  # messages carry CPU tensors
         if self.codec.lossy:  # quantised once, here: a re-sent update is the same bytes
             delta = self.feedback.encode(block.index, delta)
@@ -239,6 +259,10 @@ class Client:
 
     def communicate(self, pending: BlockUpdate, record: RoundRecord) -> BlockValue:
         """Upload a pending delta, wait for its round's aggregate, download it."""
+        return self.fetch(self.send(pending, record), record)
+
+    def send(self, pending: BlockUpdate, record: RoundRecord) -> AggregateReady:
+        """Upload a pending delta and wait until its round's aggregate exists."""
         round = pending.round
         with self.log.span(round + 1, "upload", record):
             try:
@@ -251,15 +275,25 @@ class Client:
                     ) from None
         with self.log.span(round + 1, "wait", record):
             ready = self.connection.wait_aggregate(round)
-        base = self.bases.get(round) if ready.block == pending.block else None
+        self._sent[round] = pending  # its base tells ``fetch`` how to read a compressed aggregate
+        return ready
+
+    def fetch(self, ready: AggregateReady, record: RoundRecord) -> BlockValue:
+        """Download the aggregate ``ready`` announces (round ``ready.version``'s)."""
+        round = ready.version
+        pending = self._sent.pop(round, None)
+        base = None
+        if pending is not None and ready.block == pending.block:
+            base = self.bases.get(round)
+        base_version = -1 if pending is None else pending.base_version
         with self.log.span(round + 1, "download", record):
             value, nbytes = self.connection.download(
                 ready.block,
                 ready.version,
                 self._download_layout(ready.block, base is not None),
-                None if base is None else pending.base_version,
+                None if base is None else base_version,
             )
-            value = self._resolve(value, pending.base_version, base)
+            value = self._resolve(value, base_version, base)
         record.bytes_down += nbytes
         self.bases.pop(round, None)
         return value
@@ -291,6 +325,12 @@ class Client:
 
     def communicate_async(self, pending: BlockUpdate, record: RoundRecord) -> Future[BlockValue]:
         return self._comm.submit(self.communicate, pending, record)
+
+    def send_async(self, pending: BlockUpdate, record: RoundRecord) -> InFlight:
+        """Full duplex: ``send`` on the upload thread, then ``fetch`` on the download thread."""
+        if self._duplex is None:
+            self._duplex = DuplexLink(self.id, self.send, self.fetch)
+        return self._duplex.send(pending, record)
 
     def correct(self, value: BlockValue) -> None:
         """Block-level correction for the block that was in flight."""

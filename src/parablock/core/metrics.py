@@ -51,6 +51,7 @@ class RoundRecord:
     start: float = 0.0
     end: float = 0.0
     drain: bool = False
+    steps: int = 0  # optimizer steps taken (more than local_steps with local_steps_max)
 
     def to_json(self) -> dict:
         return {"kind": "client_round", **asdict(self)}
@@ -88,7 +89,7 @@ class ClientLog:
 def describe(r: RoundRecord, rounds: int) -> str:
     """One log line for a client's round."""
     what = "drain" if r.drain else f"round {r.round + 1}/{rounds} block {r.block}"
-    loss = "" if r.drain else f", train loss {r.train_loss:.4f}"
+    loss = "" if r.drain else f", {r.steps} steps, train loss {r.train_loss:.4f}"
     return (
         f"{what}: compute {r.compute_s:.2f}s, upload {r.upload_s:.2f}s, wait {r.wait_s:.2f}s, "
         f"download {r.download_s:.2f}s, idle {r.idle_s:.2f}s{loss}"
@@ -154,4 +155,5 @@ def summarize(
         "bytes_up": sum(r.bytes_up for r in records),
         "bytes_down": sum(r.bytes_down for r in records),
         "mean_train_loss": _mean([r.train_loss for r in train]),
+        "mean_steps": _mean([r.steps for r in train]),
     }

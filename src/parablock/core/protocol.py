@@ -16,10 +16,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 from parablock.core.lora import LoraSettings
+from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
 
-PROTOCOL = 2
+PROTOCOL = (
+    2  # 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
+)
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -144,8 +147,13 @@ class RunSettings(Message):
     lora_dropout: float = 0.0
     lora_target_modules: str = ""
 
+    local_steps_max: int = 0  # 0: exactly local_steps
+    duplex: bool = False
+
     def __post_init__(self) -> None:
         self.lora()  # an impossible adapter is refused at parse time
+        if self.local_steps_max < 0 or 0 < self.local_steps_max < self.local_steps:
+            raise ValueError("local_steps_max must be 0 or at least local_steps")
 
     def lora(self) -> LoraSettings | None:
         if self.lora_r == 0:
@@ -153,6 +161,10 @@ class RunSettings(Message):
         return LoraSettings(
             self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules
         )
+
+    def overlap(self) -> Overlap:
+        """How a ParaBlock client overlaps beyond its two threads (``core/overlap.py``)."""
+        return Overlap(self.local_steps_max, self.duplex)
 
     def train_settings(self) -> TrainSettings:
         """The local training part, as ``core.train`` takes it."""
@@ -242,6 +254,7 @@ class RecordReport(Message):
     start: float
     end: float
     drain: bool
+    steps: int = 0
 
 
 @dataclass(frozen=True)

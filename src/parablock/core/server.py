@@ -123,9 +123,13 @@ class Server:
         self.max_client_weight = max_client_weight
         self.max_update_norm = max_update_norm
         self.update_norm_action = update_norm_action
-        # What one round can use: K steps of B examples (the server's own settings), so no
-        # client can claim more weight than an honest one.
-        self.max_examples = settings.local_steps * settings.batch_size if settings else 0
+        # What one round can use: K steps of B examples (the server's own settings; with
+        # local_steps_max, that many steps), so no client can claim more weight than an honest one.
+        self.max_examples = (
+            settings.overlap().most_steps(settings.local_steps) * settings.batch_size
+            if settings
+            else 0
+        )
         self.round_timeout_s = round_timeout_s
         self.settings = settings  # handed to every client at join
         self.fingerprint = fingerprint  # of the base model; "" = not checked (in-process)
@@ -418,7 +422,7 @@ class Server:
         if self.max_examples and u.num_examples > self.max_examples:
             raise MessageError(
                 f"{where}: num_examples={u.num_examples} exceeds what a round uses "
-                f"(local_steps x batch_size = {self.max_examples})"
+                f"({self._steps_name()} x batch_size = {self.max_examples})"
             )
         if self.max_update_norm > 0:
             norm = delta_norm(u.tensors)
@@ -434,6 +438,10 @@ class Server:
                     self.stats.clipped += 1
                 log.info("%s: delta norm %.4g clipped to %g", where, norm, self.max_update_norm)
         return u
+
+    def _steps_name(self) -> str:
+        s = self.settings
+        return "local_steps_max" if s and s.local_steps_max > s.local_steps else "local_steps"
 
     def _aggregate(self, round: int) -> None:
         """Called with the lock held."""
@@ -588,6 +596,7 @@ class Server:
             r.start,
             r.end,
             r.drain,
+            r.steps,
         )
         spans = [Span(client, s.round, s.phase, s.start, s.end) for s in report.spans]
         with self._cond:

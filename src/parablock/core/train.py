@@ -10,6 +10,7 @@ logits); the parameters, their gradients, the optimizer state and the delta stay
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,13 @@ def train_block(
     model: nn.Module,
     block: Block,
     data: list[Example],
-    batches: list[list[int]],
+    batches: Iterable[list[int]],
     settings: TrainSettings,
     pad_id: int,
     forward: BlockForward | None = None,
 ) -> TrainResult:
-    """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``).
+    """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``), read once
+    and in order: a lazy stream may decide while training how many steps there are.
 
     ``forward``: the client's loss computation (it holds the prefix cache across rounds); by
     default one built from ``settings`` that starts at the embeddings."""
@@ -83,6 +85,7 @@ def train_block(
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     losses = []
+    num_examples = 0
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings)
@@ -93,8 +96,9 @@ def train_block(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        num_examples += len(idx)
     for p in params:
         p.requires_grad_(False)
     after = block_state(model, block)
     delta = {n: after[n] - before[n] for n in before}
-    return TrainResult(before, delta, sum(len(b) for b in batches), sum(losses) / len(losses))
+    return TrainResult(before, delta, num_examples, sum(losses) / len(losses))

@@ -10,7 +10,9 @@ the tokens that can be kept.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -177,10 +179,24 @@ def encode_all(
 
 def round_indices(n: int, round: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """The examples of each of a round's ``steps`` batches, a pure function of (seed, round)."""
+    return list(itertools.islice(round_batches(n, round, steps, batch_size, seed), steps))
+
+
+def round_batches(
+    n: int, round: int, steps: int, batch_size: int, seed: int
+) -> Iterator[list[int]]:
+    """A round's batches as an endless stream, a pure function of (seed, round): the first
+    ``steps`` are exactly ``round_indices`` (``steps`` x ``batch_size`` examples drawn at once,
+    without replacement while there are enough); every later one continues the same seeded
+    generator, one batch at a time (a client that takes extra steps while its link is busy,
+    ``federation.local_steps_max``, takes the next ones)."""
     rng = np.random.default_rng([seed, 11, round])
     need = steps * batch_size
     idx = rng.choice(n, size=need, replace=need > n)
-    return [idx[k * batch_size : (k + 1) * batch_size].tolist() for k in range(steps)]
+    for k in range(steps):
+        yield idx[k * batch_size : (k + 1) * batch_size].tolist()
+    while True:
+        yield rng.choice(n, size=batch_size, replace=batch_size > n).tolist()
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

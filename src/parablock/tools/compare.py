@@ -29,6 +29,7 @@ COLUMNS = (
     ("mean_round_s", "mean round (s)", "{:.3f}"),
     ("mean_compute_s", "compute/round (s)", "{:.3f}"),
     ("mean_comm_s", "comm/round (s)", "{:.3f}"),
+    ("mean_steps", "steps/round", "{:.2f}"),
     ("speedup", f"speed-up vs {BASELINE} (round)", "{:.3f}"),
     ("speedup_wall", f"speed-up vs {BASELINE} (wall)", "{:.3f}"),
     ("ideal_speedup", "ideal speed-up", "{:.3f}"),

@@ -17,7 +17,8 @@ Every call is authenticated before anything of its payload is read: the ``author
 metadata carries ``Bearer <token>``, the clients file maps the token's hash to a client id, and
 that id, never a field of the payload, is who the server thinks is speaking. A client may hold at
 most ``CALLS_PER_CLIENT`` calls at once (an honest one holds two: its communication thread's and a
-report), so one token cannot tie up the server's worker threads.
+report; three in full duplex, where an upload or wait and a download run together), so one token
+cannot tie up the server's worker threads.
 """
 
 from __future__ import annotations
