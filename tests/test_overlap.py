@@ -246,7 +246,7 @@ def test_invariant_against_the_global_model_of_each_round(tiny_model_dir, tmp_pa
     initial = _params(fed.model)
     history: dict[int, dict[str, torch.Tensor]] = {}
     fed.server.aggregate_listeners.append(
-        lambda r, b, value, secs, who: history.__setitem__(
+        lambda r, b, value, secs, who, *_: history.__setitem__(
             r, {n: t.clone() for n, t in value.items()}
         )
     )
