@@ -42,7 +42,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     for section, cls in SECTIONS.items():
         for f in cls.__dataclass_fields__.values():
             assert f"{section}.{f.name} = {f.default!r}" in text
-    assert "{fedbcd, parablock}" in text
+    assert "{cyclic, fedavg_full, fedbcd, parablock}" in text
 
 
 def test_set_overrides_are_typed():
@@ -72,7 +72,7 @@ def test_set_overrides_are_typed():
         ("federation.clients=0", "federation.clients=0 is out of range; it must be >= 1"),
         (
             "federation.algorithm=fedavg",
-            "federation.algorithm='fedavg' is not allowed; valid: fedbcd, parablock",
+            "federation.algorithm='fedavg' is not allowed; valid: cyclic, fedavg_full, fedbcd, parablock",
         ),
         ("federation.schedule=zigzag", "valid: cyclic, cyclic_desc, random, reshuffle"),
         ("federation.correction=half", "valid: none, replace"),

@@ -164,7 +164,9 @@ class DataConfig:
 class FederationConfig:
     algorithm: str = opt(
         "parablock",
-        "parablock (two threads per client) or fedbcd (sequential)",
+        "parablock (two threads per client), fedbcd (sequential), or the baselines fedavg_full "
+        "(every parameter trains, the whole model travels) and cyclic (clients train in turn, "
+        "one block per turn)",
         choices=_algorithms,
     )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
@@ -462,6 +464,7 @@ def _check_algorithm(cfg: Config) -> None:
     """Algorithm combinations the config alone shows cannot run (the model shows the rest:
     ``core.algorithms.check_plan``)."""
     from parablock.core.algorithms import MIN_SELECTED
+    from parablock.core.baselines import traits
     from parablock.core.blocks import BlockError, extra_names, fixed_selection_size
 
     fed, model = cfg.federation, cfg.model
@@ -469,12 +472,20 @@ def _check_algorithm(cfg: Config) -> None:
         extra_names(model.extra_blocks)
     except BlockError as e:
         raise ConfigError(str(e)) from None
-    if fed.algorithm == "fedbcd" and fed.correction == "none":
-        # FedBCD trains the next block only after downloading the aggregate; with 'none' it
-        # would never write that aggregate into its model yet claim the block's new version.
+    if fed.correction == "none" and not traits(fed.algorithm).ablation:
+        # FedBCD (and the baselines) train the next block only after downloading the aggregate;
+        # with 'none' they would never write that aggregate into the model yet claim its version.
         raise ConfigError(
             "federation.correction=none is the ParaBlock ablation only; federation.algorithm="
-            "fedbcd always applies the aggregate it downloads (use federation.correction=replace)"
+            f"{fed.algorithm} always applies the aggregate it downloads (use "
+            "federation.correction=replace)"
+        )
+    if traits(fed.algorithm).in_turn and fed.clients > fed.rounds:
+        raise ConfigError(
+            f"federation.algorithm={fed.algorithm} gives round t to client t mod "
+            f"federation.clients: with {fed.clients} clients and {fed.rounds} round(s) clients "
+            f"{fed.rounds}..{fed.clients - 1} never train; set federation.rounds >= "
+            "federation.clients"
         )
     need = MIN_SELECTED.get(fed.algorithm, 1)
     n = fixed_selection_size(model.blocks, model.extra_blocks)

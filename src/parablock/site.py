@@ -20,7 +20,7 @@ import torch
 
 from parablock.backends import MAX_RESTARTS
 from parablock.core.algorithms import ALGORITHMS, run_client
-from parablock.core.blocks import model_blocks
+from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
@@ -189,7 +189,7 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
     client = Client(
         o.client,
         model,
-        model_blocks(model, s.extra_blocks),
+        protocol_blocks(model, s.algorithm, s.extra_blocks),
         data,
         s.train_settings(),
         conn,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from parablock.core.algorithms import run_client
-from parablock.core.blocks import model_blocks
+from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
@@ -88,7 +88,7 @@ def build_client(
     client = Client(
         spec.client_id,
         model,
-        model_blocks(model, spec.extra_blocks),
+        protocol_blocks(model, spec.algorithm, spec.extra_blocks),
         list(spec.data),
         spec.settings,
         faulty(

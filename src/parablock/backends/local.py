@@ -40,7 +40,7 @@ def run_local(
     def build(spec: ClientSpec):
         model = None
         if spec.trained and spec.gpus <= 0:
-            model = share.model(spec.model, spec.extra_blocks, spec.trained)
+            model = share.model(spec.model, spec.extra_blocks, spec.trained, spec.algorithm)
         return build_client(spec, server, on_barrier, stop, on_phase, model)
 
     clients = [build(s) for s in specs]

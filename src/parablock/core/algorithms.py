@@ -3,7 +3,8 @@
 Round t of either algorithm = communicate round t-1's delta + compute round t's block. FedBCD does
 the two strictly one after the other; ParaBlock runs them at the same time on two threads, trains
 from the stale model, and applies the block-level correction at the barrier. After round T-1 both
-drain: upload the last delta and apply its aggregate.
+drain: upload the last delta and apply its aggregate. The baselines ``fedavg_full`` and ``cyclic``
+(``baselines.py``) are registered here too, so every algorithm is chosen from one registry.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from parablock.core.baselines import cyclic
 from parablock.core.client import Client
 from parablock.core.protocol import JoinReply
 from parablock.errors import ConfigError, RunStopped
@@ -20,8 +22,10 @@ Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 
 # ParaBlock trains round t+1's block while round t's is still in flight, so the schedule must
-# alternate between at least two blocks; FedBCD waits for each aggregate and can train just one.
-MIN_SELECTED: dict[str, int] = {"parablock": 2}
+# alternate between at least two blocks; FedBCD waits for each aggregate and can train just one,
+# and so can the baselines: cyclic (each turn starts from the latest model) and fedavg_full (its
+# one block is every parameter, whatever model.blocks says).
+MIN_SELECTED: dict[str, int] = {"parablock": 2, "fedbcd": 1, "cyclic": 1, "fedavg_full": 1}
 
 
 def check_plan(algorithm: str, selected: list[int]) -> None:
@@ -83,6 +87,12 @@ def fedbcd(client: Client) -> None:
         client.barrier(record)
         _check_stop(client)
     _drain(client)
+
+
+# The baselines (baselines.py): full-parameter FedAvg is FedBCD's ordering (download, train,
+# upload) over one block holding every parameter; cyclic block training has its own loop.
+ALGORITHMS.add("fedavg_full", fedbcd)
+ALGORITHMS.add("cyclic", cyclic)
 
 
 def _check_stop(client: Client) -> None:

@@ -73,16 +73,16 @@ def postprocessed_logits(model: nn.Module) -> bool:
 
 
 def first_trained_layer(model: nn.Module, blocks: list[Block], trained: set[int]) -> int:
-    """The decoder layer below which nothing ever trains (0 if the embeddings train); the
-    number of layers if only the final norm or the head train."""
-    layers = len(model.model.layers)
-    lowest = layers
+    """The decoder layer below which nothing ever trains: 0 if the embeddings (or anything else
+    that runs before layer 0) train, e.g. in a block of every parameter; the number of layers if
+    only the final norm or the head train. Read from the parameter names, not the block names."""
+    lowest = len(model.model.layers)
     for b in trained:
-        name = blocks[b].name
-        if name == "embed":
-            return 0
-        if name.startswith("layer."):
-            lowest = min(lowest, int(name.split(".")[1]))
+        for n in blocks[b].param_names:
+            if n.startswith("model.layers."):
+                lowest = min(lowest, int(n.split(".")[2]))
+            elif not n.startswith(("model.norm.", "lm_head.")):
+                return 0
     return lowest
 
 

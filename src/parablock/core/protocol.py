@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -135,6 +135,9 @@ class RunSettings(Message):
     prefix_cache_mb: float = 0.0
     response_logits: bool = True
     loss_chunk: int = 0
+    # the one client that trains each round, for an algorithm whose clients take turns
+    # (``baselines.round_turns``); empty: every client trains every round
+    turns: list[int] = field(default_factory=list)
 
     def train_settings(self) -> TrainSettings:
         """The local training part, as ``core.train`` takes it."""
