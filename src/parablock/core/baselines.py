@@ -19,6 +19,7 @@ rather than the algorithm's name.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from torch import nn
@@ -111,9 +112,13 @@ def cyclic(client: Client) -> None:
         if t > 0:
             client.connection.wait_aggregate(t - 1)  # the previous turn is in the global model
         record = client.new_record(t)
+        idle_from = time.time()
         client.catch_up(t, record)
+        record.idle_s = time.time() - idle_from  # the compute side waits for every transfer
         client.pending = client.compute(t, record)
+        idle_from = time.time()
         client.correct(client.communicate(client.pending, record))
+        record.idle_s += time.time() - idle_from
         client.pending = None
         client.barrier(record)
         if client.stopping():
