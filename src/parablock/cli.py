@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "estimate",
-        help="per-round time of FedBCD and ParaBlock from block sizes, links and compute time",
+        help="per-round time of ParaBlock, FedBCD, fedavg_full and cyclic from block sizes, "
+        "links and compute time",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The timing model: FedBCD round = T_comp + T_up + T_agg + T_down, ParaBlock "
         "round = max(T_comp, T_comm), block bytes from the block's real parameter counts. "
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         "architecture built without weights: "
         + ", ".join("arch:" + a for a in _architectures())
         + ".",
-        epilog="[estimate] keys: estimate.compute_s, estimate.step_s, estimate.aggregate_s, "
+        epilog="[estimate] keys: estimate.compute_s, estimate.step_s, estimate.full_compute_s, "
+        "estimate.aggregate_s, "
         "estimate.dtype {float32, bfloat16, float16}, estimate.seq_len\n"
         "other keys: model.*, federation.*, link.*, data.max_length (see parablock run --help)"
         "\n\nexamples:\n"
@@ -251,7 +253,8 @@ def _estimate(args) -> int:
         return 0
     cfg, settings = est.load(args.config, args.overrides)
     measured = est.measure_compute_s(cfg, settings) if args.measure else None
-    result = est.estimate(cfg, settings, measured)
+    full = est.measure_compute_s(cfg, settings, whole_model=True) if args.measure else None
+    result = est.estimate(cfg, settings, measured, full)
     print(est.to_json(result) if args.json else est.format_estimate(result))
     return 0
 

@@ -6,10 +6,16 @@ payload dtype's size) and the links of ``link.*``::
     T_up   = latency + 8 B / up_bandwidth          T_down = latency + 8 B / down_bandwidth
     T_comm = T_up + T_agg + T_down
     FedBCD round    = T_comp + T_comm              ParaBlock round = max(T_comp, T_comm)
+    fedavg_full     = T_comp_full + T_comm over the whole model (B = every parameter)
+    cyclic round t  = T_down(blocks moved since the round's client last had its turn)
+                      + T_comp + T_up + T_agg      (turns are sequential across clients)
 
-Round 0 has nothing to send (both algorithms take T_comp), and the drain after round T-1 is one
-communication phase; the mean round time (as ``metrics.round_times`` measures it) leaves the drain
-out. Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
+Round 0 has nothing to send (FedBCD, ParaBlock and fedavg_full take T_comp), and the drain after
+round T-1 is one communication phase (for cyclic: the longest catch-up of a client on the last
+rounds); the mean round time (as ``metrics.round_times`` measures it) leaves the drain out.
+``T_comp_full`` is ``estimate.full_compute_s``, timed by ``--measure``, or assumed to be
+``FULL_COMPUTE_FACTOR`` x ``T_comp`` (a full backward costs about two forwards, a block's backward
+stops at the block). Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
 ``arch:<name>`` for an architecture built on the meta device (no weights, no memory).
 ``--from-run`` predicts a finished run's mean round time from its own measured compute time, its
 aggregation time and its link settings, and prints predicted against measured.
@@ -30,6 +36,7 @@ from typing import Any
 import torch
 
 from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
+from parablock.core.baselines import layout, protocol_blocks, traits
 from parablock.core.blocks import model_blocks, select_blocks
 from parablock.core.schedule import make_plan
 from parablock.errors import EstimateError  # noqa: F401
@@ -86,6 +93,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEASURE_MAX_PARAMS = 2_000_000_000  # --measure builds real weights, AdamW state and activations
+FULL_COMPUTE_FACTOR = 3.0  # fedavg_full's round over a block round's, when neither is measured
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,12 @@ class EstimateSettings:
         ge=0.0,
     )
     step_s: float = opt(0.0, "seconds per optimizer step, if compute_s is 0", ge=0.0)
+    full_compute_s: float = opt(
+        0.0,
+        "compute time per client per round when every parameter trains (fedavg_full); 0 = "
+        f"--measure times it, else {FULL_COMPUTE_FACTOR:g} x the block compute time (assumed)",
+        ge=0.0,
+    )
     aggregate_s: float = opt(0.0, "server aggregation time per round in seconds", ge=0.0)
     dtype: str = opt("float32", "dtype of block payloads on the wire", choices=tuple(DTYPES))
     seq_len: int = opt(0, "tokens per example for --measure (0 = data.max_length)", ge=0)
@@ -177,10 +191,11 @@ class ModelSizes:
     block_names: dict[int, str]
 
 
-def model_sizes(cfg: Config) -> ModelSizes:
+def model_sizes(cfg: Config, algorithm: str = "") -> ModelSizes:
+    """Parameter counts of the selected blocks, as ``algorithm`` forms them (by default the
+    model's blocks; fedavg_full: one block of every parameter)."""
     model = build_meta_model(cfg.model.name_or_path)
-    blocks = model_blocks(model, cfg.model.extra_blocks)
-    selected = select_blocks(blocks, cfg.model.blocks)
+    blocks, selected = layout(model, algorithm, cfg.model.extra_blocks, cfg.model.blocks)
     params = dict(model.named_parameters())
     return ModelSizes(
         sum(p.numel() for p in params.values()),
@@ -191,10 +206,63 @@ def model_sizes(cfg: Config) -> ModelSizes:
 
 # -- the timing model ------------------------------------------------------------------------
 
-# How one client's round time follows from its compute and communication times.
-ROUND_MODELS: Registry[Callable[[float, float], float]] = Registry("round model")
-ROUND_MODELS.add("fedbcd", lambda comp, comm: comp + comm)
-ROUND_MODELS.add("parablock", lambda comp, comm: max(comp, comm))
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's time depends on: the plan, the bytes of each block that travels, the
+    compute time of one client's round, the links and the aggregation time."""
+
+    plan: Sequence[int]
+    block_bytes: dict[int, float]
+    compute_s: float
+    cfg: Config
+    aggregate_s: float
+
+    def comm_s(self, block: int) -> float:
+        return comm_seconds(self.block_bytes[block], self.cfg, self.aggregate_s)
+
+    def stale(self, t: int) -> set[int]:
+        """The blocks round t's client lacks in an in-turn algorithm: those the rounds since its
+        own last turn moved (its own last block it downloaded then, except with one client,
+        where that download comes right before its next turn)."""
+        n = max(self.cfg.federation.clients, 2)
+        return set(self.plan[max(0, t - n + 1) : t])
+
+    def catch_up_s(self, t: int) -> float:
+        _, down = _links(self.cfg)
+        return sum(down.seconds(int(self.block_bytes[b])) for b in self.stale(t))
+
+
+def _sequential(x: RoundInputs, t: int) -> float:
+    """Download the last aggregate, then train (FedBCD, fedavg_full)."""
+    return x.compute_s + (x.comm_s(x.plan[t - 1]) if t else 0.0)
+
+
+def _parallel(x: RoundInputs, t: int) -> float:
+    """Train while the last delta travels (ParaBlock)."""
+    return max(x.compute_s, x.comm_s(x.plan[t - 1])) if t else x.compute_s
+
+
+def _in_turn(x: RoundInputs, t: int) -> float:
+    """One client catches up, trains and uploads while the others wait (cyclic)."""
+    up, _ = _links(x.cfg)
+    return x.catch_up_s(t) + x.compute_s + up.seconds(int(x.block_bytes[x.plan[t]])) + x.aggregate_s
+
+
+# How round t's time follows from the run's inputs, per algorithm.
+ROUND_MODELS: Registry[Callable[[RoundInputs, int], float]] = Registry("round model")
+ROUND_MODELS.add("fedbcd", _sequential)
+ROUND_MODELS.add("parablock", _parallel)
+ROUND_MODELS.add("fedavg_full", _sequential)
+ROUND_MODELS.add("cyclic", _in_turn)
+
+
+def drain_s(algorithm: str, x: RoundInputs) -> float:
+    """After round T-1: the last delta's upload, aggregate and download, or for an in-turn
+    algorithm the longest catch-up of a client on the last rounds."""
+    if traits(algorithm).in_turn:
+        return x.catch_up_s(len(x.plan))
+    return x.comm_s(x.plan[-1])
 
 
 def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
@@ -208,20 +276,10 @@ def comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> float:
     return up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes))
 
 
-def mean_round_s(
-    algorithm: str,
-    plan: Sequence[int],
-    block_bytes: dict[int, float],
-    compute_s: float,
-    cfg: Config,
-    aggregate_s: float,
-) -> float:
-    """Mean over rounds 0..T-1; round t communicates the block trained in round t-1."""
+def mean_round_s(algorithm: str, x: RoundInputs) -> float:
+    """Mean over rounds 0..T-1 of ``algorithm``'s round time."""
     model = ROUND_MODELS.get(algorithm)
-    times = [compute_s]
-    for t in range(1, len(plan)):
-        times.append(model(compute_s, comm_seconds(block_bytes[plan[t - 1]], cfg, aggregate_s)))
-    return sum(times) / len(times)
+    return sum(model(x, t) for t in range(len(x.plan))) / len(x.plan)
 
 
 def crossover(
@@ -253,25 +311,55 @@ def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None
     )
 
 
-def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | None = None) -> dict:
-    """Per-round times for every algorithm, the speed-up, crossover and a bandwidth sweep."""
-    sizes = model_sizes(cfg)
-    width = DTYPES[est.dtype]
+def resolve_full_compute_s(
+    est: EstimateSettings, compute_s: float, measured: float | None
+) -> tuple[float, str]:
+    """fedavg_full's compute time per round, and where it comes from."""
+    if measured is not None:
+        return measured, "measured here"
+    if est.full_compute_s > 0:
+        return est.full_compute_s, "given"
+    return FULL_COMPUTE_FACTOR * compute_s, f"assumed {FULL_COMPUTE_FACTOR:g} x T_comp"
+
+
+def round_inputs(
+    cfg: Config, algorithm: str, width: int, compute_s: float, aggregate_s: float
+) -> RoundInputs:
+    """The inputs of ``algorithm``'s rounds: its blocks' bytes and the run's plan over them."""
+    sizes = model_sizes(cfg, algorithm)
     block_bytes = {i: n * width for i, n in sizes.block_params.items()}
     fed = cfg.federation
     plan = make_plan(fed.schedule, sorted(block_bytes), fed.rounds, cfg.run.seed)
+    return RoundInputs(plan, block_bytes, compute_s, cfg, aggregate_s)
+
+
+def estimate(
+    cfg: Config,
+    est: EstimateSettings,
+    measured_compute_s: float | None = None,
+    measured_full_s: float | None = None,
+) -> dict:
+    """Per-round times for every algorithm, the speed-up, crossover and a bandwidth sweep."""
+    sizes = model_sizes(cfg)
+    width = DTYPES[est.dtype]
+    fed = cfg.federation
     compute = resolve_compute_s(cfg, est, measured_compute_s)
+    full, full_source = resolve_full_compute_s(est, compute, measured_full_s)
+    inputs = {
+        alg: round_inputs(
+            cfg, alg, width, full if traits(alg).whole_model else compute, est.aggregate_s
+        )
+        for alg in ROUND_MODELS
+    }
+    plan, block_bytes = inputs["fedbcd"].plan, inputs["fedbcd"].block_bytes
     mean_bytes = sum(block_bytes[b] for b in plan) / len(plan)
     up, down = _links(cfg)
     t_up, t_down = up.seconds(int(mean_bytes)), down.seconds(int(mean_bytes))
     comm = t_up + est.aggregate_s + t_down
-    steady = {alg: ROUND_MODELS.get(alg)(compute, comm) for alg in ROUND_MODELS}
-    means = {
-        alg: mean_round_s(alg, plan, block_bytes, compute, cfg, est.aggregate_s)
-        for alg in ROUND_MODELS
-    }
-    # Whole run: T rounds plus the drain (one more communication phase).
-    totals = {alg: means[alg] * fed.rounds + comm for alg in ROUND_MODELS}
+    steady = {"fedbcd": compute + comm, "parablock": max(compute, comm)}
+    means = {alg: mean_round_s(alg, x) for alg, x in inputs.items()}
+    # Whole run: T rounds plus the drain.
+    totals = {alg: means[alg] * fed.rounds + drain_s(alg, x) for alg, x in inputs.items()}
     cross = crossover(mean_bytes, compute, cfg, est.aggregate_s)
     sweep = []
     for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
@@ -310,6 +398,9 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "speedup": steady["fedbcd"] / steady["parablock"],
         "mean_round_s": means,
         "total_s": totals,
+        "full_compute_s": full,
+        "full_compute_source": full_source,
+        "whole_model_bytes": inputs["fedavg_full"].block_bytes[0],
         "crossover_mbps": None if cross is None else {"up": cross[0], "down": cross[1]},
         "sweep": sweep,
     }
@@ -328,8 +419,13 @@ def format_estimate(r: dict) -> str:
         f"per round (steady state): FedBCD {r['fedbcd_round_s']:.3f} s = T_comp + T_comm; "
         f"ParaBlock {r['parablock_round_s']:.3f} s = max(T_comp, T_comm); "
         f"speed-up {r['speedup']:.3f}x (at most 2x)",
-        f"whole run ({r['rounds']} rounds + drain): FedBCD {r['total_s']['fedbcd']:,.1f} s, "
-        f"ParaBlock {r['total_s']['parablock']:,.1f} s",
+        f"baselines: fedavg_full sends the whole model ({r['whole_model_bytes'] / 1e6:,.1f} MB) "
+        f"each way and trains every parameter (T_comp_full {r['full_compute_s']:.3f} s, "
+        f"{r['full_compute_source']}): mean round {r['mean_round_s']['fedavg_full']:.3f} s; "
+        f"cyclic: one client per round, catch-up + T_comp + T_up + T_agg: mean round "
+        f"{r['mean_round_s']['cyclic']:.3f} s",
+        f"whole run ({r['rounds']} rounds + drain): "
+        + ", ".join(f"{alg} {r['total_s'][alg]:,.1f} s" for alg in ROUND_MODELS.names()),
     ]
     c = r["crossover_mbps"]
     if c is None:
@@ -354,10 +450,13 @@ def format_estimate(r: dict) -> str:
 # -- measuring compute here ------------------------------------------------------------------
 
 
-def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> float:
+def measure_compute_s(
+    cfg: Config, est: EstimateSettings, repeats: int = 2, whole_model: bool = False
+) -> float:
     """Time one round of local block training here (K steps), mean of the lowest and highest
     selected blocks (backward depth, hence cost, varies between them), torch threads shared out
-    over ``federation.clients`` as in a local run."""
+    over ``federation.clients`` as in a local run; ``whole_model``: of every parameter at once
+    (fedavg_full)."""
     from parablock.backends.local import torch_threads
     from parablock.core.train import TrainSettings, train_block
     from parablock.data.examples import Example
@@ -376,8 +475,11 @@ def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> f
         model = AutoModelForCausalLM.from_config(meta.config, dtype=torch.float32)
     else:
         model = load_model(cfg.model.name_or_path)
-    blocks = model_blocks(model, cfg.model.extra_blocks)
-    selected = select_blocks(blocks, cfg.model.blocks)
+    if whole_model:
+        blocks, selected = protocol_blocks(model, "fedavg_full"), [0]
+    else:
+        blocks = model_blocks(model, cfg.model.extra_blocks)
+        selected = select_blocks(blocks, cfg.model.blocks)
     fed = cfg.federation
     seq = est.seq_len or cfg.data.max_length
     gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -419,7 +521,8 @@ def from_run(path: str | Path) -> list[dict]:
         model_dir = run.path / "model"
         if (model_dir / "config.json").is_file():  # the run's own architecture, weights unread
             cfg = cfg.replace(model={"name_or_path": str(model_dir)})
-        sizes = model_sizes(cfg)
+        alg = run.summary["algorithm"]
+        sizes = model_sizes(cfg, alg)
         block_bytes = {i: n * DTYPES["float32"] for i, n in sizes.block_params.items()}
         plan = run.summary.get("plan") or make_plan(
             cfg.federation.schedule, sorted(block_bytes), cfg.federation.rounds, cfg.run.seed
@@ -427,10 +530,10 @@ def from_run(path: str | Path) -> list[dict]:
         aggs = [float(r.get("aggregate_s", 0.0)) for r in run.rounds]
         agg = sum(aggs) / len(aggs) if aggs else 0.0
         compute = float(run.summary["mean_compute_s"])
-        predicted = {
-            alg: mean_round_s(alg, plan, block_bytes, compute, cfg, agg) for alg in ROUND_MODELS
-        }
-        alg = run.summary["algorithm"]
+        x = RoundInputs(plan, block_bytes, compute, cfg, agg)
+        # the algorithms over the same blocks and compute time as this run's
+        same = [a for a in ROUND_MODELS if traits(a).whole_model == traits(alg).whole_model]
+        predicted = {a: mean_round_s(a, x) for a in same}
         measured = float(run.summary["mean_round_s"])
         ups = [r["bytes_up"] for r in run.client_rounds if r.get("bytes_up")]
         out.append(
