@@ -45,7 +45,7 @@ def _interrupt(cfg, after_round: int) -> None:
         run(cfg, on_barrier=hook, stop=stop)
 
 
-@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd"])
+@pytest.mark.parametrize("algorithm", ["parablock", "fedbcd", "fedavg_full"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path, algorithm):
     fed = {"algorithm": algorithm, "rounds": 6}
     ev = {"every": 1, "accuracy_size": 0}
