@@ -156,8 +156,8 @@ def markdown(rows: list[dict], notes: Sequence[str] = (), target: dict | None = 
     if any(r.get("peak_rss_mb_per_client") is not None for r in rows):
         text += (
             "\npeak MB/client = the process's peak resident memory during the run / clients "
-            "(local backend; in one compare, memory the process kept from earlier runs counts "
-            "too).\n"
+            "(local backend; each run's peak starts after the memory earlier runs freed is "
+            "given back).\n"
         )
     for n in notes:
         text += f"\nnote: {n}\n"
