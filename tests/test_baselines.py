@@ -103,6 +103,21 @@ def test_fedavg_full_with_one_client_equals_local_full_training(tiny_model_dir, 
     assert sum(r.bytes_up > 0 for r in logs[0].rounds) == 3 and len(rounds) == 3
 
 
+def test_fedavg_full_clients_own_every_parameter_and_end_equal_to_the_server(
+    tiny_model_dir, tmp_path
+):
+    """The local backend shares the weights no block trains; here every parameter trains, so
+    nothing may be shared (two clients writing one tensor would corrupt both)."""
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"algorithm": "fedavg_full"})
+    fed, clients, _ = _federate(cfg)
+    a, b = (dict(c.model.named_parameters()) for c in clients)
+    assert all(a[n].data_ptr() != b[n].data_ptr() for n in a)
+    glob = _params(fed.model)
+    for c in clients:
+        for n, p in c.model.named_parameters():
+            assert torch.equal(p.detach(), glob[n]), (c.id, n)
+
+
 # -- cyclic ------------------------------------------------------------------------------------
 
 
