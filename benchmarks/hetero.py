@@ -118,13 +118,10 @@ def measure(run_dir: Path, summary: dict, rounds: int) -> dict:
 
 
 def predicted(cfg: Config, t_comp: float, algorithm: str) -> str:
-    """The estimate tool's steady round for this config: the slowest client's; when min_clients
-    lets a round close without it, from the round without it to a round closed at the deadline."""
+    """The estimate tool's mean round for this config, over the slowest client's links (it does
+    not model a round closed at the deadline without that client)."""
     r = estimate(cfg, EstimateSettings(compute_s=t_comp))
-    slow = r["slowest"][algorithm]
-    if slow is not None and slow["closes_without_s"] is not None:
-        return f"{slow['others_round_s']:.2f}-{slow['closes_without_s']:.2f}"
-    return f"{r[f'{algorithm}_round_s']:.2f}"
+    return f"{r['mean_round_s'][algorithm]:.2f}" if algorithm in r.get("mean_round_s", {}) else "-"
 
 
 def main() -> int:

@@ -47,7 +47,13 @@ def _interrupt(cfg, after_round: int) -> None:
 
 @pytest.mark.parametrize(
     "algorithm,compression",
-    [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8"), ("fedit_lora", "none")],
+    [
+        ("parablock", "none"),
+        ("fedbcd", "none"),
+        ("parablock", "int8"),
+        ("fedit_lora", "none"),
+        ("fedavg_full", "none"),
+    ],
 )
 def test_resume_ends_exactly_like_an_uninterrupted_run(
     tiny_model_dir, tmp_path, algorithm, compression

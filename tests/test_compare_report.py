@@ -16,6 +16,7 @@ from parablock.tools.report import PLOTS, eval_series, load_run, round_split
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROUNDS = 4
+METHODS = ["parablock", "fedbcd", "fedavg_full", "cyclic"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def compared(tiny_model_dir, tmp_path_factory):
         streams[sub.federation.algorithm] = io.StringIO()
         return PlainProgress(sub, streams[sub.federation.algorithm])
 
-    result = compare(cfg, ["parablock", "fedbcd"], hooks=hooks)
+    result = compare(cfg, METHODS, hooks=hooks)
     return out, result, streams
 
 
@@ -44,7 +45,7 @@ def test_compare_writes_table_and_valid_plots(compared):
 def test_compare_table_matches_each_runs_summary(compared):
     out, result, _ = compared
     rows = {r["algorithm"]: r for r in result["rows"]}
-    assert set(rows) == {"parablock", "fedbcd"}
+    assert set(rows) == set(METHODS)
     summaries = {a: json.loads((out / a / "summary.json").read_text()) for a in rows}
     for alg, s in summaries.items():
         assert s["algorithm"] == alg
@@ -155,4 +156,73 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 def test_compare_rejects_unknown_algorithm(tiny_model_dir, tmp_path, capsys):
     args = ["compare", "--algorithms", "parablock,fedsgd", "--set", f"run.out={tmp_path}"]
     assert main(args) == 2
-    assert "valid: fedbcd, parablock" in capsys.readouterr().err
+    assert "valid: cyclic, fedavg_full, fedbcd, parablock" in capsys.readouterr().err
+
+
+def _evals(run_dir) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["round"])
+
+
+def test_compare_rows_have_time_to_target_bytes_per_round_and_memory(compared):
+    """Every method's row, with the wall time at which it first reached the target loss (by
+    default the worst final loss, which every method reaches), checked against its eval rows."""
+    out, result, _ = compared
+    rows = {r["algorithm"]: r for r in result["rows"]}
+    assert list(rows) == METHODS
+    finals = {a: _evals(out / a)[-1]["eval_loss"] for a in METHODS}
+    target = max(finals.values())
+    assert result["target"] == {
+        "loss": target,
+        "source": "the worst of the methods' final losses",
+    }
+    for alg, row in rows.items():
+        first = next(e for e in _evals(out / alg) if e["eval_loss"] <= target)
+        assert row["time_to_target_s"] == (first["time_s"] if first["round"] >= 0 else 0.0)
+        assert row["rounds_to_target"] == (0 if first["round"] < 0 else first["round"] + 1)
+        s = json.loads((out / alg / "summary.json").read_text())
+        assert row["bytes_per_round"] == (s["bytes_up"] + s["bytes_down"]) / ROUNDS
+        assert row["peak_rss_mb_per_client"] == s["peak_rss_mb_per_client"] > 0
+    worst = max(finals, key=finals.get)
+    assert rows[worst]["rounds_to_target"] == ROUNDS  # it gets there with its final model
+    # the costs the baselines stand for: the whole model travels; one client uploads per round
+    assert rows["fedavg_full"]["bytes_per_round"] > 3 * rows["fedbcd"]["bytes_per_round"]
+    assert rows["cyclic"]["bytes_up"] == pytest.approx(rows["fedbcd"]["bytes_up"] / 2, rel=1e-3)
+    md = (out / "compare.md").read_text()
+    assert "| time to target (s) |" in md and "peak MB/client" in md
+    for alg in METHODS:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {alg} |"))
+        assert f"{rows[alg]['time_to_target_s']:.2f}" in line
+    assert f"held-out loss <= {target:.4f}" in md
+    # eval.every=0 (compare() as called here): only before/after points, and the table says so
+    assert any("eval.every=0" in n for n in result["notes"])
+
+
+def test_cli_compare_evaluates_every_round_and_takes_a_target(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    sets = {
+        "model.name_or_path": tiny_model_dir,
+        "model.blocks": "all",
+        "data.train_size": "16",
+        "data.max_length": "320",
+        "federation.rounds": "3",
+        "federation.local_steps": "1",
+        "federation.batch_size": "2",
+        "link.up_mbps": "inf",
+        "link.down_mbps": "inf",
+        "eval.size": "4",
+        "eval.accuracy_size": "0",
+        "run.out": str(out),
+        "run.threads": "1",
+    }
+    args = ["compare", "--quiet", "--algorithms", "fedbcd,cyclic", "--target-loss", "1e6"]
+    assert main(args + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["target"] == {"loss": 1e6, "source": "given (--target-loss)"}
+    for alg in ("fedbcd", "cyclic"):
+        assert [e["round"] for e in _evals(out / alg)] == [-1, 0, 1, 2]  # eval.every=1
+    # the base model is already below 1e6: reached at time 0, before any round
+    assert all(r["time_to_target_s"] == 0.0 for r in result["rows"])
+    assert not any("eval.every=0" in n for n in result["notes"])
+    assert "time to target" in capsys.readouterr().out
+    assert main(["compare", "--target-loss", "-1", "--set", f"run.out={tmp_path / 'x'}"]) == 2

@@ -43,7 +43,7 @@ def test_help_lists_every_key_with_default_and_meaning():
         for f in cls.__dataclass_fields__.values():
             default = f.default[0] if f.metadata["per_client"] else f.default  # one for all
             assert f"{section}.{f.name} = {default!r}" in text
-    assert "{fedbcd, fedit_lora, parablock}" in text
+    assert "{cyclic, fedavg_full, fedbcd, fedit_lora, parablock}" in text
 
 
 def test_set_overrides_are_typed():
@@ -73,7 +73,7 @@ def test_set_overrides_are_typed():
         ("federation.clients=0", "federation.clients=0 is out of range; it must be >= 1"),
         (
             "federation.algorithm=fedavg",
-            "federation.algorithm='fedavg' is not allowed; valid: fedbcd, fedit_lora, parablock",
+            "federation.algorithm='fedavg' is not allowed; valid: cyclic, fedavg_full, fedbcd, fedit_lora, parablock",
         ),
         ("federation.schedule=zigzag", "valid: cyclic, cyclic_desc, random, reshuffle"),
         ("federation.correction=half", "valid: none, replace"),

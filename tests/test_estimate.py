@@ -70,6 +70,35 @@ def test_estimate_matches_a_hand_computation(tiny_model_dir, tmp_path):
     )
 
 
+def test_baselines_round_times_match_a_hand_computation(tiny_model_dir, tmp_path):
+    """fedavg_full: FedBCD's sequence over the whole model at the full-training compute time;
+    cyclic: one client per round, which first downloads what moved since its last turn."""
+    link = {"up_mbps": 8.0, "down_mbps": 16.0, "latency_ms": 10.0}
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"rounds": 4}, link=link)
+    r = estimate(cfg, EstimateSettings(compute_s=0.2, aggregate_s=0.05, full_compute_s=0.5))
+    whole = model_sizes(cfg).total_params * 4
+    assert r["whole_model_bytes"] == whole and r["full_compute_source"] == "given"
+    comm_full = 0.010 + whole * 8 / 8e6 + 0.05 + 0.010 + whole * 8 / 16e6
+    assert r["mean_round_s"]["fedavg_full"] == pytest.approx((0.5 + 3 * (0.5 + comm_full)) / 4)
+    assert r["total_s"]["fedavg_full"] == pytest.approx(0.5 + 3 * (0.5 + comm_full) + comm_full)
+    nbytes = LAYER_PARAMS * 4
+    t_up, t_down = 0.010 + nbytes * 8 / 8e6, 0.010 + nbytes * 8 / 16e6
+    turn = 0.2 + t_up + 0.05
+    # 2 clients over blocks 0,1,2,3: rounds 1..3 each download the block the other just trained
+    assert r["mean_round_s"]["cyclic"] == pytest.approx((4 * turn + 3 * t_down) / 4)
+    assert r["total_s"]["cyclic"] == pytest.approx(4 * turn + 3 * t_down + t_down)
+    # 3 clients: round 2's client lacks blocks 0 and 1, round 3's blocks 1 and 2 (its own block
+    # 0 it took with its turn); after round 3 client 2 lacks blocks 2 and 3
+    three = cfg.replace(federation={"clients": 3})
+    r3 = estimate(three, EstimateSettings(compute_s=0.2, aggregate_s=0.05, full_compute_s=0.5))
+    assert r3["mean_round_s"]["cyclic"] == pytest.approx((4 * turn + 5 * t_down) / 4)
+    assert r3["total_s"]["cyclic"] == pytest.approx(4 * turn + 5 * t_down + 2 * t_down)
+    # without a full-training time: an assumed multiple of the block's
+    assumed = estimate(cfg, EstimateSettings(compute_s=0.2))
+    assert assumed["full_compute_s"] == pytest.approx(0.6)
+    assert assumed["full_compute_source"] == "assumed 3 x T_comp"
+
+
 def test_no_crossover_when_latency_alone_exceeds_compute(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, str(tmp_path), link={"latency_ms": 200.0})
     r = estimate(cfg, EstimateSettings(compute_s=0.3))
@@ -96,6 +125,7 @@ def test_measure_times_the_local_step(tiny_model_dir, capsys):
     assert main(args + ["--set", "data.max_length=64", "--set", "federation.batch_size=2"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["compute_source"] == "measured here" and 0 < r["compute_s"] < 10
+    assert r["full_compute_source"] == "measured here" and 0 < r["full_compute_s"] < 10
 
 
 def test_from_run_predicts_from_the_runs_own_numbers(tiny_model_dir, tmp_path, capsys):
@@ -118,6 +148,8 @@ def test_from_run_predicts_from_the_runs_own_numbers(tiny_model_dir, tmp_path, c
     c = summary["mean_compute_s"]
     assert row["predicted_mean_round_s"] == pytest.approx((c + 2 * (c + comm)) / 3)
     assert row["measured_mean_round_s"] == summary["mean_round_s"]
+    # the algorithms over the same blocks (fedavg_full's whole-model rounds are not comparable)
+    assert set(row["predicted_by_algorithm"]) == {"cyclic", "fedbcd", "parablock"}
     # the payload is the block's fp32 tensors plus a small safetensors header
     assert nbytes < row["measured_upload_bytes"] < nbytes * 1.02
     assert main(["estimate", "--from-run", str(tmp_path / "run")]) == 0

@@ -91,6 +91,28 @@ def test_ray_and_local_end_with_the_same_global_model(
         assert sorted((r, ph) for r, ph, started in mine if not started) == spans
 
 
+@pytest.mark.parametrize("algorithm", ["fedavg_full", "cyclic"])
+def test_baselines_on_ray_end_with_the_local_backends_model(
+    ray_session, tiny_model_dir, tmp_path, algorithm
+):
+    cfg = tiny_config(
+        tiny_model_dir, str(tmp_path), federation={"algorithm": algorithm, "rounds": 3}
+    )
+    local = prepare(cfg)
+    run_local(local.specs, local.server, threads=1)
+    remote = prepare(cfg)
+    seen = []
+    BACKENDS.get("ray")(
+        remote.specs, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
+    )
+    want, got = _params(local.model), _params(remote.model)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert remote.server.stats.participants == local.server.stats.participants
+    if algorithm == "cyclic":  # each client's turns, then everyone's final catch-up
+        assert sorted(seen) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 3)]
+
+
 def test_killed_client_is_dropped_and_the_run_finishes(
     ray_session, tiny_model_dir, tmp_path, caplog
 ):

@@ -79,17 +79,28 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run each algorithm on the same configuration (run.out becomes the compare "
         "directory, each run goes to run.out/<algorithm>), then write compare.md, compare.json "
-        "and plots/ (held-out loss by round and time, round time split, per-client timeline).",
+        "and plots/ (held-out loss by round and time, round time split, per-client timeline, "
+        "bytes per round, peak memory and time to the target loss). eval.every defaults to 1 "
+        "here (every round's model is evaluated, after training) unless set.",
         epilog="examples:\n"
         "  parablock compare --set run.out=runs/cmp\n"
-        "  parablock compare --config configs/smollm2-math.toml --algorithms parablock,fedbcd",
+        "  parablock compare --config configs/smollm2-math.toml --algorithms parablock,fedbcd\n"
+        "  parablock compare --algorithms parablock,fedbcd,fedavg_full,cyclic --target-loss 1.1",
     )
     _config_args(c)
     _progress_args(c)
     c.add_argument(
         "--algorithms",
         default="parablock,fedbcd",
-        help="comma-separated algorithms to run (default: parablock,fedbcd)",
+        help="comma-separated algorithms to run (default: parablock,fedbcd; also fedavg_full, "
+        "cyclic)",
+    )
+    c.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="X",
+        help="held-out loss for the time-to-target column (default: the worst of the "
+        "algorithms' final losses)",
     )
 
     rep = sub.add_parser(
@@ -99,10 +110,17 @@ def _parser() -> argparse.ArgumentParser:
         "timeline.jsonl and summary.json (a compare directory: every run in it, on shared plots).",
     )
     rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="X",
+        help="held-out loss for the time-to-target bars (default: the worst final loss)",
+    )
 
     e = sub.add_parser(
         "estimate",
-        help="per-round time of FedBCD and ParaBlock from block sizes, links and compute time",
+        help="per-round time of ParaBlock, FedBCD, fedavg_full and cyclic from block sizes, "
+        "links and compute time",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The timing model: FedBCD round = T_comp + T_up + T_agg + T_down, ParaBlock "
         "round = max(T_comp, T_comm), block bytes from the block's real parameter counts. "
@@ -110,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         "architecture built without weights: "
         + ", ".join("arch:" + a for a in _architectures())
         + ".",
-        epilog="[estimate] keys: estimate.compute_s, estimate.step_s, estimate.aggregate_s, "
+        epilog="[estimate] keys: estimate.compute_s, estimate.step_s, estimate.full_compute_s, "
+        "estimate.aggregate_s, "
         "estimate.dtype {float32, bfloat16, float16}, estimate.seq_len\n"
         "other keys: model.*, federation.*, link.*, data.max_length (see parablock run --help)"
         "\n\nexamples:\n"
@@ -195,14 +214,21 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from parablock.tools.compare import compare, markdown, parse_algorithms
+    from parablock.tools.compare import compare, eval_every_given, markdown, parse_algorithms
     from parablock.tools.progress import make_progress
 
     cfg = load(args.config, args.overrides)
+    if not eval_every_given(args.config, args.overrides):  # a loss curve for time to target
+        cfg = cfg.replace(eval={"every": 1})
     algorithms = parse_algorithms(args.algorithms)
     _setup_logging(cfg.run.log_level, args.quiet)
-    result = compare(cfg, algorithms, hooks=lambda sub: make_progress(sub, args.quiet))
-    print(markdown(result["rows"], result["notes"]), end="")
+    result = compare(
+        cfg,
+        algorithms,
+        hooks=lambda sub: make_progress(sub, args.quiet),
+        target_loss=args.target_loss,
+    )
+    print(markdown(result["rows"], result["notes"], result["target"]), end="")
     print(f"compare directory {result['compare_dir']} (compare.md, compare.json, plots/)")
     return 0
 
@@ -210,7 +236,7 @@ def _compare(args) -> int:
 def _report(args) -> int:
     from parablock.tools.report import report
 
-    files, notes = report(args.run_dir)
+    files, notes = report(args.run_dir, args.target_loss)
     for n in notes:
         print(f"note: {n}")
     for f in files:
@@ -227,7 +253,8 @@ def _estimate(args) -> int:
         return 0
     cfg, settings = est.load(args.config, args.overrides)
     measured = est.measure_compute_s(cfg, settings) if args.measure else None
-    result = est.estimate(cfg, settings, measured)
+    full = est.measure_compute_s(cfg, settings, whole_model=True) if args.measure else None
+    result = est.estimate(cfg, settings, measured, full)
     print(est.to_json(result) if args.json else est.format_estimate(result))
     return 0
 

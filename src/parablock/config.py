@@ -203,8 +203,9 @@ class DataConfig:
 class FederationConfig:
     algorithm: str = opt(
         "parablock",
-        "parablock (two threads per client), fedbcd (sequential), or fedit_lora (FedAvg over "
-        "LoRA adapters, [lora])",
+        "parablock (two threads per client), fedbcd (sequential), fedit_lora (FedAvg over LoRA "
+        "adapters, [lora]), or the baselines fedavg_full (every parameter trains, the whole model "
+        "travels) and cyclic (clients train in turn, one block per turn)",
         choices=_algorithms,
     )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
@@ -620,6 +621,7 @@ def _check_algorithm(cfg: Config) -> None:
     """Algorithm combinations the config alone shows cannot run (the model shows the rest:
     ``core.algorithms.check_plan``)."""
     from parablock.core.algorithms import ADAPTER_ALGORITHMS, MIN_SELECTED
+    from parablock.core.baselines import traits
     from parablock.core.blocks import BlockError, extra_names, fixed_selection_size
     from parablock.core.lora import target_names
 
@@ -644,13 +646,20 @@ def _check_algorithm(cfg: Config) -> None:
             f"federation.algorithm={fed.algorithm} trains a LoRA adapter only; model.extra_blocks"
             f"={model.extra_blocks!r} must be empty"
         )
-    if fed.algorithm != "parablock" and fed.correction == "none":
-        # FedBCD trains the next block only after downloading the aggregate; with 'none' it
-        # would never write that aggregate into its model yet claim the block's new version.
+    if fed.correction == "none" and not traits(fed.algorithm).ablation:
+        # FedBCD (and the baselines) train the next block only after downloading the aggregate;
+        # with 'none' they would never write that aggregate into the model yet claim its version.
         raise ConfigError(
             "federation.correction=none is the ParaBlock ablation only; federation.algorithm="
             f"{fed.algorithm} always applies the aggregate it downloads (use "
             "federation.correction=replace)"
+        )
+    if traits(fed.algorithm).in_turn and fed.clients > fed.rounds:
+        raise ConfigError(
+            f"federation.algorithm={fed.algorithm} gives round t to client t mod "
+            f"federation.clients: with {fed.clients} clients and {fed.rounds} round(s) clients "
+            f"{fed.rounds}..{fed.clients - 1} never train; set federation.rounds >= "
+            "federation.clients"
         )
     need = MIN_SELECTED.get(fed.algorithm, 1)
     n = fixed_selection_size(model.blocks, model.extra_blocks)

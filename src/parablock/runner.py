@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import signal
 import threading
 import time
@@ -33,7 +32,8 @@ import torch
 from parablock.backends import BACKENDS, ClientSpec
 from parablock.config import Config, per_client_text, per_client_value
 from parablock.core.algorithms import check_plan
-from parablock.core.blocks import block_nbytes, select_blocks, set_block
+from parablock.core.baselines import layout, round_turns, traits
+from parablock.core.blocks import block_nbytes, set_block
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.forward import resolve_precision
 from parablock.core.lora import blocks_for, client_lr, export, settings_for
@@ -56,6 +56,7 @@ from parablock.evaluation.evaluate import (
     eval_rounds,
 )
 from parablock.faults import stall_seconds
+from parablock.memory import peak_rss_mb, reset_peak
 from parablock.model import load_model, load_tokenizer, model_fingerprint
 from parablock.rundir import (
     check_rounds,
@@ -145,7 +146,7 @@ def _compute_summary(cfg: Config, serve: bool) -> dict:
     backend: the server and every client, hence also per client)."""
     device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
     precision = "per client" if serve else resolve_precision(cfg.train.precision, device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mb()  # since this run started (memory.py)
     local = not serve and cfg.run.backend == "local"
     return {
         "precision": precision,
@@ -183,6 +184,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         **(lora.run_fields() if lora else {}),  # the adapter of fedit_lora
         local_steps_max=f.local_steps_max,
         duplex=f.duplex,
+        turns=round_turns(f.algorithm, f.rounds, f.clients),
     )
 
 
@@ -205,8 +207,9 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     model = load_model(cfg.model.name_or_path)
     fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter
     lora = settings_for(cfg)
-    blocks = blocks_for(model, cfg.model.extra_blocks, lora, seed)
-    selected = [b.index for b in blocks] if lora else select_blocks(blocks, cfg.model.blocks)
+    blocks, selected = layout(
+        model, fed.algorithm, cfg.model.extra_blocks, cfg.model.blocks, lora, seed
+    )
     check_plan(fed.algorithm, selected)
     plan = make_plan(fed.schedule, selected, fed.rounds, seed)
 
@@ -396,6 +399,11 @@ def run(
         from parablock.backends.remote import listener
 
         where = listener(cfg)  # bad certificates or clients file: fail before loading anything
+    if resume and not traits(cfg.federation.algorithm).resumable:
+        raise ConfigError(
+            f"federation.algorithm={cfg.federation.algorithm} runs cannot be resumed (its "
+            "clients pass barriers only at their own turns); start a new run"
+        )
     out = run_dir(cfg, resume)
     with locked(out):
         check_run_dir(out, resume)  # now that no other run can change it
@@ -429,6 +437,7 @@ def _run(
 ) -> dict:
     """``run`` once its directory is held: ``saved`` is the config of the run it resumes."""
     resume = saved is not None
+    reset_peak()  # peak memory is this run's, also when compare runs several in one process
     torch.set_num_threads(os.cpu_count() or 1)
     fed = cfg.federation
     f = prepare(cfg, serve=serve)

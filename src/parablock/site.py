@@ -22,10 +22,10 @@ import torch
 from parablock.backends import MAX_RESTARTS
 from parablock.config import MAX_LATENCY_MS
 from parablock.core.algorithms import ALGORITHMS, run_client
+from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
-from parablock.core.lora import blocks_for
 from parablock.core.metrics import describe
 from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.data.examples import DataStats, encode_all
@@ -202,7 +202,9 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
     client = Client(
         o.client,
         model,
-        blocks_for(model, s.extra_blocks, s.lora(), s.seed),  # after the base's fingerprint
+        protocol_blocks(
+            model, s.algorithm, s.extra_blocks, s.lora(), s.seed
+        ),  # after the fingerprint
         data,
         s.train_settings(),
         conn,

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from parablock.core.algorithms import run_client
+from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
-from parablock.core.lora import LoraSettings, blocks_for
+from parablock.core.lora import LoraSettings
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
@@ -93,7 +94,7 @@ def build_client(
     fresh = model is None
     if model is None:
         model = load_model(spec.model)
-    blocks = blocks_for(model, spec.extra_blocks, spec.lora, spec.seed)
+    blocks = protocol_blocks(model, spec.algorithm, spec.extra_blocks, spec.lora, spec.seed)
     if fresh:
         model = model.to(client_device(spec))
     client = Client(

@@ -42,7 +42,7 @@ def run_local(
         if spec.gpus <= 0 and spec.lora is not None:  # an adapter run trains no base weight
             model = share.model(spec.model, spec.extra_blocks, ())
         elif spec.trained and spec.gpus <= 0:
-            model = share.model(spec.model, spec.extra_blocks, spec.trained)
+            model = share.model(spec.model, spec.extra_blocks, spec.trained, spec.algorithm)
         return build_client(spec, server, on_barrier, stop, on_phase, model)
 
     clients = [build(s) for s in specs]

@@ -16,7 +16,7 @@ import threading
 
 from torch import nn
 
-from parablock.core.blocks import model_blocks
+from parablock.core.baselines import protocol_blocks
 from parablock.model import load_model
 
 
@@ -27,12 +27,14 @@ class FrozenShare:
         self._lock = threading.Lock()  # restarted clients are rebuilt on their own threads
         self._bases: dict[str, nn.Module] = {}
 
-    def model(self, path: str, extra_blocks: str, trained: tuple[int, ...]) -> nn.Module:
+    def model(
+        self, path: str, extra_blocks: str, trained: tuple[int, ...], algorithm: str = ""
+    ) -> nn.Module:
         with self._lock:
             base = self._bases.get(path)
             if base is None:
                 base = self._bases[path] = load_model(path)
-            blocks = model_blocks(base, extra_blocks)
+            blocks = protocol_blocks(base, algorithm, extra_blocks)  # the run's block indices
             own = {n for b in trained for n in blocks[b].param_names}
             # deepcopy takes what the memo already holds as is: those parameters stay shared
             memo = {id(p): p for n, p in base.named_parameters() if n not in own}

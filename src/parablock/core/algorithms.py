@@ -8,6 +8,8 @@ a single block, the LoRA adapter.
 drain: upload the last delta and apply its aggregate. ParaBlock's options ``local_steps_max`` (extra
 steps while the link is busy) and ``duplex`` (round t's delta starts up before round t-1's
 aggregate is down) are explained in ``overlap.py``.
+The baselines ``fedavg_full`` and ``cyclic``
+(``baselines.py``) are registered here too, so every algorithm is chosen from one registry.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from parablock.core.baselines import cyclic
 from parablock.core.client import Client
 from parablock.core.messages import BlockValue
 from parablock.core.metrics import RoundRecord
@@ -28,8 +31,10 @@ Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 
 # ParaBlock trains round t+1's block while round t's is still in flight, so the schedule must
-# alternate between at least two blocks; FedBCD waits for each aggregate and can train just one.
-MIN_SELECTED: dict[str, int] = {"parablock": 2}
+# alternate between at least two blocks; FedBCD waits for each aggregate and can train just one,
+# and so can the baselines: cyclic (each turn starts from the latest model) and fedavg_full (its
+# one block is every parameter, whatever model.blocks says).
+MIN_SELECTED: dict[str, int] = {"parablock": 2, "fedbcd": 1, "cyclic": 1, "fedavg_full": 1}
 # Algorithms that train a LoRA adapter (``core/lora.py``) instead of blocks of the model itself.
 ADAPTER_ALGORITHMS = frozenset({"fedit_lora"})
 
@@ -146,6 +151,10 @@ def fedbcd(client: Client) -> None:
 # adapter tensor) trains every round, so the client does exactly FedBCD's sequence: download the
 # aggregate, train K steps, upload the delta; the drain uploads the last one.
 ALGORITHMS.add("fedit_lora", fedbcd)
+# The baselines (baselines.py): full-parameter FedAvg is FedBCD's ordering (download, train,
+# upload) over one block holding every parameter; cyclic block training has its own loop.
+ALGORITHMS.add("fedavg_full", fedbcd)
+ALGORITHMS.add("cyclic", cyclic)
 
 
 def _check_stop(client: Client) -> None:

@@ -89,6 +89,7 @@ class Client:
         self.on_barrier = on_barrier
         self.versions = {b.index: -1 for b in blocks}  # last global version known per block
         self.plan: list[int] = []
+        self.turns: list[int] = []  # the client that trains each round ([] = every client)
         self.pending: BlockUpdate | None = None  # the trained delta not yet uploaded
         self.dirty: set[int] = set()  # blocks where this copy differs from the known global
         self.start_round = 0
@@ -141,6 +142,7 @@ class Client:
             self.versions[b] = value.version
             self.dirty.discard(b)
         self.plan = list(reply.settings.plan)
+        self.turns = list(reply.settings.turns)
         self.start_round = reply.start_round
 
     def _expected(self, block: int) -> Expected:
@@ -322,6 +324,21 @@ class Client:
         shapes = {n: tuple(t.shape) for n, t in base.items()}
         delta = self.codec.decode(value.tensors, shapes)
         return BlockValue(value.block, value.version, apply(base, delta, self.server_lr))
+
+    def catch_up(self, round: int, record: RoundRecord) -> None:
+        """Bring this copy to the global model after round ``round - 1`` (the caller knows every
+        earlier round is aggregated): download each block that a round since its copy moved."""
+        latest = {b: r for r, b in enumerate(self.plan[:round])}  # block -> its global version
+        stale = {b: v for b, v in latest.items() if self.versions[b] != v or b in self.dirty}
+        if not stale:
+            return
+        with self.log.span(round, "download", record):
+            for b, version in sorted(stale.items()):
+                value, nbytes = self.connection.download(b, version, self._expected(b))
+                set_block(self.model, self.blocks[b], value.tensors)
+                self.versions[b] = value.version
+                self.dirty.discard(b)
+                record.bytes_down += nbytes
 
     def communicate_async(self, pending: BlockUpdate, record: RoundRecord) -> Future[BlockValue]:
         return self._comm.submit(self.communicate, pending, record)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from contextlib import nullcontext
 
 import torch
@@ -74,20 +73,16 @@ def postprocessed_logits(model: nn.Module) -> bool:
 
 
 def first_trained_layer(model: nn.Module, blocks: list[Block], trained: set[int]) -> int:
-    """The decoder layer below which nothing ever trains (0 if the embeddings train); the
-    number of layers if only the final norm or the head train. A block spread over layers (a
-    LoRA adapter) counts from the lowest layer it has parameters in."""
-    layers = len(model.model.layers)
-    lowest = layers
+    """The decoder layer below which nothing ever trains: 0 if the embeddings (or anything else
+    that runs before layer 0) train, e.g. in a block of every parameter; the number of layers if
+    only the final norm or the head train. Read from the parameter names, not the block names."""
+    lowest = len(model.model.layers)
     for b in trained:
-        name = blocks[b].name
-        if name == "embed":
-            return 0
-        if name.startswith("layer."):
-            lowest = min(lowest, int(name.split(".")[1]))
-        else:
-            found = (re.match(r"model\.layers\.(\d+)\.", n) for n in blocks[b].param_names)
-            lowest = min([lowest] + [int(m.group(1)) for m in found if m])
+        for n in blocks[b].param_names:
+            if n.startswith("model.layers."):
+                lowest = min(lowest, int(n.split(".")[2]))
+            elif not n.startswith(("model.norm.", "lm_head.")):
+                return 0
     return lowest
 
 

@@ -150,6 +150,10 @@ class RunSettings(Message):
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
 
+    # the one client that trains each round, for an algorithm whose clients take turns
+    # (``baselines.round_turns``); empty: every client trains every round
+    turns: list[int] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         self.lora()  # an impossible adapter is refused at parse time
         if self.local_steps_max < 0 or 0 < self.local_steps_max < self.local_steps:

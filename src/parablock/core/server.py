@@ -16,8 +16,9 @@ error feedback and the server applies the decoded aggregate, the one its clients
 for the open round is rejected forfeits that round: the round goes on without it (as if it had sent
 nothing) instead of waiting for its deadline, and the client is told why at once.
 
-Participation: a client is expected in round r if it has not been dropped and joined for a round
-<= r. A client missing at a round's deadline is dropped; it can join again (after a crash or a
+Participation: a client is expected in round r if the round is one it takes part in (every
+round, or for an algorithm whose clients take turns, ``RunSettings.turns``, only its own), it has
+not been dropped and it joined for a round <= r. A client missing at a round's deadline is dropped; it can join again (after a crash or a
 lost connection) with what its checkpoint holds, catches up on every block that moved, and is
 expected again from the round it is given.
 """
@@ -132,6 +133,7 @@ class Server:
         )
         self.round_timeout_s = round_timeout_s
         self.settings = settings  # handed to every client at join
+        self.turns = list(settings.turns) if settings else []  # [] = every client, every round
         self.fingerprint = fingerprint  # of the base model; "" = not checked (in-process)
         self.versions = {b.index: -1 for b in blocks}  # -1: the pretrained value
         self.next_round = 0  # the next round to aggregate
@@ -333,14 +335,24 @@ class Server:
                 round,
                 f"round {round} failed: {got} update(s) accepted and no more can come "
                 f"(rejected: clients {sorted(self._forfeit.get(round, ()))}); "
-                f"federation.min_clients needs {self.min_clients}",
+                f"federation.min_clients needs {self._needed(round)}",
             )
+
+    def _members(self, round: int) -> set[int]:
+        """The clients that take part in ``round``: every client, or the round's turn."""
+        if self.turns and 0 <= round < len(self.turns):
+            return {self.turns[round]}
+        return set(range(self.clients))
+
+    def _needed(self, round: int) -> int:
+        """Updates ``round`` needs: ``min_clients``, at most the clients that take part."""
+        return min(self.min_clients, len(self._members(round)))
 
     def _live(self, round: int) -> set[int]:
         """The clients expected in ``round``."""
         return {
             c
-            for c in range(self.clients)
+            for c in self._members(round)
             if c not in self._dropped and self._start.get(c, 0) <= round
         }
 
@@ -354,7 +366,7 @@ class Server:
     def _complete(self, round: int) -> bool:
         """Every awaited client has sent its update, and that is at least ``min_clients``."""
         got = self._pending.get(round, {})
-        return bool(got) and self._awaited(round) <= got.keys() and len(got) >= self.min_clients
+        return bool(got) and self._awaited(round) <= got.keys() and len(got) >= self._needed(round)
 
     def drop_client(self, client: int, reason: str) -> None:
         """Stop waiting for ``client`` (its process died, stopped answering or missed a deadline).
@@ -390,6 +402,8 @@ class Server:
             raise MessageError(f"{where}: block {u.block} is not the round's block")
         if u.round > self.next_round:
             raise MessageError(f"{where}: round {self.next_round} is the open round")
+        if client not in self._members(u.round):
+            raise MessageError(f"{where}: round {u.round} is client {self.turns[u.round]}'s turn")
         if client in self._pending.get(u.round, {}):
             raise MessageError(f"{where}: duplicate")
         if u.base_version != self.versions[u.block]:
@@ -505,8 +519,9 @@ class Server:
                     raise RunStopped("the run is stopping")
                 if round in self._aggregates or (0 <= round < self.next_round):
                     return AggregateReady(self.plan[round], round)
-                if round in self._failed:
-                    raise RoundFailedError(self._failed[round])
+                failed = [r for r in self._failed if r <= round]
+                if failed:  # this round, or one before it that it can never come after
+                    raise RoundFailedError(self._failed[min(failed)])
                 if not 0 <= round < len(self.plan):
                     raise MessageError(f"there is no round {round}")
                 left = self._deadline_left(round, limit)
@@ -548,7 +563,7 @@ class Server:
 
     def _close_at_deadline(self, round: int, limit: float) -> None:
         got = self._pending.get(round, {})
-        if len(got) >= self.min_clients and got:
+        if len(got) >= self._needed(round) and got:
             for c in sorted(self._live(round) - got.keys()):
                 self._drop(c, f"no update for round {round} within {limit:g}s")
             log.warning(
@@ -562,7 +577,7 @@ class Server:
             self._fail(
                 round,
                 f"round {round} failed: {len(got)} update(s) arrived before its deadline "
-                f"({limit:g}s), federation.min_clients needs {self.min_clients}",
+                f"({limit:g}s), federation.min_clients needs {self._needed(round)}",
             )
         self._cond.notify_all()
 

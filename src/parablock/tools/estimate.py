@@ -6,10 +6,16 @@ payload dtype's size) and the links of ``link.*``::
     T_up   = latency + 8 B / up_bandwidth          T_down = latency + 8 B / down_bandwidth
     T_comm = T_up + T_agg + T_down
     FedBCD round    = T_comp + T_comm              ParaBlock round = max(T_comp, T_comm)
+    fedavg_full     = T_comp_full + T_comm over the whole model (B = every parameter)
+    cyclic round t  = T_down(blocks moved since the round's client last had its turn)
+                      + T_comp + T_up + T_agg      (turns are sequential across clients)
 
-Round 0 has nothing to send (both algorithms take T_comp), and the drain after round T-1 is one
-communication phase; the mean round time (as ``metrics.round_times`` measures it) leaves the drain
-out. Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
+Round 0 has nothing to send (FedBCD, ParaBlock and fedavg_full take T_comp), and the drain after
+round T-1 is one communication phase (for cyclic: the longest catch-up of a client on the last
+rounds); the mean round time (as ``metrics.round_times`` measures it) leaves the drain out.
+``T_comp_full`` is ``estimate.full_compute_s``, timed by ``--measure``, or assumed to be
+``FULL_COMPUTE_FACTOR`` x ``T_comp`` (a full backward costs about two forwards, a block's backward
+stops at the block). Models: a local Hugging Face directory, the embedded ``smollm2-135m-instruct``, or
 ``arch:<name>`` for an architecture built on the meta device (no weights, no memory).
 ``--from-run`` predicts a finished run's mean round time from its own measured compute time, its
 aggregation time and its link settings, and prints predicted against measured.
@@ -19,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import time
 import tomllib
@@ -30,22 +35,13 @@ from typing import Any
 
 import torch
 
-from parablock.config import (
-    Config,
-    ConfigError,
-    _coerce,
-    _validate,
-    from_dict,
-    opt,
-    per_client_value,
-)
+from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
+from parablock.core.baselines import layout, protocol_blocks, traits
 from parablock.core.blocks import model_blocks, select_blocks
 from parablock.core.schedule import make_plan
 from parablock.errors import EstimateError  # noqa: F401
 from parablock.registry import Registry
 from parablock.transport.link import LinkSpec
-
-log = logging.getLogger(__name__)
 
 ARCH_PREFIX = "arch:"
 # Architecture presets (public config.json values); built without weights on the meta device.
@@ -97,6 +93,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEASURE_MAX_PARAMS = 2_000_000_000  # --measure builds real weights, AdamW state and activations
+FULL_COMPUTE_FACTOR = 3.0  # fedavg_full's round over a block round's, when neither is measured
 
 
 @dataclass(frozen=True)
@@ -110,6 +107,12 @@ class EstimateSettings:
         ge=0.0,
     )
     step_s: float = opt(0.0, "seconds per optimizer step, if compute_s is 0", ge=0.0)
+    full_compute_s: float = opt(
+        0.0,
+        "compute time per client per round when every parameter trains (fedavg_full); 0 = "
+        f"--measure times it, else {FULL_COMPUTE_FACTOR:g} x the block compute time (assumed)",
+        ge=0.0,
+    )
     aggregate_s: float = opt(0.0, "server aggregation time per round in seconds", ge=0.0)
     dtype: str = opt("float32", "dtype of block payloads on the wire", choices=tuple(DTYPES))
     seq_len: int = opt(0, "tokens per example for --measure (0 = data.max_length)", ge=0)
@@ -188,10 +191,11 @@ class ModelSizes:
     block_names: dict[int, str]
 
 
-def model_sizes(cfg: Config) -> ModelSizes:
+def model_sizes(cfg: Config, algorithm: str = "") -> ModelSizes:
+    """Parameter counts of the selected blocks, as ``algorithm`` forms them (by default the
+    model's blocks; fedavg_full: one block of every parameter)."""
     model = build_meta_model(cfg.model.name_or_path)
-    blocks = model_blocks(model, cfg.model.extra_blocks)
-    selected = select_blocks(blocks, cfg.model.blocks)
+    blocks, selected = layout(model, algorithm, cfg.model.extra_blocks, cfg.model.blocks)
     params = dict(model.named_parameters())
     return ModelSizes(
         sum(p.numel() for p in params.values()),
@@ -202,127 +206,102 @@ def model_sizes(cfg: Config) -> ModelSizes:
 
 # -- the timing model ------------------------------------------------------------------------
 
-# How one client's round time follows from its compute and communication times.
-ROUND_MODELS: Registry[Callable[[float, float], float]] = Registry("round model")
-ROUND_MODELS.add("fedbcd", lambda comp, comm: comp + comm)
-ROUND_MODELS.add("parablock", lambda comp, comm: max(comp, comm))
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's time depends on: the plan, the bytes of each block that travels, the
+    compute time of one client's round, the links and the aggregation time."""
+
+    plan: Sequence[int]
+    block_bytes: dict[int, float]
+    compute_s: float
+    cfg: Config
+    aggregate_s: float
+
+    def comm_s(self, block: int) -> float:
+        return comm_seconds(self.block_bytes[block], self.cfg, self.aggregate_s)
+
+    def stale(self, t: int) -> set[int]:
+        """The blocks round t's client lacks in an in-turn algorithm: those the rounds since its
+        own last turn moved (its own last block it downloaded then, except with one client,
+        where that download comes right before its next turn)."""
+        n = max(self.cfg.federation.clients, 2)
+        return set(self.plan[max(0, t - n + 1) : t])
+
+    def catch_up_s(self, t: int) -> float:
+        _, down = _links(self.cfg)
+        return sum(down.seconds(int(self.block_bytes[b])) for b in self.stale(t))
 
 
-def _links(cfg: Config, client: int) -> tuple[LinkSpec, LinkSpec]:
-    up, down, latency = cfg.link.client(client)
+def _sequential(x: RoundInputs, t: int) -> float:
+    """Download the last aggregate, then train (FedBCD, fedavg_full)."""
+    return x.compute_s + (x.comm_s(x.plan[t - 1]) if t else 0.0)
+
+
+def _parallel(x: RoundInputs, t: int) -> float:
+    """Train while the last delta travels (ParaBlock)."""
+    return max(x.compute_s, x.comm_s(x.plan[t - 1])) if t else x.compute_s
+
+
+def _in_turn(x: RoundInputs, t: int) -> float:
+    """One client catches up, trains and uploads while the others wait (cyclic)."""
+    up, _ = _links(x.cfg)
+    return x.catch_up_s(t) + x.compute_s + up.seconds(int(x.block_bytes[x.plan[t]])) + x.aggregate_s
+
+
+# How round t's time follows from the run's inputs, per algorithm.
+ROUND_MODELS: Registry[Callable[[RoundInputs, int], float]] = Registry("round model")
+ROUND_MODELS.add("fedbcd", _sequential)
+ROUND_MODELS.add("parablock", _parallel)
+ROUND_MODELS.add("fedavg_full", _sequential)
+ROUND_MODELS.add("cyclic", _in_turn)
+
+
+def drain_s(algorithm: str, x: RoundInputs) -> float:
+    """After round T-1: the last delta's upload, aggregate and download, or for an in-turn
+    algorithm the longest catch-up of a client on the last rounds."""
+    if traits(algorithm).in_turn:
+        return x.catch_up_s(len(x.plan))
+    return x.comm_s(x.plan[-1])
+
+
+def _worst(cfg: Config) -> tuple[float, float, float]:
+    """The slowest links of the clients (up, down Mbit/s, latency ms): a round waits for them."""
+    links = [cfg.link.client(i) for i in range(cfg.federation.clients)]
+    return min(u for u, _, _ in links), min(d for _, d, _ in links), max(x for _, _, x in links)
+
+
+def _links(cfg: Config) -> tuple[LinkSpec, LinkSpec]:
+    up, down, latency = _worst(cfg)
     return LinkSpec(up, latency), LinkSpec(down, latency)
 
 
-def client_comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> list[float]:
-    """Each client's T_up + T_agg + T_down for a block of ``nbytes``."""
-    out = []
-    for i in range(cfg.federation.clients):
-        up, down = _links(cfg, i)
-        out.append(up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes)))
-    return out
-
-
 def comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> float:
-    """The slowest client's communication time: every round waits for its update."""
-    return max(client_comm_seconds(nbytes, cfg, aggregate_s))
+    up, down = _links(cfg)
+    return up.seconds(int(nbytes)) + aggregate_s + down.seconds(int(nbytes))
 
 
-def client_compute_seconds(cfg: Config, compute_s: float) -> list[float]:
-    """Each client's T_comp: ``compute_s`` times its ``federation.compute_slowdown``."""
-    f = cfg.federation
-    return [compute_s * per_client_value(f.compute_slowdown, i) for i in range(f.clients)]
-
-
-def round_seconds(algorithm: str, comps: Sequence[float], comms: Sequence[float]) -> float:
-    """A round with every client: the slowest client's round. (In the steady state each client
-    starts a round when it has the last aggregate, so the period is the largest cycle through
-    the server: max over clients of its own comp + comm, or max(comp, comm).)"""
+def mean_round_s(algorithm: str, x: RoundInputs) -> float:
+    """Mean over rounds 0..T-1 of ``algorithm``'s round time."""
     model = ROUND_MODELS.get(algorithm)
-    return max(model(c, m) for c, m in zip(comps, comms, strict=True))
-
-
-def mean_round_s(
-    algorithm: str,
-    plan: Sequence[int],
-    block_bytes: dict[int, float],
-    compute_s: float,
-    cfg: Config,
-    aggregate_s: float,
-) -> float:
-    """Mean over rounds 0..T-1; round t communicates the block trained in round t-1."""
-    comps = client_compute_seconds(cfg, compute_s)
-    times = [max(comps)]
-    for t in range(1, len(plan)):
-        comms = client_comm_seconds(block_bytes[plan[t - 1]], cfg, aggregate_s)
-        times.append(round_seconds(algorithm, comps, comms))
-    return sum(times) / len(times)
-
-
-def _scaled(cfg: Config, factor: float) -> Config:
-    """``cfg`` with every client's bandwidths times ``factor``."""
-    link = cfg.link
-    return cfg.replace(
-        link={
-            "up_mbps": tuple(v * factor for v in link.up_mbps),
-            "down_mbps": tuple(v * factor for v in link.down_mbps),
-        }
-    )
-
-
-def _as_set(values: tuple[float, ...]) -> float | list[float]:
-    """A per-client value as the config holds it: one number, or one per client."""
-    return values[0] if len(set(values)) == 1 else list(values)
+    return sum(model(x, t) for t in range(len(x.plan))) / len(x.plan)
 
 
 def crossover(
     nbytes: float, compute_s: float, cfg: Config, aggregate_s: float
-) -> tuple[float | list[float], float | list[float]] | None:
-    """Up/down bandwidths (Mbit/s; every client's at the configured ratios) where the slowest
-    client's T_comm equals the slowest T_comp.
+) -> tuple[float, float] | None:
+    """Up/down bandwidths (Mbit/s, at the configured up:down ratio) where T_comm = T_comp.
 
-    None when no bandwidth gets there: latency and aggregation alone already exceed T_comp for a
-    client, or the links are unlimited.
+    None when no bandwidth gets there: latency and aggregation alone already exceed T_comp, or the
+    links are unlimited.
     """
-    target = max(client_compute_seconds(cfg, compute_s))
-    factor = 0.0  # the smallest scale at which every client's T_comm <= target
-    for i in range(cfg.federation.clients):
-        up, down, latency = cfg.link.client(i)
-        inv = sum(0.0 if math.isinf(b) else 1.0 / b for b in (up, down))  # s per Mbit at scale 1
-        fixed = 2 * latency / 1000 + aggregate_s
-        if target <= fixed:
-            return None
-        factor = max(factor, 8 * nbytes / 1e6 * inv / (target - fixed))
-    if factor == 0:
+    up, down, _ = _worst(cfg)
+    inv = sum(0.0 if math.isinf(b) else 1.0 / b for b in (up, down))  # s per Mbit at scale 1
+    fixed = 2 * _worst(cfg)[2] / 1000 + aggregate_s
+    if inv == 0 or compute_s <= fixed:
         return None
-    link = _scaled(cfg, factor).link
-    return _as_set(link.up_mbps), _as_set(link.down_mbps)
-
-
-# When a client's upload starts, from the start of its round: FedBCD's after its compute,
-# ParaBlock's at once (the previous round's delta goes up under the compute).
-UPLOAD_STARTS: Registry[Callable[[float], float]] = Registry("upload start")
-UPLOAD_STARTS.add("fedbcd", lambda comp: comp)
-UPLOAD_STARTS.add("parablock", lambda comp: 0.0)
-
-
-def deadline_round(
-    algorithm: str, clients: Sequence[dict], aggregate_s: float, min_clients: int, timeout_s: float
-) -> tuple[float, list[int]]:
-    """One round, every client starting it together, that the server closes ``timeout_s`` after
-    the first update once ``min_clients`` are in (or when all are): the round time of the
-    clients in it (each done at max(T_comp, close + T_agg + T_down)) and the clients left out.
-    ``clients``: per-client ``compute_s``, ``upload_s``, ``download_s``."""
-    start = UPLOAD_STARTS.get(algorithm)
-    arrive = [start(c["compute_s"]) + c["upload_s"] for c in clients]
-    a = sorted(arrive)
-    close = max(a[min_clients - 1], min(a[-1], a[0] + timeout_s))
-    left = [i for i, t in enumerate(arrive) if t > close]
-    secs = max(
-        max(c["compute_s"], close + aggregate_s + c["download_s"])
-        for i, c in enumerate(clients)
-        if i not in left
-    )
-    return secs, left
+    scale = 8 * nbytes / 1e6 * inv / (compute_s - fixed)
+    return up * scale, down * scale
 
 
 def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None) -> float:
@@ -337,56 +316,68 @@ def resolve_compute_s(cfg: Config, est: EstimateSettings, measured: float | None
     )
 
 
-def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | None = None) -> dict:
-    """Per-round times for every algorithm (per client when clients differ), the speed-up,
-    crossover, a bandwidth sweep, and what ``federation.min_clients`` does about a slow client."""
-    sizes = model_sizes(cfg)
-    width = DTYPES[est.dtype]
+def resolve_full_compute_s(
+    est: EstimateSettings, compute_s: float, measured: float | None
+) -> tuple[float, str]:
+    """fedavg_full's compute time per round, and where it comes from."""
+    if measured is not None:
+        return measured, "measured here"
+    if est.full_compute_s > 0:
+        return est.full_compute_s, "given"
+    return FULL_COMPUTE_FACTOR * compute_s, f"assumed {FULL_COMPUTE_FACTOR:g} x T_comp"
+
+
+def round_inputs(
+    cfg: Config, algorithm: str, width: int, compute_s: float, aggregate_s: float
+) -> RoundInputs:
+    """The inputs of ``algorithm``'s rounds: its blocks' bytes and the run's plan over them."""
+    sizes = model_sizes(cfg, algorithm)
     block_bytes = {i: n * width for i, n in sizes.block_params.items()}
     fed = cfg.federation
     plan = make_plan(fed.schedule, sorted(block_bytes), fed.rounds, cfg.run.seed)
+    return RoundInputs(plan, block_bytes, compute_s, cfg, aggregate_s)
+
+
+def estimate(
+    cfg: Config,
+    est: EstimateSettings,
+    measured_compute_s: float | None = None,
+    measured_full_s: float | None = None,
+) -> dict:
+    """Per-round times for every algorithm, the speed-up, crossover and a bandwidth sweep."""
+    sizes = model_sizes(cfg)
+    width = DTYPES[est.dtype]
+    fed = cfg.federation
     compute = resolve_compute_s(cfg, est, measured_compute_s)
-    mean_bytes = sum(block_bytes[b] for b in plan) / len(plan)
-    comps = client_compute_seconds(cfg, compute)
-    comms = client_comm_seconds(mean_bytes, cfg, est.aggregate_s)
-    clients = []
-    for i in range(fed.clients):
-        up, down = _links(cfg, i)
-        row = {
-            "client": i,
-            "up_mbps": up.mbps,
-            "down_mbps": down.mbps,
-            "latency_ms": up.latency_ms,
-            "compute_s": comps[i],
-            "upload_s": up.seconds(int(mean_bytes)),
-            "download_s": down.seconds(int(mean_bytes)),
-            "comm_s": comms[i],
-        }
-        for alg in ROUND_MODELS:
-            row[f"{alg}_round_s"] = ROUND_MODELS.get(alg)(comps[i], comms[i])
-        clients.append(row)
-    steady = {alg: round_seconds(alg, comps, comms) for alg in ROUND_MODELS}
-    means = {
-        alg: mean_round_s(alg, plan, block_bytes, compute, cfg, est.aggregate_s)
+    full, full_source = resolve_full_compute_s(est, compute, measured_full_s)
+    inputs = {
+        alg: round_inputs(
+            cfg, alg, width, full if traits(alg).whole_model else compute, est.aggregate_s
+        )
         for alg in ROUND_MODELS
     }
-    # Whole run: T rounds plus the drain (one more communication phase, the slowest client's).
-    totals = {alg: means[alg] * fed.rounds + max(comms) for alg in ROUND_MODELS}
+    plan, block_bytes = inputs["fedbcd"].plan, inputs["fedbcd"].block_bytes
+    mean_bytes = sum(block_bytes[b] for b in plan) / len(plan)
+    up, down = _links(cfg)
+    t_up, t_down = up.seconds(int(mean_bytes)), down.seconds(int(mean_bytes))
+    comm = t_up + est.aggregate_s + t_down
+    steady = {"fedbcd": compute + comm, "parablock": max(compute, comm)}
+    means = {alg: mean_round_s(alg, x) for alg, x in inputs.items()}
+    # Whole run: T rounds plus the drain.
+    totals = {alg: means[alg] * fed.rounds + drain_s(alg, x) for alg, x in inputs.items()}
     cross = crossover(mean_bytes, compute, cfg, est.aggregate_s)
     sweep = []
     for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
-        c = _scaled(cfg, factor)
-        cms = client_comm_seconds(mean_bytes, c, est.aggregate_s)
-        fb, pb = round_seconds("fedbcd", comps, cms), round_seconds("parablock", comps, cms)
+        c = cfg.replace(link={"up_mbps": up.mbps * factor, "down_mbps": down.mbps * factor})
+        cm = comm_seconds(mean_bytes, c, est.aggregate_s)
         sweep.append(
             {
-                "factor": factor,
-                "up_mbps": _as_set(c.link.up_mbps),
-                "down_mbps": _as_set(c.link.down_mbps),
-                "comm_s": max(cms),
-                "fedbcd_round_s": fb,
-                "parablock_round_s": pb,
-                "speedup": fb / pb,
+                "up_mbps": _worst(c)[0],
+                "down_mbps": _worst(c)[1],
+                "comm_s": cm,
+                "fedbcd_round_s": compute + cm,
+                "parablock_round_s": max(compute, cm),
+                "speedup": (compute + cm) / max(compute, cm),
             }
         )
     return {
@@ -398,96 +389,49 @@ def estimate(cfg: Config, est: EstimateSettings, measured_compute_s: float | Non
         "mean_block_bytes": mean_bytes,
         "clients": fed.clients,
         "rounds": fed.rounds,
-        "up_mbps": _as_set(cfg.link.up_mbps),
-        "down_mbps": _as_set(cfg.link.down_mbps),
-        "latency_ms": _as_set(cfg.link.latency_ms),
-        "compute_slowdown": _as_set(fed.compute_slowdown),
+        "up_mbps": _worst(cfg)[0],
+        "down_mbps": _worst(cfg)[1],
+        "latency_ms": _worst(cfg)[2],
         "compute_s": compute,
         "compute_source": "measured here" if measured_compute_s is not None else "given",
-        "upload_s": max(c["upload_s"] for c in clients),
+        "upload_s": t_up,
         "aggregate_s": est.aggregate_s,
-        "download_s": max(c["download_s"] for c in clients),
-        "comm_s": max(comms),
+        "download_s": t_down,
+        "comm_s": comm,
         "fedbcd_round_s": steady["fedbcd"],
         "parablock_round_s": steady["parablock"],
         "speedup": steady["fedbcd"] / steady["parablock"],
         "mean_round_s": means,
         "total_s": totals,
+        "full_compute_s": full,
+        "full_compute_source": full_source,
+        "whole_model_bytes": inputs["fedavg_full"].block_bytes[0],
         "crossover_mbps": None if cross is None else {"up": cross[0], "down": cross[1]},
         "sweep": sweep,
-        "heterogeneous": len({(c["compute_s"], c["comm_s"]) for c in clients}) > 1,
-        "per_client": clients,
-        "slowest": _slowest(cfg, clients, est.aggregate_s),
     }
-
-
-def _slowest(cfg: Config, clients: list[dict], aggregate_s: float) -> dict[str, dict | None]:
-    """Per algorithm: the client every round waits for, and whether ``federation.min_clients``
-    lets rounds close without it (``round_timeout_s`` after the first update); None for an
-    algorithm whose clients all take equally long (e.g. a slow link that ParaBlock hides).
-
-    A round closed at the deadline takes about ``closes_without_s``; the server then drops the
-    late client, so until it rejoins the rounds wait for the others only (``others_round_s``)."""
-    fed = cfg.federation
-    m = fed.min_clients or fed.clients
-    out: dict[str, dict | None] = {}
-    for alg in ROUND_MODELS:
-        rounds = [c[f"{alg}_round_s"] for c in clients]
-        worst = max(range(len(rounds)), key=rounds.__getitem__)
-        others = max((r for i, r in enumerate(rounds) if i != worst), default=rounds[worst])
-        if others >= rounds[worst]:
-            out[alg] = None
-            continue
-        closed, left = deadline_round(alg, clients, aggregate_s, m, fed.round_timeout_s)
-        out[alg] = {
-            "client": worst,
-            "round_s": rounds[worst],
-            "others_round_s": others,
-            "clients": fed.clients,
-            "min_clients": m,
-            "round_timeout_s": fed.round_timeout_s,
-            "closes_without_s": closed if left else None,
-            "left_out": left,
-        }
-    return out
-
-
-def _mbps(v: float | list[float]) -> str:
-    return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
 
 
 def format_estimate(r: dict) -> str:
     mb = r["mean_block_bytes"] / 1e6
-    slow = (
-        ""
-        if r["compute_slowdown"] == 1.0
-        else f", compute slow-down {_mbps(r['compute_slowdown'])}"
-    )
     lines = [
         f"model {r['model']}: {r['total_params'] / 1e6:,.1f} M parameters; blocks {r['blocks']} "
         f"({len(r['block_params'])} selected), {mb:,.2f} MB per block ({r['dtype']})",
-        f"{r['clients']} clients, {r['rounds']} rounds; links up {_mbps(r['up_mbps'])} / down "
-        f"{_mbps(r['down_mbps'])} Mbit/s, latency {_mbps(r['latency_ms'])} ms{slow}",
+        f"{r['clients']} clients, {r['rounds']} rounds; links up {r['up_mbps']:g} / down "
+        f"{r['down_mbps']:g} Mbit/s, latency {r['latency_ms']:g} ms",
         f"T_comp {r['compute_s']:.3f} s ({r['compute_source']}); T_up {r['upload_s']:.3f} s, "
         f"T_agg {r['aggregate_s']:.3f} s, T_down {r['download_s']:.3f} s -> T_comm "
-        f"{r['comm_s']:.3f} s" + (" (the slowest client's)" if r["heterogeneous"] else ""),
-    ]
-    if r["heterogeneous"]:
-        lines.append("  client  T_comp s  T_up s  T_down s  T_comm s  FedBCD s  ParaBlock s")
-        for c in r["per_client"]:
-            lines.append(
-                f"  {c['client']:6d}  {c['compute_s']:8.3f}  {c['upload_s']:6.3f}  "
-                f"{c['download_s']:8.3f}  {c['comm_s']:8.3f}  {c['fedbcd_round_s']:8.3f}  "
-                f"{c['parablock_round_s']:11.3f}"
-            )
-    lines += [
+        f"{r['comm_s']:.3f} s",
         f"per round (steady state): FedBCD {r['fedbcd_round_s']:.3f} s = T_comp + T_comm; "
         f"ParaBlock {r['parablock_round_s']:.3f} s = max(T_comp, T_comm); "
         f"speed-up {r['speedup']:.3f}x (at most 2x)",
-        f"whole run ({r['rounds']} rounds + drain): FedBCD {r['total_s']['fedbcd']:,.1f} s, "
-        f"ParaBlock {r['total_s']['parablock']:,.1f} s",
+        f"baselines: fedavg_full sends the whole model ({r['whole_model_bytes'] / 1e6:,.1f} MB) "
+        f"each way and trains every parameter (T_comp_full {r['full_compute_s']:.3f} s, "
+        f"{r['full_compute_source']}): mean round {r['mean_round_s']['fedavg_full']:.3f} s; "
+        f"cyclic: one client per round, catch-up + T_comp + T_up + T_agg: mean round "
+        f"{r['mean_round_s']['cyclic']:.3f} s",
+        f"whole run ({r['rounds']} rounds + drain): "
+        + ", ".join(f"{alg} {r['total_s'][alg]:,.1f} s" for alg in ROUND_MODELS.names()),
     ]
-    lines += _format_slowest(r["slowest"])
     c = r["crossover_mbps"]
     if c is None:
         lines.append(
@@ -495,59 +439,29 @@ def format_estimate(r: dict) -> str:
         )
     else:
         lines.append(
-            f"crossover: T_comm = T_comp at up {_mbps(c['up'])} / down {_mbps(c['down'])} Mbit/s "
+            f"crossover: T_comm = T_comp at up {c['up']:,.1f} / down {c['down']:,.1f} Mbit/s "
             "(the best case for ParaBlock, 2x); faster links: compute-bound, slower: comm-bound"
         )
-    lines.append("bandwidth sweep (every link times the factor):")
-    lines.append("  factor  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up")
+    lines.append("bandwidth sweep (same up:down ratio):")
+    lines.append("  up Mbit/s  down Mbit/s   T_comm s   FedBCD s  ParaBlock s  speed-up")
     for s in r["sweep"]:
         lines.append(
-            f"  {s['factor']:6g}  {_mbps(s['up_mbps']):>9}  {_mbps(s['down_mbps']):>11}  "
-            f"{s['comm_s']:9.3f}  {s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  "
-            f"{s['speedup']:8.3f}"
+            f"  {s['up_mbps']:9.1f}  {s['down_mbps']:11.1f}  {s['comm_s']:9.3f}  "
+            f"{s['fedbcd_round_s']:9.3f}  {s['parablock_round_s']:11.3f}  {s['speedup']:8.3f}"
         )
     return "\n".join(lines)
-
-
-def _format_slowest(slowest: dict[str, dict | None]) -> list[str]:
-    lines = []
-    for alg, s in slowest.items():
-        if s is None:
-            continue
-        head = (
-            f"{alg}: every round waits for client {s['client']} ({s['round_s']:.3f} s; the "
-            f"others {s['others_round_s']:.3f} s)"
-        )
-        m, timeout = s["min_clients"], s["round_timeout_s"]
-        if s["closes_without_s"] is not None:
-            who = ", ".join(map(str, s["left_out"]))
-            lines.append(
-                f"{head}, unless federation.min_clients={m} closes the round without client(s) "
-                f"{who}: about {s['closes_without_s']:.3f} s for a round closed at the deadline "
-                f"(round_timeout_s={timeout:g} after the first update), {s['others_round_s']:.3f} "
-                "s while the server has dropped them; their updates miss those rounds and they "
-                "rejoin at the open round"
-            )
-        elif m < s["clients"]:
-            lines.append(
-                f"{head}; federation.min_clients={m} could close rounds without it, but "
-                f"round_timeout_s={timeout:g} is longer than the wait"
-            )
-        else:
-            lines.append(
-                f"{head}; federation.min_clients < {s['clients']} with a shorter round_timeout_s "
-                "would let rounds close without it"
-            )
-    return lines
 
 
 # -- measuring compute here ------------------------------------------------------------------
 
 
-def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> float:
+def measure_compute_s(
+    cfg: Config, est: EstimateSettings, repeats: int = 2, whole_model: bool = False
+) -> float:
     """Time one round of local block training here (K steps), mean of the lowest and highest
     selected blocks (backward depth, hence cost, varies between them), torch threads shared out
-    over ``federation.clients`` as in a local run."""
+    over ``federation.clients`` as in a local run; ``whole_model``: of every parameter at once
+    (fedavg_full)."""
     from parablock.backends.local import torch_threads
     from parablock.core.train import TrainSettings, train_block
     from parablock.data.examples import Example
@@ -566,8 +480,11 @@ def measure_compute_s(cfg: Config, est: EstimateSettings, repeats: int = 2) -> f
         model = AutoModelForCausalLM.from_config(meta.config, dtype=torch.float32)
     else:
         model = load_model(cfg.model.name_or_path)
-    blocks = model_blocks(model, cfg.model.extra_blocks)
-    selected = select_blocks(blocks, cfg.model.blocks)
+    if whole_model:
+        blocks, selected = protocol_blocks(model, "fedavg_full"), [0]
+    else:
+        blocks = model_blocks(model, cfg.model.extra_blocks)
+        selected = select_blocks(blocks, cfg.model.blocks)
     fed = cfg.federation
     seq = est.seq_len or cfg.data.max_length
     gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -605,31 +522,23 @@ def from_run(path: str | Path) -> list[dict]:
 
     out = []
     for run in find_runs(path):
-        if run.summary["algorithm"] not in ROUND_MODELS:  # e.g. fedit_lora: its own blocks
-            log.warning(
-                "%s: no timing model for %s yet; skipped", run.path, run.summary["algorithm"]
-            )
-            continue
         cfg = load_config(run.path / "config.toml")
         model_dir = run.path / "model"
         if (model_dir / "config.json").is_file():  # the run's own architecture, weights unread
             cfg = cfg.replace(model={"name_or_path": str(model_dir)})
-        sizes = model_sizes(cfg)
+        alg = run.summary["algorithm"]
+        sizes = model_sizes(cfg, alg)
         block_bytes = {i: n * DTYPES["float32"] for i, n in sizes.block_params.items()}
         plan = run.summary.get("plan") or make_plan(
             cfg.federation.schedule, sorted(block_bytes), cfg.federation.rounds, cfg.run.seed
         )
         aggs = [float(r.get("aggregate_s", 0.0)) for r in run.rounds]
         agg = sum(aggs) / len(aggs) if aggs else 0.0
-        # the measured mean over clients includes their compute slow-downs: the model's base
-        # compute is the time that, slowed down per client, has that mean
-        f = cfg.federation
-        slow = sum(per_client_value(f.compute_slowdown, i) for i in range(f.clients))
-        compute = float(run.summary["mean_compute_s"]) * f.clients / slow
-        predicted = {
-            alg: mean_round_s(alg, plan, block_bytes, compute, cfg, agg) for alg in ROUND_MODELS
-        }
-        alg = run.summary["algorithm"]
+        compute = float(run.summary["mean_compute_s"])
+        x = RoundInputs(plan, block_bytes, compute, cfg, agg)
+        # the algorithms over the same blocks and compute time as this run's
+        same = [a for a in ROUND_MODELS if traits(a).whole_model == traits(alg).whole_model]
+        predicted = {a: mean_round_s(a, x) for a in same}
         measured = float(run.summary["mean_round_s"])
         ups = [r["bytes_up"] for r in run.client_rounds if r.get("bytes_up")]
         out.append(

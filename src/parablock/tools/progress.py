@@ -2,8 +2,10 @@
 
 Both displays listen to the same two hooks of ``runner.run``: ``phase`` (a client's compute,
 upload, wait, download or idle span starts or ends) and ``barrier`` (a client finished a round).
-A round counts as done when every client has passed its barrier; its time is measured from the
-previous round's last barrier, like ``metrics.round_times``.
+A round counts as done when every client that takes part in it has passed its barrier (every
+client, or for an algorithm whose clients take turns the round's one client; the drain is every
+client's); its time is measured from the previous round's last barrier, like
+``metrics.round_times``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from parablock.config import Config
+from parablock.core.baselines import traits
 
 # What a client is doing while a span of each phase is open.
 PHASE_WORDS = {
@@ -46,6 +49,7 @@ class RoundDone:
     idle_s: float
     train_loss: float
     examples: int  # summed over clients
+    clients: int = 0  # how many took part
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ProgressState:
 
     clients: int
     rounds: int
+    in_turn: bool = False  # one client per round (the drain is everyone's)
     start: float = field(default_factory=time.time)
     active: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> phase -> since
     client_round: dict[int, int] = field(default_factory=dict)
@@ -82,7 +87,7 @@ class ProgressState:
         with self._lock:
             got = self._pending.setdefault(t, [])
             got.append(record)
-            if len(got) < self.clients:
+            if len(got) < (1 if self.in_turn and t < self.rounds else self.clients):
                 return None
             del self._pending[t]
             begin = self._last_end if self._last_end is not None else self.start
@@ -98,6 +103,7 @@ class ProgressState:
                 sum(r.idle_s for r in got) / n,
                 sum(r.train_loss for r in train) / len(train) if train else float("nan"),
                 sum(r.examples for r in got),
+                n,
             )
             self.done.append(done)
             return done
@@ -131,7 +137,7 @@ class PlainProgress:
     def __init__(self, cfg: Config, stream: IO[str] | None = None) -> None:
         self.cfg = cfg
         self.stream = stream or sys.stdout
-        self.state = ProgressState(cfg.federation.clients, cfg.federation.rounds)
+        self.state = _state(cfg)
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -151,7 +157,7 @@ class PlainProgress:
         s, T = self.state, self.state.rounds
         parts = (
             f"compute {d.compute_s:.2f}s, comm {d.comm_s:.2f}s, idle {d.idle_s:.2f}s"
-            f" (means over {s.clients} clients)"
+            f" (means over {d.clients} client{'s' * (d.clients > 1)})"
         )
         if d.round >= T:
             return f"drain: {d.seconds:.2f}s, {parts}; elapsed {_clock(time.time() - s.start)}"
@@ -171,7 +177,7 @@ class LiveProgress:
 
         self.cfg = cfg
         self.console = console or Console()
-        self.state = ProgressState(cfg.federation.clients, cfg.federation.rounds)
+        self.state = _state(cfg)
         self._live = None
         self._saved_handlers: list[logging.Handler] = []
 
@@ -232,6 +238,11 @@ class LiveProgress:
             where = "drain" if r == s.rounds else ("-" if r is None else str(r + 1))
             table.add_row(str(c), where, s.client_phase(c))
         return Group(Text(title, style="bold"), table)
+
+
+def _state(cfg: Config) -> ProgressState:
+    f = cfg.federation
+    return ProgressState(f.clients, f.rounds, in_turn=traits(f.algorithm).in_turn)
 
 
 def make_progress(cfg: Config, quiet: bool = False, stream: IO[str] | None = None):

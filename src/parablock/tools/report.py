@@ -4,11 +4,17 @@
 (a ``parablock compare`` directory) and writes into ``<path>/plots/``:
 
 - ``eval_loss.png``: held-out loss against rounds completed and against wall-clock time, one line per
-  run (plus held-out accuracy when the runs recorded it);
+  run (plus held-out accuracy when the runs recorded it), and the target loss of ``time_to_target``;
 - ``round_time_split.png``: each round's time split into compute / communication not hidden by
   compute / idle, stacked, with the total link time (hidden or not) marked;
 - ``timeline.png``: per client, the computation thread (compute, idle) and the network side (upload,
-  wait, download) as a Gantt chart, one panel per run on a shared time axis, so overlap is visible.
+  wait, download) as a Gantt chart, one panel per run on a shared time axis, so overlap is visible;
+- ``costs.png``: per run, bytes per round (up and down, all clients), peak memory per client, and
+  the wall time to the target held-out loss.
+
+**Time to target**: the wall time at which a run's held-out loss first reaches the target (by
+default the worst of the runs' final losses, so every run reaches it), read from its evaluations;
+between two evaluations it is not known more finely, so ``eval.every`` sets the resolution.
 
 Eval records are ``{"kind": "eval", "round": r, "eval_loss": ..., ["time_s": ...,
 "eval_accuracy": ...]}``: ``round`` -1 is before training, ``T`` after the drain, and ``0 < r < T``
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from parablock.errors import ReportError  # noqa: F401
 
-PLOTS = ("eval_loss.png", "round_time_split.png", "timeline.png")
+PLOTS = ("eval_loss.png", "round_time_split.png", "timeline.png", "costs.png")
 PHASE_COLORS = {
     "compute": "#2e7d32",
     "upload": "#1565c0",
@@ -35,6 +41,14 @@ PHASE_COLORS = {
     "idle": "#bdbdbd",
 }
 RUN_COLORS = ("#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f")
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P")  # with the colours, tell up to 36 runs apart
+
+
+def _style(i: int) -> dict:
+    return {
+        "color": RUN_COLORS[i % len(RUN_COLORS)],
+        "marker": RUN_MARKERS[i // len(RUN_COLORS) % 6],
+    }
 
 
 @dataclass
@@ -182,6 +196,41 @@ def eval_series(run: RunData) -> EvalSeries:
     return out
 
 
+def final_loss(run: RunData) -> float | None:
+    """The held-out loss of the run's final model (its last evaluation), or None."""
+    s = eval_series(run)
+    return s.losses[-1] if s.losses and math.isfinite(s.losses[-1]) else None
+
+
+def default_target(runs: list[RunData]) -> float | None:
+    """The worst of the runs' final held-out losses: a level every run reaches."""
+    finals = [x for x in (final_loss(r) for r in runs) if x is not None]
+    return max(finals) if finals else None
+
+
+@dataclass(frozen=True)
+class Reached:
+    time_s: float  # wall time since the start at the first evaluation at or below the target
+    rounds: int  # rounds completed then
+    evals: int  # evaluations the run has (their spacing bounds the precision)
+
+
+def time_to_target(run: RunData, target: float) -> Reached | None:
+    """When the run's held-out loss first reached ``target`` (None: never, or at no known time)."""
+    s = eval_series(run)
+    for rounds, loss, t in zip(s.rounds, s.losses, s.times, strict=True):
+        if t is not None and loss <= target:
+            return Reached(t, int(rounds), len(s.losses))
+    return None
+
+
+def per_round_bytes(run: RunData) -> tuple[float, float]:
+    """Bytes up and down per round, summed over clients (the drain's share included)."""
+    rounds = max(1, run.num_rounds)
+    s = run.summary
+    return float(s.get("bytes_up") or 0) / rounds, float(s.get("bytes_down") or 0) / rounds
+
+
 @dataclass
 class RoundSplit:
     rounds: list[int]
@@ -227,7 +276,9 @@ def _pyplot():
     return plt
 
 
-def plot_eval(runs: list[RunData], out: Path) -> tuple[Path, list[str]]:
+def plot_eval(
+    runs: list[RunData], out: Path, target: float | None = None
+) -> tuple[Path, list[str]]:
     plt = _pyplot()
     series = [eval_series(r) for r in runs]
     with_acc = any(a is not None for s in series for a in s.accuracies)
@@ -235,20 +286,23 @@ def plot_eval(runs: list[RunData], out: Path) -> tuple[Path, list[str]]:
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4.5 * rows), squeeze=False)
     notes = [s.note for s in series if s.note]
     for i, (run, s) in enumerate(zip(runs, series, strict=True)):
-        color = RUN_COLORS[i % len(RUN_COLORS)]
-        axes[0][0].plot(s.rounds, s.losses, "o-", color=color, label=run.label)
+        style = {**_style(i), "linestyle": "-", "label": run.label}
+        axes[0][0].plot(s.rounds, s.losses, **style)
         timed = [(t, v) for t, v in zip(s.times, s.losses, strict=True) if t is not None]
         if timed:
-            axes[0][1].plot(*zip(*timed, strict=True), "o-", color=color, label=run.label)
+            axes[0][1].plot(*zip(*timed, strict=True), **style)
         if with_acc:
             acc = [(x, a) for x, a in zip(s.rounds, s.accuracies, strict=True) if a is not None]
             acc_t = [
                 (t, a) for t, a in zip(s.times, s.accuracies, strict=True) if None not in (t, a)
             ]
             if acc:
-                axes[1][0].plot(*zip(*acc, strict=True), "o-", color=color, label=run.label)
+                axes[1][0].plot(*zip(*acc, strict=True), **style)
             if acc_t:
-                axes[1][1].plot(*zip(*acc_t, strict=True), "o-", color=color, label=run.label)
+                axes[1][1].plot(*zip(*acc_t, strict=True), **style)
+    if target is not None:
+        for ax in axes[0]:
+            ax.axhline(target, color="#555555", linestyle=":", label=f"target {target:.4f}")
     axes[0][0].set(
         title="Held-out loss by round",
         xlabel="rounds completed",
@@ -283,10 +337,14 @@ def plot_eval(runs: list[RunData], out: Path) -> tuple[Path, list[str]]:
 
 def plot_round_split(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
+    cols = min(3, len(runs))  # N methods wrap onto rows of three
+    rows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(
-        1, len(runs), figsize=(max(6, 5.5 * len(runs)), 4.5), sharey=True, squeeze=False
+        rows, cols, figsize=(max(6, 5.5 * cols), 4.5 * rows), sharey=True, squeeze=False
     )
-    for ax, run in zip(axes[0], runs, strict=True):
+    for ax in axes.flat[len(runs) :]:
+        ax.set_visible(False)
+    for ax, run in zip(axes.flat, runs, strict=False):
         s = round_split(run)
         x = [t + 1 for t in s.rounds]
         ax.bar(x, s.compute, color=PHASE_COLORS["compute"], label="compute")
@@ -369,13 +427,64 @@ def plot_timeline(runs: list[RunData], out: Path) -> Path:
     return path
 
 
-def report(path: str | Path) -> tuple[list[Path], list[str]]:
-    """Write every plot for the run(s) at ``path`` into ``path/plots``; returns files and notes."""
+def plot_costs(runs: list[RunData], out: Path, target: float | None) -> Path:
+    """Bars per run: bytes per round (up, down), peak memory per client, time to target."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(runs) * 3), 4.5))
+    x = list(range(len(runs)))
+    labels = [r.label for r in runs]
+    colors = [_style(i)["color"] for i in x]
+    up, down = zip(*(per_round_bytes(r) for r in runs), strict=True)
+    axes[0].bar(x, [b / 1e6 for b in up], color=colors, label="up")
+    axes[0].bar(
+        x, [b / 1e6 for b in down], bottom=[b / 1e6 for b in up], color=colors, alpha=0.45,
+        label="down",
+    )  # fmt: skip
+    axes[0].set(title="Bytes per round (all clients)", ylabel="MB per round")
+    axes[0].legend(fontsize=8)
+    memory = [_peak_per_client(r) for r in runs]
+    axes[1].bar(x, [m or 0.0 for m in memory], color=colors)
+    axes[1].set(title="Peak memory per client", ylabel="MB (peak RSS / clients, local backend)")
+    reached = [time_to_target(r, target) if target is not None else None for r in runs]
+    axes[2].bar(x, [r.time_s if r else 0.0 for r in reached], color=colors)
+    for i, r in enumerate(reached):
+        if r is None:
+            axes[2].text(i, 0, "not reached", ha="center", va="bottom", fontsize=8, rotation=90)
+    what = f"loss {target:.4f}" if target is not None else "no target"
+    axes[2].set(title=f"Wall time to held-out {what}", ylabel="seconds")
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "costs.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _peak_per_client(run: RunData) -> float | None:
+    s = run.summary
+    v = s.get("peak_rss_mb_per_client")
+    if v is None and s.get("peak_rss_mb") is not None and s.get("clients"):
+        v = float(s["peak_rss_mb"]) / int(s["clients"])
+    return None if v is None else float(v)
+
+
+def report(path: str | Path, target: float | None = None) -> tuple[list[Path], list[str]]:
+    """Write every plot for the run(s) at ``path`` into ``path/plots``; returns files and notes.
+    ``target``: the held-out loss for time to target (default: the worst final loss)."""
     runs = find_runs(path)
     out = Path(path) / "plots"
     out.mkdir(exist_ok=True)
-    eval_png, notes = plot_eval(runs, out)
-    files = [eval_png, plot_round_split(runs, out), plot_timeline(runs, out)]
+    if target is None:
+        target = default_target(runs)
+    eval_png, notes = plot_eval(runs, out, target)
+    files = [
+        eval_png,
+        plot_round_split(runs, out),
+        plot_timeline(runs, out),
+        plot_costs(runs, out, target),
+    ]
     for r in runs:
         if not any(math.isfinite(float(e.get("eval_loss", math.nan))) for e in r.evals):
             notes.append(f"{r.label}: no held-out loss recorded")
