@@ -156,7 +156,7 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 def test_compare_rejects_unknown_algorithm(tiny_model_dir, tmp_path, capsys):
     args = ["compare", "--algorithms", "parablock,fedsgd", "--set", f"run.out={tmp_path}"]
     assert main(args) == 2
-    assert "valid: cyclic, fedavg_full, fedbcd, parablock" in capsys.readouterr().err
+    assert "valid: cyclic, fedavg_full, fedbcd, fedit_lora, parablock" in capsys.readouterr().err
 
 
 def _evals(run_dir) -> list[dict]:
