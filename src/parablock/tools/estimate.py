@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import tomllib
@@ -42,6 +43,8 @@ from parablock.core.schedule import make_plan
 from parablock.errors import EstimateError  # noqa: F401
 from parablock.registry import Registry
 from parablock.transport.link import LinkSpec
+
+log = logging.getLogger(__name__)
 
 ARCH_PREFIX = "arch:"
 # Architecture presets (public config.json values); built without weights on the meta device.
@@ -522,6 +525,11 @@ def from_run(path: str | Path) -> list[dict]:
 
     out = []
     for run in find_runs(path):
+        if run.summary["algorithm"] not in ROUND_MODELS:  # e.g. fedit_lora: its own blocks
+            log.warning(
+                "%s: no timing model for %s yet; skipped", run.path, run.summary["algorithm"]
+            )
+            continue
         cfg = load_config(run.path / "config.toml")
         model_dir = run.path / "model"
         if (model_dir / "config.json").is_file():  # the run's own architecture, weights unread
