@@ -32,38 +32,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from ray_overhead import tiny_model_dir
 
 from parablock.config import Config, from_dict
 from parablock.core.blocks import block_nbytes, model_blocks, select_blocks
-from parablock.model import EMBEDDED, load_model, load_tokenizer
+from parablock.model import EMBEDDED, load_model
 from parablock.runner import run
 from parablock.tools.estimate import EstimateSettings, estimate
 
 SLOW = 2  # the client with the slow uplink
 FACTOR = 4.0  # how much slower its uplink is
-
-
-def tiny_model_dir(root: Path) -> str:
-    """A 3-layer random Llama with the embedded model's tokenizer (fast to build and train)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer(EMBEDDED)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-    )
-    path = root / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def config(args, model: str, out: Path, algorithm: str, rounds: int, **sections) -> Config:
