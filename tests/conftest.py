@@ -131,3 +131,28 @@ def slow_run_sets(model_dir: str, out) -> list[str]:
 
 
 __all__ = ["Record", "make_model", "make_tokenizer", "slow_run_sets", "tiny_config"]
+
+
+_LEAKS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads(request):
+    """A non-daemon thread that outlives its test keeps the test process alive after the suite
+    (a server waiting out a round deadline once held CI for 20 minutes): report it by test."""
+    import threading
+
+    before = set(threading.enumerate())
+    yield
+    for t in set(threading.enumerate()) - before:
+        if not t.daemon:
+            t.join(timeout=5.0)
+            if t.is_alive():
+                _LEAKS.append(f"{request.node.nodeid}: non-daemon thread {t.name!r} still runs")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _LEAKS:
+        import sys
+
+        print("\n" + "\n".join(["threads left running by tests:", *_LEAKS]), file=sys.stderr)

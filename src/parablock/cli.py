@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from parablock import cli_net
+from parablock import cli_flower, cli_net
 from parablock.config import help_text, load
 from parablock.errors import ConfigError, RunFailed, UserError
 
@@ -161,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
     cli_net.add_parsers(sub, _config_args)
+    cli_flower.add_parsers(sub, _config_args)
     return p
 
 
@@ -279,6 +280,8 @@ COMMANDS = {
     "server": lambda args: cli_net.server(args, load, _setup_logging),
     "client": lambda args: cli_net.client(args, _setup_logging),
     "certs": cli_net.certs,
+    "flower-worker": lambda args: cli_flower.worker(args, _setup_logging),
+    "flower": lambda args: cli_flower.flower(args, load),
     "run": _run,
     "compare": _compare,
     "report": _report,

@@ -65,69 +65,13 @@ def add_parsers(sub, config_args) -> None:
     c.add_argument(
         "--token-file", required=True, metavar="FILE", help="this client's token (keep it secret)"
     )
-    c.add_argument(
-        "--data",
-        required=True,
-        metavar="SOURCE",
-        help="this site's training data, any data.source syntax (e.g. gsm8k:train.jsonl, "
-        "alpaca:a.json, reasoning_gym:gsm_symbolic)",
-    )
     c.add_argument("--ca", metavar="FILE", default="", help="CA that signed the server's cert")
     c.add_argument("--cert", metavar="FILE", default="", help="client certificate (mutual TLS)")
     c.add_argument("--key", metavar="FILE", default="", help="client key (mutual TLS)")
     c.add_argument(
         "--insecure", action="store_true", help="plain text (only against server.insecure=true)"
     )
-    c.add_argument(
-        "--model",
-        default="smollm2-135m-instruct",
-        help="local model directory; must be the server's base model (default: embedded SmolLM2)",
-    )
-    c.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
-    c.add_argument(
-        "--threads", type=int, default=0, metavar="N", help="torch threads (default: all cores)"
-    )
-    c.add_argument(
-        "--emulate-up-mbps",
-        type=float,
-        default=None,
-        metavar="MBPS",
-        help="pace uploads as if the link had this speed (default: the network's own)",
-    )
-    c.add_argument(
-        "--emulate-down-mbps",
-        type=float,
-        default=None,
-        metavar="MBPS",
-        help="pace downloads likewise",
-    )
-    c.add_argument(
-        "--emulate-latency-ms", type=float, default=0.0, metavar="MS", help="add this latency"
-    )
-    c.add_argument(
-        "--compute-slowdown",
-        type=float,
-        default=1.0,
-        metavar="F",
-        help="for studies of slow clients: take F (>= 1) times the compute time (a simulation's "
-        "federation.compute_slowdown for this client)",
-    )
-    c.add_argument(
-        "--reconnect-s",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="after losing a server it had joined, keep trying to rejoin for this long "
-        "(from its checkpoint) before giving up (default: 300; 0 = give up at once)",
-    )
-    c.add_argument(
-        "--faults",
-        default="",
-        metavar="SPEC",
-        help="fault injection for tests and benchmarks (run.faults syntax, e.g. 'nan@0:3,"
-        "crash~0.05'): this client's uploads go wrong on purpose",
-    )
-    c.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    site_args(c)
 
     k = sub.add_parser(
         "certs",
@@ -145,6 +89,87 @@ def add_parsers(sub, config_args) -> None:
     )
     k.add_argument(
         "--client-certs", action="store_true", help="also client certificates (mutual TLS)"
+    )
+
+
+def site_args(p) -> None:
+    """The options of a client at its own site (``client`` and ``flower-worker``)."""
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="this site's training data, any data.source syntax (e.g. gsm8k:train.jsonl, "
+        "alpaca:a.json, reasoning_gym:gsm_symbolic)",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="local model directory; must be the server's base model (default: embedded SmolLM2)",
+    )
+    p.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
+    p.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="torch threads (default: all cores)"
+    )
+    p.add_argument(
+        "--emulate-up-mbps",
+        type=float,
+        default=None,
+        metavar="MBPS",
+        help="pace uploads as if the link had this speed (default: the network's own)",
+    )
+    p.add_argument(
+        "--emulate-down-mbps",
+        type=float,
+        default=None,
+        metavar="MBPS",
+        help="pace downloads likewise",
+    )
+    p.add_argument(
+        "--emulate-latency-ms", type=float, default=0.0, metavar="MS", help="add this latency"
+    )
+    p.add_argument(
+        "--compute-slowdown",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="for studies of slow clients: take F (>= 1) times the compute time (a simulation's "
+        "federation.compute_slowdown for this client)",
+    )
+    p.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="after losing a server it had joined, keep trying to rejoin for this long "
+        "(from its checkpoint) before giving up (default: 300; 0 = give up at once)",
+    )
+    p.add_argument(
+        "--faults",
+        default="",
+        metavar="SPEC",
+        help="fault injection for tests and benchmarks (run.faults syntax, e.g. 'nan@0:3,"
+        "crash~0.05'): this client's uploads go wrong on purpose",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+
+
+def site_options(args, **transport):
+    """``SiteOptions`` from the ``site_args`` options and the transport's own."""
+    from parablock.site import SiteOptions
+
+    return SiteOptions(
+        client=args.client,
+        data=args.data,
+        model=args.model,
+        out=args.out,
+        threads=args.threads,
+        up_mbps=args.emulate_up_mbps,
+        down_mbps=args.emulate_down_mbps,
+        latency_ms=args.emulate_latency_ms,
+        slowdown=args.compute_slowdown,
+        reconnect_s=args.reconnect_s,
+        faults=args.faults,
+        **transport,
     )
 
 
@@ -185,27 +210,17 @@ def server(args, load, setup_logging) -> int:
 
 def client(args, setup_logging) -> int:
     from parablock.errors import RunStopped
-    from parablock.site import SiteOptions, run_site
+    from parablock.site import run_site
 
     setup_logging(args.log_level)
-    o = SiteOptions(
+    o = site_options(
+        args,
         server=args.server,
-        client=args.client,
         token_file=args.token_file,
-        data=args.data,
-        model=args.model,
-        out=args.out,
         ca=args.ca,
         cert=args.cert,
         key=args.key,
         insecure=args.insecure,
-        threads=args.threads,
-        up_mbps=args.emulate_up_mbps,
-        down_mbps=args.emulate_down_mbps,
-        latency_ms=args.emulate_latency_ms,
-        slowdown=args.compute_slowdown,
-        reconnect_s=args.reconnect_s,
-        faults=args.faults,
     )
     try:
         summary = run_site(o)

@@ -383,6 +383,7 @@ def run(
     stop: threading.Event | None = None,
     serve: bool = False,
     on_listening=None,
+    serve_with=None,
 ) -> dict:
     """Run the configured federation; returns the summary (also written to the run directory).
 
@@ -393,9 +394,12 @@ def run(
     Setting ``stop`` (or Ctrl-C / SIGTERM) ends the run at the next barrier with its state saved.
     With ``serve`` the clients are remote ``parablock client`` processes that join over gRPC
     (``[server]`` settings); ``on_listening(port)`` then hears the port once it is open.
+    ``serve_with(server, stop)``: remote clients reached another way (the Flower ServerApp's
+    relay), returning each client's ``ClientLog``; its ``name`` is the summary's backend.
     """
     where = None
-    if serve:
+    serve = serve or serve_with is not None
+    if serve and serve_with is None:
         from parablock.backends.remote import listener
 
         where = listener(cfg)  # bad certificates or clients file: fail before loading anything
@@ -418,7 +422,7 @@ def run(
             on_phase=on_phase,
             stop=stop or threading.Event(),
             serve=serve,
-            where=where,
+            where=where if serve_with is None else serve_with,
             on_listening=on_listening,
         )
 
@@ -555,7 +559,9 @@ def _train(
 
     start = time.time()
     with _stop_on_signals(stop, server, resumable=store is not None):
-        if where is not None:
+        if callable(where):
+            logs = where(server, stop)
+        elif where is not None:
             from parablock.backends.remote import run_remote
 
             logs = run_remote(server, where, stop=stop, on_listening=on_listening)
@@ -615,7 +621,7 @@ def _train(
         plan=plan,
         lr=client_lr(cfg),
         run_dir=str(out),
-        backend="remote" if serve else cfg.run.backend,
+        backend=getattr(where, "name", "remote") if serve else cfg.run.backend,
         duplex=fed.duplex,  # parablock only: fedbcd has nothing to overlap
         local_steps_max=fed.local_steps_max,
         final_model_fingerprint=model_fingerprint(model),

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
 from parablock.faults import faulty
 from parablock.faults import parse as parse_faults
 from parablock.model import load_model, load_tokenizer, model_fingerprint
+from parablock.transport import ServerConnection
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
 from parablock.transport.grpc_client import GrpcConnection
@@ -107,20 +109,36 @@ def request_from(client: int, fingerprint: str, state: ClientState | None) -> Jo
     )
 
 
-def run_site(o: SiteOptions) -> dict:
-    """Join the server, train to the end of the run, write the site directory; returns its
-    summary. A lost connection is retried (rejoining from the checkpoint) for
-    ``o.reconnect_s`` seconds before it becomes an error."""
-    if o.client < 0:
-        raise ConfigError(f"--id must be >= 0, got {o.client}")
-    if o.reconnect_s < 0:
-        raise ConfigError(f"--reconnect-s must be >= 0, got {o.reconnect_s:g}")
+Connect = Callable[[LinkSpec | None, LinkSpec | None], ServerConnection]
+
+
+def grpc_connect(o: SiteOptions) -> Connect:
+    """Connections to a ``parablock server`` over gRPC (TLS or plain text, and the token)."""
     token = read_token(o.token_file)
     ca = read_pem(o.ca, "--ca") if o.ca else None
     cert = read_pem(o.cert, "--cert") if o.cert else None
     key = read_pem(o.key, "--key") if o.key else None
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together (mutual TLS)")
+
+    def connect(up: LinkSpec | None, down: LinkSpec | None) -> ServerConnection:
+        return GrpcConnection(
+            o.server, token, ca=ca, cert=cert, key=key, insecure=o.insecure, up=up, down=down
+        )
+
+    return connect
+
+
+def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
+    """Join the server, train to the end of the run, write the site directory; returns its
+    summary. A lost connection is retried (rejoining from the checkpoint) for
+    ``o.reconnect_s`` seconds before it becomes an error. ``connect``: how to reach the server
+    (default: gRPC to ``o.server``; a Flower worker passes its mailbox)."""
+    if o.client < 0:
+        raise ConfigError(f"--id must be >= 0, got {o.client}")
+    if o.reconnect_s < 0:
+        raise ConfigError(f"--reconnect-s must be >= 0, got {o.reconnect_s:g}")
+    connect = connect or grpc_connect(o)
     client_records(o.data, 1, 0)  # a bad --data is a one-line error before anything connects
     if o.faults:
         parse_faults(o.faults)  # a bad spec: one line, before anything connects
@@ -136,7 +154,7 @@ def run_site(o: SiteOptions) -> dict:
 
     while True:
         try:
-            return _session(o, token, ca, cert, key, on_joined)
+            return _session(o, connect, on_joined)
         except ClientRestart as e:  # a crash, or behind: restart from the checkpoint and rejoin
             state["crashes"] += 1
             if state["crashes"] > MAX_RESTARTS:
@@ -156,7 +174,7 @@ def _first(e: BaseException) -> str:
     return str(e).split(";")[0]
 
 
-def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
+def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
     """One connection to the server, from (re)joining to the end of the run."""
     out = o.out_dir()
     model = load_model(o.model)
@@ -166,11 +184,8 @@ def _session(o: SiteOptions, token: str, ca, cert, key, on_joined) -> dict:
     if state is not None:
         log.info("client %d: rejoining from its checkpoint after round %d", o.client, state.round)
     up, down = _links(o)
-    grpc_conn = GrpcConnection(
-        o.server, token, ca=ca, cert=cert, key=key, insecure=o.insecure, up=up, down=down
-    )
     # The plan's seed is the client id (the server's seed is not known before the join).
-    conn = faulty(grpc_conn, o.client, o.faults, o.client, STALL_S, _PLANS)
+    conn = faulty(connect(up, down), o.client, o.faults, o.client, STALL_S, _PLANS)
     try:
         reply = conn.join(request_from(o.client, fingerprint, state))
     except BaseException:

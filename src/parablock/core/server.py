@@ -515,20 +515,33 @@ class Server:
         limit = self.round_timeout_s if timeout is None else timeout
         with self._cond:
             while True:
-                if self._stopped:
-                    raise RunStopped("the run is stopping")
-                if round in self._aggregates or (0 <= round < self.next_round):
-                    return AggregateReady(self.plan[round], round)
-                failed = [r for r in self._failed if r <= round]
-                if failed:  # this round, or one before it that it can never come after
-                    raise RoundFailedError(self._failed[min(failed)])
-                if not 0 <= round < len(self.plan):
-                    raise MessageError(f"there is no round {round}")
+                ready = self._settled(round)
+                if ready is not None:
+                    return ready
                 left = self._deadline_left(round, limit)
                 if left <= 0 and round == self.next_round:
                     self._close_at_deadline(round, limit)
                     continue
                 self._cond.wait(timeout=max(0.01, min(1.0, left)))
+
+    def poll_aggregate(self, round: int) -> AggregateReady | None:
+        """``wait_aggregate`` without waiting: None while the round is still open."""
+        with self._cond:
+            return self._settled(round)
+
+    def _settled(self, round: int) -> AggregateReady | None:
+        """With the lock held: the round's aggregate, None while it is open, or the error a
+        waiter gets (stopping, a failed round, no such round)."""
+        if self._stopped:
+            raise RunStopped("the run is stopping")
+        if round in self._aggregates or (0 <= round < self.next_round):
+            return AggregateReady(self.plan[round], round)
+        failed = [r for r in self._failed if r <= round]
+        if failed:  # this round, or one before it that it can never come after
+            raise RoundFailedError(self._failed[min(failed)])
+        if not 0 <= round < len(self.plan):
+            raise MessageError(f"there is no round {round}")
+        return None
 
     def _deadline_left(self, round: int, limit: float) -> float:
         """Seconds until the round's deadline: ``limit`` after its first accepted update, or

@@ -1,0 +1,86 @@
+"""The Flower commands: ``parablock flower-worker`` (the persistent client beside a SuperNode)
+and ``parablock flower new DIR`` (a Flower app directory that runs ParaBlock)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from parablock import cli_net
+
+EXAMPLES = """\
+examples (a local trial; see README "ParaBlock on Flower"):
+  parablock flower new app --set federation.rounds=8 --set run.out=$PWD/runs/flower
+  parablock flower-worker --id 0 --data gsm8k:client0.jsonl --out site-0 &
+  flower-supernode --insecure --superlink 127.0.0.1:9092 --clientappio-api-address \\
+      127.0.0.1:9094 --node-config "parablock-worker=\\"unix:$PWD/site-0/worker.sock\\""
+  flwr run app local --stream
+"""
+
+
+def add_parsers(sub, config_args) -> None:
+    w = sub.add_parser(
+        "flower-worker",
+        help="the persistent ParaBlock client beside a Flower SuperNode (holds the model, the "
+        "data and the computation thread; the ClientApp hands it each message)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load the base model and this site's own data and serve the ClientApp's "
+        "hand-overs on --listen (default: a Unix socket in --out). Start the SuperNode with "
+        "--node-config 'parablock-worker=\"unix:SOCKET\"'. The ServerApp decides the training "
+        "settings; checkpoints, metrics.jsonl and summary.json go to --out.",
+        epilog=EXAMPLES,
+    )
+    w.add_argument("--id", dest="client", type=int, required=True, help="this client's id (0..N-1)")
+    w.add_argument(
+        "--listen",
+        default="",
+        metavar="ADDRESS",
+        help="where the ClientApp reaches this worker: unix:/abs/path.sock or 127.0.0.1:PORT "
+        "(default: unix:<--out>/worker.sock)",
+    )
+    w.add_argument(
+        "--handover-timeout-s",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="how long one hand-over may wait for the client to need the server (default 3600)",
+    )
+    cli_net.site_args(w)
+
+    f = sub.add_parser("flower", help="Flower tools: `parablock flower new DIR`")
+    fsub = f.add_subparsers(dest="flower_command", required=True)
+    n = fsub.add_parser(
+        "new",
+        help="write a Flower app directory (pyproject.toml, ServerApp, ClientApp, "
+        "parablock.toml) that runs ParaBlock with `flwr run`",
+    )
+    n.add_argument("dir", metavar="DIR")
+    config_args(n)
+
+
+def worker(args, setup_logging) -> int:
+    from parablock.errors import RunStopped
+    from parablock.flower.worker import run_worker
+
+    setup_logging(args.log_level)
+    o = cli_net.site_options(args, server="flower", token_file="")
+    try:
+        summary = run_worker(o, args.listen, args.handover_timeout_s)
+    except RunStopped as e:
+        print(f"parablock: error: the server stopped the run ({e})", file=sys.stderr)
+        return 1
+    print(
+        f"done: client {summary['client']}, {summary['rounds']} rounds, "
+        f"{summary['bytes_up'] / 1e6:.1f} MB up, {summary['bytes_down'] / 1e6:.1f} MB down; "
+        f"site directory {o.out_dir()}"
+    )
+    return 0
+
+
+def flower(args, load) -> int:
+    from parablock.flower.template import new_app
+
+    cfg = load(args.config, args.overrides)  # a bad key: one line, before anything is written
+    root = new_app(args.dir, cfg.to_toml())
+    print(f"wrote the Flower app {root}: run it with `flwr run {root} <superlink connection>`")
+    return 0

@@ -1,0 +1,76 @@
+"""``parablock flower new DIR``: a Flower app directory that runs ParaBlock.
+
+It holds ``pyproject.toml`` (the app's components and run config), ``parablock_app/`` (the
+ServerApp and ClientApp, one import each) and ``parablock_app/parablock.toml``, the ParaBlock
+config the ServerApp runs (edit it, or override keys per run with
+``flwr run DIR CONN --run-config 'parablock-set="federation.rounds=8; run.out=/abs/dir"'``).
+The app depends on ParaBlock installed where Flower runs it (``pip install 'parablock[flower]'``
+on the SuperLink's and SuperNodes' machines); run the SuperLink and SuperNodes with
+``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` so Flower does not re-install it per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parablock.errors import ConfigError
+
+PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "1.0.0"
+description = "ParaBlock federated block fine-tuning of an LLM, on Flower"
+license = "Apache-2.0"
+dependencies = ["parablock[flower]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "parablock"
+
+[tool.flwr.app.components]
+serverapp = "parablock_app.server_app:app"
+clientapp = "parablock_app.client_app:app"
+
+[tool.flwr.app.config]
+# extra ParaBlock --set overrides for this run, separated by ";"
+parablock-set = ""
+# how long a ClientApp waits for its worker to finish a round (seconds)
+handover-timeout-s = 3600
+"""
+
+SERVER = '''"""The ServerApp: runs parablock.toml (beside this file) with the SuperNodes as clients."""
+
+from pathlib import Path
+
+from parablock.flower.server_app import server_app
+
+app = server_app(Path(__file__).parent / "parablock.toml")
+'''
+
+CLIENT = '''"""The ClientApp: hands each message to this SuperNode's `parablock flower-worker`."""
+
+from parablock.flower.client_app import app
+
+__all__ = ["app"]
+'''
+
+
+def new_app(target: str | Path, config_toml: str, name: str = "parablock-app") -> Path:
+    """Write the app into ``target`` (which must not exist or be empty); returns its path."""
+    root = Path(target)
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} exists and is not empty; pick a new directory")
+    pkg = root / "parablock_app"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text(PYPROJECT.format(name=name))
+    (pkg / "__init__.py").write_text('"""ParaBlock on Flower."""\n')
+    (pkg / "server_app.py").write_text(SERVER)
+    (pkg / "client_app.py").write_text(CLIENT)
+    (pkg / "parablock.toml").write_text(config_toml)
+    return root

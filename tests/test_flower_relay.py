@@ -1,0 +1,180 @@
+"""The Flower relay without Flower: the ServerApp's relay and two ``flower-worker``s (in threads,
+reached over their real local gRPC sockets, as the ClientApp reaches them) end with the local
+backend's global model, bit for bit; each round takes one message each way."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import tiny_config
+from parablock.core.compress import CODECS
+from parablock.core.metrics import ClientLog
+from parablock.flower.bundle import Bundle, Item, Manifest
+from parablock.flower.relay import relay
+from parablock.flower.worker import METHOD, OPTIONS
+from parablock.runner import run
+from test_network import _start, _stop, _wait, site  # noqa: F401  (site: per-client data)
+
+
+class SocketWire:
+    """Flower's part played in-process: each message is one hand-over on a worker's socket."""
+
+    def __init__(self, sockets: dict[int, str]) -> None:
+        self.sockets = sockets
+        self.pool = ThreadPoolExecutor(len(sockets))
+        self.futures = {}
+        self.sent: list[tuple[int, int]] = []
+
+    def nodes(self) -> list[int]:
+        return sorted(self.sockets)
+
+    def send(self, node: int, frames: list[bytes], round: int) -> str:
+        mid = f"m{len(self.sent)}"
+        self.sent.append((node, round))
+        self.futures[mid] = self.pool.submit(self._hand_over, self.sockets[node], frames)
+        return mid
+
+    @staticmethod
+    def _hand_over(address: str, frames: list[bytes]) -> list[bytes]:
+        with grpc.insecure_channel(address, options=OPTIONS) as ch:
+            return list(ch.stream_stream(METHOD)(iter(frames), timeout=120))
+
+    def replies(self, ids):
+        out = []
+        for mid in ids:
+            f = self.futures[mid]
+            if f.done():
+                del self.futures[mid]
+                try:
+                    out.append((mid, f.result(), ""))
+                except grpc.RpcError as e:
+                    out.append((mid, None, str(e.code())))
+        return out
+
+
+def _worker_args(i: int, root, model_dir: str, out) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "parablock.cli",
+        "flower-worker",
+        "--id",
+        str(i),
+        "--data",
+        f"gsm8k:{root / f'd{i}.jsonl'}",
+        "--model",
+        model_dir,
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--handover-timeout-s",
+        "60",
+    ]
+
+
+def _wait_for(path, procs, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        assert all(p.poll() is None for p in procs), "a worker exited early"
+        time.sleep(0.1)
+
+
+def _serving(wire: SocketWire, cfg):
+    def serve(server, stop):
+        relay(
+            server,
+            wire,
+            lossy=CODECS.get(cfg.link.compression).lossy,
+            join_timeout_s=60.0,
+            stop=stop,
+        )
+        server.stop()
+        return [server.reports.get(c, ClientLog(c)) for c in range(server.clients)]
+
+    serve.name = "flower"
+    return serve
+
+
+@pytest.mark.parametrize("algorithm,compression", [("parablock", "none"), ("fedbcd", "int8")])
+def test_relay_and_workers_end_equal_to_the_local_backend(
+    site,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+    algorithm,
+    compression,
+):
+    fed = {"algorithm": algorithm, "rounds": 4}
+    link = {"compression": compression}
+    sources = ";".join(f"gsm8k:{site / f'd{i}.jsonl'}" for i in range(2))
+    ev = {"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0}
+    local = run(
+        tiny_config(
+            tiny_model_dir,
+            str(tmp_path / "local"),
+            federation=fed,
+            link=link,
+            data={"partition": "per_client", "client_sources": sources},
+            eval=ev,
+        )
+    )
+    outs = [tmp_path / f"site{i}" for i in range(2)]
+    sockets = {7 + 100 * i: f"unix:{outs[i]}/worker.sock" for i in range(2)}
+    procs = [
+        _start(_worker_args(i, site, tiny_model_dir, outs[i]), tmp_path / f"worker{i}.log")
+        for i in range(2)
+    ]
+    wire = SocketWire(sockets)
+    cfg = tiny_config(
+        tiny_model_dir, str(tmp_path / "srv"), federation=fed, link=link, data={}, eval=ev
+    )
+    try:
+        for o in outs:  # the workers listen once their model is loaded
+            _wait_for(o / "worker.sock", procs)
+        summary = run(cfg, serve_with=_serving(wire, cfg))
+        for i, p in enumerate(procs):
+            log = tmp_path / f"worker{i}.log"
+            assert _wait(p, log) == 0, log.read_text()
+    finally:
+        _stop(*procs)
+    results = [json.loads((o / "summary.json").read_text()) for o in outs]
+    want = local["final_model_fingerprint"]
+    assert summary["final_model_fingerprint"] == want
+    assert all(r["final_model_fingerprint"] == want for r in results)
+    assert summary["backend"] == "flower" and summary["updates_rejected"] == 0
+    assert (summary["bytes_up"], summary["bytes_down"]) == (local["bytes_up"], local["bytes_down"])
+    # one message per node per round: the join, 4 rounds, the drain's aggregate, the end
+    per_node = {n: sum(1 for m, _ in wire.sent if m == n) for n in sockets}
+    assert all(v <= 4 + 3 for v in per_node.values()), per_node
+    rows = [json.loads(x) for x in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows if r["kind"] == "round"} == set(range(4))
+
+
+def test_a_bundle_is_parsed_strictly():
+    b = Bundle()
+    b.add(Item("upload", round=3), b"xyz")
+    again = Bundle.from_frames(b.frames())
+    assert again.items[0].round == 3 and again.payload(again.items[0]) == b"xyz"
+    from parablock.errors import MessageError
+
+    bad = [
+        [],  # no manifest
+        [b"not json"],
+        [Manifest([Item("upload", payload=0)]).to_bytes()],  # points at a missing payload
+        [Manifest([Item("report")]).to_bytes(), b"stray"],  # a payload nothing points at
+        [
+            b'{"items":[{"kind":"shutdown","round":-1,"block":-1,"version":-1,"base":null,'
+            b'"payload":-1,"error":""}]}'
+        ],
+        [Manifest([Item("wait")] * 65).to_bytes()],
+    ]
+    for frames in bad:
+        with pytest.raises(MessageError):
+            Bundle.from_frames(frames)
