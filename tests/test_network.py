@@ -457,7 +457,9 @@ def test_a_large_block_crosses_in_chunks_with_bounded_memory(site, tmp_path):
 def test_a_killed_client_restarts_rejoins_catches_up_and_ends_equal_to_the_server(
     site, tiny_model_dir, tmp_path
 ):
-    fed = {"algorithm": "parablock", "rounds": 24, "min_clients": 1, "round_timeout_s": 3.0}
+    # long enough that a restarted client (a new process: imports, model load) finds the run
+    # still going on a loaded machine
+    fed = {"algorithm": "parablock", "rounds": 48, "min_clients": 1, "round_timeout_s": 3.0}
     config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
     slow = ("--emulate-latency-ms", "120")
     no_eval = _server_sets(site, tmp_path / "srv", **{"eval.source": ""})  # no held-out data
