@@ -30,6 +30,7 @@ class SocketWire:
         self.pool = ThreadPoolExecutor(len(sockets))
         self.futures = {}
         self.sent: list[tuple[int, int]] = []
+        self.fail_after: dict[int, int] = {}  # node -> messages that get through, then errors
 
     def nodes(self) -> list[int]:
         return sorted(self.sockets)
@@ -37,7 +38,9 @@ class SocketWire:
     def send(self, node: int, frames: list[bytes], round: int) -> str:
         mid = f"m{len(self.sent)}"
         self.sent.append((node, round))
-        self.futures[mid] = self.pool.submit(self._hand_over, self.sockets[node], frames)
+        through = sum(1 for n, _ in self.sent if n == node) <= self.fail_after.get(node, 1 << 30)
+        address = self.sockets[node] if through else "unix:/nonexistent/worker.sock"
+        self.futures[mid] = self.pool.submit(self._hand_over, address, frames)
         return mid
 
     @staticmethod
@@ -87,13 +90,13 @@ def _wait_for(path, procs, timeout: float = 90.0) -> None:
         time.sleep(0.1)
 
 
-def _serving(wire: SocketWire, cfg):
+def _serving(wire: SocketWire, cfg, join_timeout_s: float = 60.0):
     def serve(server, stop):
         relay(
             server,
             wire,
             lossy=CODECS.get(cfg.link.compression).lossy,
-            join_timeout_s=60.0,
+            join_timeout_s=join_timeout_s,
             stop=stop,
         )
         server.stop()
@@ -178,3 +181,34 @@ def test_a_bundle_is_parsed_strictly():
     for frames in bad:
         with pytest.raises(MessageError):
             Bundle.from_frames(frames)
+
+
+def test_a_node_whose_messages_fail_mid_run_is_dropped_and_min_clients_decides(
+    site,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    """From its third message on, node 2's messages come back as errors (as a SuperNode that
+    vanished comes back from Flower): client 1 is dropped and, with min_clients=1, client 0
+    finishes the run alone, equal to the server."""
+    outs = [tmp_path / f"site{i}" for i in range(2)]
+    procs = [
+        _start(_worker_args(i, site, tiny_model_dir, outs[i]), tmp_path / f"worker{i}.log")
+        for i in range(2)
+    ]
+    wire = SocketWire({1: f"unix:{outs[0]}/worker.sock", 2: f"unix:{outs[1]}/worker.sock"})
+    wire.fail_after = {2: 2}
+    ev = {"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0}
+    fed = {"rounds": 4, "min_clients": 1, "round_timeout_s": 5.0}
+    cfg = tiny_config(tiny_model_dir, str(tmp_path / "srv"), federation=fed, eval=ev)
+    try:
+        for o in outs:
+            _wait_for(o / "worker.sock", procs)
+        summary = run(cfg, serve_with=_serving(wire, cfg))
+        assert _wait(procs[0], tmp_path / "worker0.log") == 0
+    finally:
+        _stop(*procs)
+    assert summary["clients_dropped"] and summary["updates_rejected"] == 0
+    assert 4 <= summary["updates_accepted"] < 8  # client 1's updates stop coming
+    site0 = json.loads((outs[0] / "summary.json").read_text())
+    assert site0["final_model_fingerprint"] == summary["final_model_fingerprint"]

@@ -635,6 +635,11 @@ class Server:
                 self.finished.add(client)
             self._cond.notify_all()
 
+    def dropped(self) -> set[int]:
+        """The clients dropped (and not rejoined) so far."""
+        with self._cond:
+            return set(self._dropped)
+
     def wait_finished(self, timeout: float) -> bool:
         """Wait until every client not dropped has sent its final report (or ``timeout``)."""
         deadline = time.monotonic() + timeout

@@ -217,7 +217,12 @@ def relay(
         server.check_deadline()
         if server.wait_done(timeout=0):
             done_at = done_at or time.monotonic()
-            live = [s for s in sessions.values() if s.client is not None and not s.lost]
+            gone = server.dropped()  # e.g. a node that vanished: its error comes only at TTL
+            live = [
+                s
+                for s in sessions.values()
+                if s.client is not None and not s.lost and s.client not in gone
+            ]
             if all(s.finished for s in live) or time.monotonic() - done_at > FINISH_GRACE_S:
                 break
         time.sleep(POLL_S)
