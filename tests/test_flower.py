@@ -68,3 +68,39 @@ def _running(pid: int) -> bool:
     from parablock.flower.local import _alive
 
     return _alive(pid)
+
+
+def test_flowers_simulation_engine_ends_equal_to_the_local_backend(
+    site,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    """The same app in Flower's Simulation Engine (Ray actors run the ClientApps; each simulated
+    node's first ClientApp starts its worker, with the run config's parablock-sources)."""
+    fed = {"algorithm": "parablock", "rounds": 4}
+    ev = {"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0}
+    sources = ";".join(f"gsm8k:{site / f'd{i}.jsonl'}" for i in range(2))
+    data = {"partition": "per_client", "client_sources": sources}
+    local = run(
+        tiny_config(tiny_model_dir, str(tmp_path / "local"), federation=fed, data=data, eval=ev)
+    )
+    config = tmp_path / "fed.toml"
+    config.write_text(tiny_config(tiny_model_dir, "", federation=fed, data=data, eval=ev).to_toml())
+    app, srv = tmp_path / "app", tmp_path / "srv"
+    new = [sys.executable, "-m", "parablock.cli", "flower", "new", str(app), "--config"]
+    subprocess.run([*new, str(config)], env=ENV, check=True, capture_output=True, timeout=120)
+    sites = [Site(i, "", tmp_path / "flower" / "sites" / f"site-{i}") for i in range(2)]
+    deployment = LocalDeployment(tmp_path / "flower", tiny_model_dir, sites, simulation=True)
+    with deployment:
+        done = deployment.submit(app, f'parablock-set="run.out={srv}"', timeout=400)
+        logs = done.stdout[-4000:] + done.stderr[-2000:] + deployment.logs()
+        assert done.returncode == 0 and (srv / "summary.json").exists(), logs
+        assert deployment.wait_workers(60) == [0, 0], logs
+        started = [q for p in deployment.procs for q in [p.pid, *descendants(p.pid)]]
+        started += deployment.simulated_workers()
+    assert not any(_running(pid) for pid in started)
+    summary = json.loads((srv / "summary.json").read_text())
+    assert summary["final_model_fingerprint"] == local["final_model_fingerprint"]
+    for s in sites:
+        fp = json.loads((s.out / "summary.json").read_text())["final_model_fingerprint"]
+        assert fp == local["final_model_fingerprint"]

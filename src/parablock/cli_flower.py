@@ -81,6 +81,8 @@ def flower(args, load) -> int:
     from parablock.flower.template import new_app
 
     cfg = load(args.config, args.overrides)  # a bad key: one line, before anything is written
-    root = new_app(args.dir, cfg.to_toml())
+    d = cfg.data  # simulated nodes: one source each (the clients' own, else the run's source)
+    sources = d.client_sources or ";".join([d.source] * cfg.federation.clients)
+    root = new_app(args.dir, cfg.to_toml(), sources=sources, model=cfg.model.name_or_path)
     print(f"wrote the Flower app {root}: run it with `flwr run {root} <superlink connection>`")
     return 0

@@ -7,7 +7,9 @@ the Simulation Engine); ParaBlock supplies the server logic and the client.
 - ``client_app.py``: the ClientApp, a thin hand-over between Flower and the worker;
 - ``relay.py``: the server's side: ParaBlock's ``Server`` driven through Flower's ``Grid``;
 - ``server_app.py``: the ServerApp;
-- ``template.py``: ``parablock flower new DIR`` writes a Flower app directory.
+- ``frames.py``: a bundle's frames as a Flower ``ArrayRecord``;
+- ``template.py``: ``parablock flower new DIR`` writes a Flower app directory;
+- ``local.py``: a Flower deployment on one machine (trials, tests, benchmarks).
 
-Only ``client_app.py``, ``server_app.py`` and ``relay.py`` import ``flwr``.
+Only ``frames.py``, ``client_app.py`` and ``server_app.py`` import ``flwr``.
 """

@@ -70,6 +70,9 @@ class LocalDeployment:
     model: str
     sites: list[Site]
     threads: int = 1  # torch threads per worker
+    # Flower's Simulation Engine instead of SuperNodes: the SuperLink runs the ClientApps in Ray
+    # actors, and each simulated node's first ClientApp starts its worker (``client_app.py``)
+    simulation: bool = False
     procs: list[subprocess.Popen] = field(default_factory=list)
     port: int = 0
 
@@ -85,6 +88,9 @@ class LocalDeployment:
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            # the simulation's own Ray, never a cluster already running here
+            "RAY_ADDRESS": "local",
+            "RAY_TMPDIR": str(self.root / "ray"),
         }
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
@@ -109,16 +115,17 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        for s in self.sites:
+        (self.root / "ray").mkdir(exist_ok=True)
+        for s in [] if self.simulation else self.sites:
             args = [sys.executable, "-m", "parablock.cli", "flower-worker", "--id", str(s.client)]
             args += ["--data", s.data, "--model", self.model, "--out", str(s.out)]
             args += ["--threads", str(self.threads), "--log-level", "warning", *s.worker_args]
             self._spawn(args, f"worker{s.client}")
         link = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
-        self._spawn(link, "superlink")
+        self._spawn(link + (["--simulation"] if self.simulation else []), "superlink")
         deadline = time.monotonic() + timeout
         self._wait(lambda: self._healthy(), deadline, "the SuperLink did not start")
-        for s, port in zip(self.sites, node_ports, strict=True):
+        for s, port in zip([] if self.simulation else self.sites, node_ports, strict=True):
             self._wait(s.socket.exists, deadline, f"worker {s.client} did not start")
             node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
             node += ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
@@ -143,26 +150,46 @@ class LocalDeployment:
     def submit(self, app: Path, run_config: str = "", timeout: float = 3600.0):
         """``flwr run APP local --stream``: returns the finished process (its output)."""
         args = ["flwr", "run", str(app), CONNECTION, "--stream"]
+        if self.simulation:
+            args += ["--federation-config", f"num-supernodes={len(self.sites)}"]
+            run_config = f'{run_config} parablock-sites="{self.root / "sites"}"'.strip()
         if run_config:
             args += ["--run-config", run_config]
         return subprocess.run(args, env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def wait_workers(self, timeout: float = 120.0) -> list[int | None]:
+        """Until the workers have exited (their exit codes; None for one still running)."""
         deadline = time.monotonic() + timeout
+        if self.simulation:  # not our children: their summaries say they finished
+            done = [self.root / "sites" / f"site-{s.client}" / "summary.json" for s in self.sites]
+            while not all(d.exists() for d in done) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            while any(_alive(p) for p in self.simulated_workers()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return [0 if d.exists() else None for d in done]
         workers = self.procs[: len(self.sites)]
         while any(p.poll() is None for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         return [p.poll() for p in workers]
 
+    def simulated_workers(self) -> list[int]:
+        """The PIDs of the workers simulated nodes started (``client_app.simulated_worker``)."""
+        pids = []
+        for f in (self.root / "sites").glob("site-*/worker.pid"):
+            try:
+                pids.append(int(f.read_text().split()[0]))
+            except (OSError, ValueError, IndexError):
+                continue
+        return pids
+
     def logs(self, chars: int = 3000) -> str:
-        return "\n".join(
-            f"--- {p.name}:\n{p.read_text(errors='replace')[-chars:]}"
-            for p in sorted(self.root.glob("*.log"))
-        )
+        files = sorted(self.root.glob("*.log")) + sorted(self.root.glob("sites/*/worker.log"))
+        return "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-chars:]}" for p in files)
 
     def stop(self) -> None:
         """Stop everything started here and everything Flower started below it, by PID."""
-        pids = [q for p in self.procs for q in [p.pid, *descendants(p.pid)]]
+        roots = [p.pid for p in self.procs] + self.simulated_workers()
+        pids = [q for pid in roots for q in [pid, *descendants(pid)]]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:

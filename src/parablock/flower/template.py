@@ -11,6 +11,7 @@ on the SuperLink's and SuperNodes' machines); run the SuperLink and SuperNodes w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from parablock.errors import ConfigError
@@ -42,6 +43,11 @@ clientapp = "parablock_app.client_app:app"
 parablock-set = ""
 # how long a ClientApp waits for its worker to finish a round (seconds)
 handover-timeout-s = 3600
+# the Simulation Engine only: the workers the ClientApps start themselves (one per simulated
+# node): each node's data source (";"-separated, by partition-id), the model, where they write
+parablock-sources = {sources}
+parablock-model = {model}
+parablock-sites = ""
 """
 
 SERVER = '''"""The ServerApp: runs parablock.toml (beside this file) with the SuperNodes as clients."""
@@ -61,14 +67,22 @@ __all__ = ["app"]
 '''
 
 
-def new_app(target: str | Path, config_toml: str, name: str = "parablock-app") -> Path:
+def new_app(
+    target: str | Path,
+    config_toml: str,
+    name: str = "parablock-app",
+    sources: str = "",
+    model: str = "smollm2-135m-instruct",
+) -> Path:
     """Write the app into ``target`` (which must not exist or be empty); returns its path."""
     root = Path(target)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root} exists and is not empty; pick a new directory")
     pkg = root / "parablock_app"
     pkg.mkdir(parents=True, exist_ok=True)
-    (root / "pyproject.toml").write_text(PYPROJECT.format(name=name))
+    (root / "pyproject.toml").write_text(
+        PYPROJECT.format(name=name, sources=json.dumps(sources), model=json.dumps(model))
+    )
     (pkg / "__init__.py").write_text('"""ParaBlock on Flower."""\n')
     (pkg / "server_app.py").write_text(SERVER)
     (pkg / "client_app.py").write_text(CLIENT)

@@ -1,0 +1,163 @@
+"""Defaults by measurement: a small grid per algorithm on the embedded model and generated math.
+
+Each point is one run of SmolLM2-135M (embedded), 2 clients, batch 4, length 256, links 40 Mbit/s
+and 20 ms, ``--rounds`` rounds, every round's global model evaluated (replayed after the run, so
+the timed rounds never pay for it) on held-out generated GSM8K-style items. Reported per point:
+the held-out loss reached within a fixed wall-time budget (``--budget-s``; default: the shortest
+run's wall time, a time every run reached), the final loss after all rounds, the wall time, and
+bytes per round. The grid:
+
+- learning rate of parablock, fedbcd and fedit_lora (``lora.lr``), at 4 local steps and top:8;
+- for parablock at its best lr: local steps (2, 4, 8) and the block selection (top:4, top:8, all).
+
+Then the issue's comparison of the tuned methods: the time ParaBlock takes to reach fedit_lora's
+final (``--rounds``-round) loss against fedit_lora's own wall time (target <= 0.5x) and both final
+losses (target: ParaBlock lower). Runs go one at a time in this process (``runner.run``).
+
+    .venv/bin/python benchmarks/tune.py             # about 25 min on 2 cores
+    .venv/bin/python benchmarks/tune.py --quick     # a tiny random Llama: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ray_overhead import tiny_model_dir  # noqa: E402
+
+from parablock.config import from_dict  # noqa: E402
+from parablock.model import EMBEDDED  # noqa: E402
+from parablock.runner import run  # noqa: E402
+from parablock.tools.report import eval_series, load_run, time_to_target  # noqa: E402
+
+LRS = {
+    "parablock": (1e-4, 3e-4, 1e-3, 3e-3),
+    "fedbcd": (1e-4, 1e-3),
+    "fedit_lora": (3e-4, 1e-3, 3e-3),
+}
+
+
+def config(args, out: Path, algorithm: str, lr: float, steps: int, blocks: str) -> dict:
+    lora = algorithm == "fedit_lora"
+    return {
+        "model": {"name_or_path": args.model, "blocks": blocks},
+        "data": {
+            "source": "reasoning_gym:gsm_symbolic",
+            "train_size": args.train_size,
+            "max_length": 256,
+        },
+        "federation": {
+            "algorithm": algorithm,
+            "clients": 2,
+            "rounds": args.rounds,
+            "local_steps": steps,
+            "batch_size": args.batch_size,
+            **({} if lora else {"lr": lr}),
+        },
+        **({"lora": {"lr": lr}} if lora else {}),
+        "link": {"up_mbps": 40.0, "down_mbps": 40.0, "latency_ms": 20.0},
+        "eval": {"every": 1, "size": args.eval_size, "accuracy_size": 0},
+        "run": {"out": str(out), "seed": 0, "log_level": "warning"},
+    }
+
+
+def point(args, work: Path, algorithm: str, lr: float, steps: int = 4, blocks: str = "top:8"):
+    name = f"{algorithm}-lr{lr:g}-k{steps}-{blocks.replace(':', '')}"
+    out = work / name
+    s = run(from_dict(config(args, out, algorithm, lr, steps, blocks)))
+    print(
+        f"  {name}: final loss {s['final_eval_loss']:.4f}, wall {s['wall_time_s']:.1f}s", flush=True
+    )
+    return {
+        "name": name,
+        "algorithm": algorithm,
+        "lr": lr,
+        "steps": steps,
+        "blocks": blocks,
+        "dir": str(out),
+        "final": s["final_eval_loss"],
+        "base": s["initial_eval_loss"],
+        "wall_s": s["wall_time_s"],
+        "bytes_per_round": (s["bytes_up"] + s["bytes_down"]) / args.rounds,
+    }
+
+
+def loss_within(p: dict, budget: float) -> float:
+    s = eval_series(load_run(p["dir"]))
+    seen = [x for x, t in zip(s.losses, s.times, strict=True) if t is not None and t <= budget]
+    return seen[-1] if seen else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="a tiny random Llama, 3 rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="default 8 (quick: 3)")
+    ap.add_argument("--train-size", type=int, default=64, help="per client")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-size", type=int, default=32)
+    ap.add_argument("--budget-s", type=float, default=0.0, help="default: the shortest wall time")
+    ap.add_argument("--skip-parablock-extras", action="store_true", help="only the lr grid")
+    ap.add_argument("--out", default="bench-out/tune", help="where tune.json goes")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="parablock-tune-"))
+    args.rounds = args.rounds or (3 if args.quick else 8)
+    args.model = tiny_model_dir(work) if args.quick else EMBEDDED
+    points = [point(args, work, alg, lr) for alg, lrs in LRS.items() for lr in lrs]
+
+    def best(alg: str, among=None) -> dict:
+        pool = [p for p in (among or points) if p["algorithm"] == alg]
+        return min(pool, key=lambda p: p["final"])
+
+    if not args.skip_parablock_extras:
+        lr = best("parablock")["lr"]
+        points += [point(args, work, "parablock", lr, steps=k) for k in (2, 8)]
+        points += [point(args, work, "parablock", lr, blocks=b) for b in ("top:4", "all")]
+    budget = args.budget_s or min(p["wall_s"] for p in points)
+    for p in points:
+        p["loss_at_budget"] = loss_within(p, budget)
+    print(f"\nbase model held-out loss {points[0]['base']:.4f}; budget {budget:.1f}s of wall time")
+    print(
+        "| algorithm | lr | local steps | blocks | loss within budget | final loss "
+        "| wall s | MB per round |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for p in points:
+        print(
+            f"| {p['algorithm']} | {p['lr']:g} | {p['steps']} | {p['blocks']} | "
+            f"{p['loss_at_budget']:.4f} | {p['final']:.4f} | {p['wall_s']:.1f} | "
+            f"{p['bytes_per_round'] / 1e6:.1f} |"
+        )
+    winners = {alg: best(alg) for alg in LRS}
+    for alg, p in winners.items():
+        print(f"best {alg}: {p['name']} (final loss {p['final']:.4f})")
+    pb, lo = winners["parablock"], winners["fedit_lora"]
+    reached = time_to_target(load_run(pb["dir"]), lo["final"])
+    when = f"{reached.time_s:.1f}s" if reached else "never"
+    ratio = reached.time_s / lo["wall_s"] if reached else float("nan")
+    print(
+        f"\nParaBlock ({pb['name']}) reaches fedit_lora's {args.rounds}-round loss "
+        f"{lo['final']:.4f} at {when}, {ratio:.2f}x fedit_lora's wall time {lo['wall_s']:.1f}s "
+        f"(target <= 0.5x); final losses ParaBlock {pb['final']:.4f} vs fedit_lora "
+        f"{lo['final']:.4f} (target: lower)"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(
+        json.dumps({"budget_s": budget, "points": points, "winners": winners}, indent=2)
+    )
+    print(f"results: {out / 'tune.json'}; run directories: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
