@@ -11,10 +11,12 @@ descendant of what it started (from /proc) and stops them all by PID: SIGTERM, t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -75,6 +77,8 @@ class LocalDeployment:
     simulation: bool = False
     procs: list[subprocess.Popen] = field(default_factory=list)
     port: int = 0
+    # Ray's sockets live here: a short path (AF_UNIX paths are limited to 107 bytes)
+    ray_tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pbray-"))
 
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
@@ -90,7 +94,7 @@ class LocalDeployment:
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             # the simulation's own Ray, never a cluster already running here
             "RAY_ADDRESS": "local",
-            "RAY_TMPDIR": str(self.root / "ray"),
+            "RAY_TMPDIR": self.ray_tmp,
         }
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
@@ -115,7 +119,6 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        (self.root / "ray").mkdir(exist_ok=True)
         for s in [] if self.simulation else self.sites:
             args = [sys.executable, "-m", "parablock.cli", "flower-worker", "--id", str(s.client)]
             args += ["--data", s.data, "--model", self.model, "--out", str(s.out)]
@@ -125,7 +128,7 @@ class LocalDeployment:
         self._spawn(link + (["--simulation"] if self.simulation else []), "superlink")
         deadline = time.monotonic() + timeout
         self._wait(lambda: self._healthy(), deadline, "the SuperLink did not start")
-        for s, port in zip([] if self.simulation else self.sites, node_ports, strict=True):
+        for s, port in [] if self.simulation else zip(self.sites, node_ports, strict=True):
             self._wait(s.socket.exists, deadline, f"worker {s.client} did not start")
             node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
             node += ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
@@ -205,7 +208,8 @@ class LocalDeployment:
             while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
                 time.sleep(0.1)
             if not any(_alive(pid) for pid in pids):
-                return
+                break
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalDeployment:
         try:
