@@ -100,6 +100,7 @@ def _serving(wire: SocketWire, cfg, join_timeout_s: float = 60.0):
             stop=stop,
         )
         server.stop()
+        wire.pool.shutdown(wait=True, cancel_futures=True)
         return [server.reports.get(c, ClientLog(c)) for c in range(server.clients)]
 
     serve.name = "flower"

@@ -111,8 +111,8 @@ def test_bad_targets_and_impossible_adapters_are_one_line_errors(tiny_tokenizer)
 def test_fedit_lora_trains_at_lora_lr_unless_federation_lr_is_set():
     assert client_lr(load(None, ["federation.algorithm=fedit_lora"])) == load().lora.lr
     assert client_lr(load(None, ["federation.algorithm=fedit_lora", "lora.lr=0.02"])) == 0.02
-    cfg = load(None, ["federation.algorithm=fedit_lora", "federation.lr=0.003"])
-    assert client_lr(cfg) == 0.003
+    cfg = load(None, ["federation.algorithm=fedit_lora", "federation.lr=0.005"])
+    assert client_lr(cfg) == 0.005
     assert client_lr(load(None, ["lora.lr=0.02"])) == load().federation.lr  # parablock
     assert settings_for(load()) is None
 

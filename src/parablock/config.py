@@ -210,7 +210,8 @@ class FederationConfig:
     )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
     rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
-    local_steps: int = opt(2, "optimizer steps K per client per round", ge=1)
+    # defaults by measurement (benchmarks/tune.py, README "Defaults by measurement")
+    local_steps: int = opt(4, "optimizer steps K per client per round", ge=1)
     local_steps_max: int = opt(
         0,
         "parablock: while the link is still busy, keep taking steps on the round's block, up to "
@@ -219,7 +220,7 @@ class FederationConfig:
         ge=0,
     )
     batch_size: int = opt(4, "examples per optimizer step", ge=1)
-    lr: float = opt(1e-4, "client AdamW learning rate", gt=0.0, le=1.0)
+    lr: float = opt(1e-3, "client AdamW learning rate", gt=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps within a round's K steps", ge=0)
     lr_schedule: str = opt(
@@ -463,7 +464,7 @@ class LoraConfig:
         "all of attention and MLP)",
     )
     lr: float = opt(
-        1e-3,
+        3e-3,
         "client AdamW learning rate of fedit_lora, used unless federation.lr is changed from "
         "its default",
         gt=0.0,
