@@ -145,14 +145,32 @@ def _no_leaked_threads(request):
     before = set(threading.enumerate())
     yield
     for t in set(threading.enumerate()) - before:
-        if not t.daemon:
+        if not t.daemon or _busy_pool_worker(t):
             t.join(timeout=5.0)
-            if t.is_alive():
-                _LEAKS.append(f"{request.node.nodeid}: non-daemon thread {t.name!r} still runs")
+            if t.is_alive() and (not t.daemon or _busy_pool_worker(t)):
+                _LEAKS.append(f"{request.node.nodeid}: thread {t.name!r} still runs")
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _busy_pool_worker(t) -> bool:
+    """A concurrent.futures worker inside a task: the interpreter joins it at exit (daemon or
+    not), so a task that never ends keeps the process alive; an idle worker waits in its queue."""
+    import sys
+    from concurrent.futures import thread as pool
+
+    if t not in pool._threads_queues:
+        return False
+    frame = sys._current_frames().get(t.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "_worker":
+            return False  # reached the worker loop without passing a task's frame
+        if frame.f_back is not None and frame.f_back.f_code.co_name == "_worker":
+            return frame.f_code.co_name != "get"  # in work_queue.get: idle
+        frame = frame.f_back
+    return False
+
+
+def pytest_terminal_summary(terminalreporter):
     if _LEAKS:
-        import sys
-
-        print("\n" + "\n".join(["threads left running by tests:", *_LEAKS]), file=sys.stderr)
+        terminalreporter.write_line("threads left running by tests:")
+        for line in _LEAKS:
+            terminalreporter.write_line("  " + line)

@@ -222,6 +222,9 @@ def grpc_server(site):
     try:
         yield server, service, port
     finally:
+        # wake handlers still waiting on an aggregate (gRPC's stop cancels the calls, not the
+        # handler threads): else they hold this process at exit until the round's deadline
+        server.stop()
         g.stop(None).wait()
 
 
@@ -442,6 +445,7 @@ def test_a_large_block_crosses_in_chunks_with_bounded_memory(site, tmp_path):
         if uploader is not None and uploader.poll() is None:
             uploader.kill()
             uploader.wait()
+        server.stop()
         g.stop(None).wait()
     assert int(out) > nbytes  # the bytes that crossed: the block and its header
     torch.manual_seed(0)
