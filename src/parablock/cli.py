@@ -290,8 +290,25 @@ COMMANDS = {
 }
 
 
+# Commands whose process ends right after them: a client whose server vanished can leave native
+# threads (gRPC's, torch's) mid-call, and tearing the interpreter down around them sometimes
+# aborts ("terminate called without an active exception", SIGABRT) after the one-line error.
+# Everything is written and flushed by then, so these leave without the interpreter's teardown.
+EXIT_AT_ONCE = frozenset({"client", "flower-worker"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    code = _main(args)
+    if args.command in EXIT_AT_ONCE and argv is None:  # a process of its own, not a caller's
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data never come from a hub
     try:
         return COMMANDS[args.command](args)
