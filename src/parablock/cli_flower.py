@@ -4,7 +4,6 @@ and ``parablock flower new DIR`` (a Flower app directory that runs ParaBlock).""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from parablock import cli_net
 
@@ -59,22 +58,11 @@ def add_parsers(sub, config_args) -> None:
 
 
 def worker(args, setup_logging) -> int:
-    from parablock.errors import RunStopped
     from parablock.flower.worker import run_worker
 
     setup_logging(args.log_level)
     o = cli_net.site_options(args, server="flower", token_file="")
-    try:
-        summary = run_worker(o, args.listen, args.handover_timeout_s)
-    except RunStopped as e:
-        print(f"parablock: error: the server stopped the run ({e})", file=sys.stderr)
-        return 1
-    print(
-        f"done: client {summary['client']}, {summary['rounds']} rounds, "
-        f"{summary['bytes_up'] / 1e6:.1f} MB up, {summary['bytes_down'] / 1e6:.1f} MB down; "
-        f"site directory {o.out_dir()}"
-    )
-    return 0
+    return cli_net.run_and_say(lambda: run_worker(o, args.listen, args.handover_timeout_s), o)
 
 
 def flower(args, load) -> int:

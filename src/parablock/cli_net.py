@@ -209,7 +209,6 @@ def server(args, load, setup_logging) -> int:
 
 
 def client(args, setup_logging) -> int:
-    from parablock.errors import RunStopped
     from parablock.site import run_site
 
     setup_logging(args.log_level)
@@ -222,8 +221,15 @@ def client(args, setup_logging) -> int:
         key=args.key,
         insecure=args.insecure,
     )
+    return run_and_say(lambda: run_site(o), o)
+
+
+def run_and_say(go, o) -> int:
+    """Run a site to its end (``client`` or ``flower-worker``) and say how it ended."""
+    from parablock.errors import RunStopped
+
     try:
-        summary = run_site(o)
+        summary = go()
     except RunStopped as e:
         print(f"parablock: error: the server stopped the run ({e})", file=sys.stderr)
         return 1
