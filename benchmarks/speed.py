@@ -208,13 +208,12 @@ def memory(args, work: Path) -> list[dict]:
 def e2e_config(args, out: Path, train: dict, rounds: int) -> dict:
     return {
         "model": {"name_or_path": args.model, "blocks": args.blocks},
-        "data": {"train_size": 512, "max_length": args.tokens},
-        "federation": {
+        "data": {"max_length": args.tokens},  # the default train_size
+        "federation": {  # the default lr
             "clients": 2,
             "rounds": rounds,
             "local_steps": 4,
             "batch_size": args.batch,
-            "lr": 3e-4,
         },
         "train": train,
         "link": {"up_mbps": 40.0, "down_mbps": 40.0, "latency_ms": 20.0},
@@ -243,7 +242,12 @@ def e2e(args, work: Path) -> dict:
         print(f"  {label}: wall {s['wall_time_s']:.1f}s, loss {s['final_eval_loss']:.4f}")
     target = res["today"]["curve"][-1][2]
     t_old = res["today"]["curve"][-1][1]
-    hit = next((t for _, t, loss in res["fast"]["curve"] if loss <= target), None)
+    strict = next((t for _, t, loss in res["fast"]["curve"] if loss <= target), None)
+    # bf16 and fp32 runs of the same rounds differ in the 5th digit of a 32-item held-out loss:
+    # "reached" allows that much (args.reach_tol, relative), and the strict time is shown too
+    hit = next(
+        (t for _, t, loss in res["fast"]["curve"] if loss <= target * (1 + args.reach_tol)), None
+    )
     print(f"\nheld-out loss by round ({args.rounds} rounds, 2 clients, 40 Mbit/s, 20 ms):")
     print("| round | today: time s | today: loss | fast: time s | fast: loss |")
     print("|---|---|---|---|---|")
@@ -251,7 +255,12 @@ def e2e(args, work: Path) -> dict:
         print(f"| {r} | {t0:.1f} | {l0:.4f} | {t1:.1f} | {l1:.4f} |")
     ratio = None if hit is None else hit / t_old
     shown = "not reached" if ratio is None else f"{hit:.1f}s = {ratio:.2f}x (target <= 0.4x)"
-    print(f"time to today's final loss {target:.4f}: today {t_old:.1f}s, fast {shown}")
+    print(
+        f"time to today's final loss {target:.5f} (within {args.reach_tol:.2%}): today "
+        f"{t_old:.1f}s, fast {shown}; strictly below it: "
+        + ("not within these rounds" if strict is None else f"{strict:.1f}s")
+    )
+    res["strict_time_ratio"] = None if strict is None else strict / t_old
     f, o = res["fast"]["summary"]["final_eval_loss"], res["today"]["summary"]["final_eval_loss"]
     print(f"final loss fast vs today: {f:.4f} vs {o:.4f} ({f / o - 1:+.2%}; target <= +1%)")
     res["time_ratio"] = ratio
@@ -269,6 +278,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--eval-size", type=int, default=32)
+    p.add_argument(
+        "--reach-tol",
+        type=float,
+        default=1e-4,
+        help="e2e: a loss within this relative margin of the target counts as reached",
+    )
     p.add_argument("--mem-clients", default="2,8,32")
     p.add_argument("--big-clients", default="1,2")
     p.add_argument("--tiny", action="store_true", help="a smoke check on a tiny model")

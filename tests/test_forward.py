@@ -154,3 +154,36 @@ def test_a_run_with_the_cache_ends_close_to_one_without(tiny_model_dir, tmp_path
     off, on = runs
     assert on["final_eval_loss"] == pytest.approx(off["final_eval_loss"], rel=1e-4)
     assert on["final_eval_loss"] < on["initial_eval_loss"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recompute_gives_the_same_loss_and_gradients_as_keeping_activations(tiny, precision):
+    model, blocks, data, pad = tiny
+    idx = [0, 5, 9]
+    for start in (0, 1):  # the full forward, and the tail after a cached prefix
+        kept = BlockForward(model, start, precision=precision, prefix_cache_mb=8 if start else 0)
+        want = _loss_and_grads(model, blocks, 1, kept, data, idx, pad)
+        again = make_model(model.config.vocab_size, layers=4)  # the same seed: the same weights
+        f = BlockForward(
+            again, start, precision=precision, prefix_cache_mb=8 if start else 0, recompute=True
+        )
+        assert all(layer.gradient_checkpointing for layer in again.model.layers)
+        got = _loss_and_grads(again, model_blocks(again), 1, f, data, idx, pad)
+        assert torch.equal(got[0], want[0])
+        for a, b in zip(got[1], want[1], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_run_that_recomputes_ends_bit_equal_to_one_that_keeps(tiny_model_dir, tmp_path):
+    fingerprints = []
+    for recompute in (False, True):
+        cfg = tiny_config(
+            tiny_model_dir,
+            str(tmp_path / f"recompute{recompute}"),
+            model={"blocks": "top:3"},
+            train={"precision": "bf16", "recompute": recompute},
+        )
+        s = run(cfg)
+        assert s["recompute"] is recompute
+        fingerprints.append(s["final_model_fingerprint"])
+    assert fingerprints[0] == fingerprints[1]

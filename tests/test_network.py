@@ -204,6 +204,38 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     assert (tmp_path / "site0" / "metrics.jsonl").read_text().count("client_round") == barriers
 
 
+def test_a_site_that_holds_its_frozen_weights_in_bf16_still_ends_equal_on_the_trained_blocks(
+    site, tiny_model_dir, tmp_path
+):
+    fed = {"rounds": 4, "round_timeout_s": 60.0}
+    sections = dict(federation=fed, model={"blocks": "top:2"}, train={"precision": "bf16"})
+    config = _config_file(tmp_path, tiny_model_dir, "fed", **sections)
+    procs = []
+    try:
+        server, port = _start_server(
+            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
+        )
+        procs.append(server)
+        for i in range(2):
+            extra = ("--frozen-dtype", "bf16", "--recompute") if i == 0 else ()
+            args = _client_args(site, port, i, tiny_model_dir, tmp_path / f"site{i}", *extra)
+            procs.append(_start(args, tmp_path / f"client{i}.log"))
+        for p, name in zip(procs[1:] + procs[:1], ["client0", "client1", "server"], strict=True):
+            assert _wait(p, tmp_path / f"{name}.log") == 0, (tmp_path / f"{name}.log").read_text()
+    finally:
+        _stop(*procs)
+    srv = json.loads((tmp_path / "srv" / "summary.json").read_text())
+    held, plain = (json.loads((tmp_path / f"site{i}" / "summary.json").read_text()) for i in (0, 1))
+    assert (held["frozen_dtype"], held["recompute"]) == ("bf16", True)
+    assert (plain["frozen_dtype"], plain["recompute"]) == ("fp32", False)
+    # every client's trained blocks equal the server's; only the bf16 site's frozen rest differs
+    assert held["trained_blocks_fingerprint"] == srv["trained_blocks_fingerprint"]
+    assert plain["trained_blocks_fingerprint"] == srv["trained_blocks_fingerprint"]
+    assert plain["final_model_fingerprint"] == srv["final_model_fingerprint"]
+    assert held["final_model_fingerprint"] != srv["final_model_fingerprint"]
+    assert srv["updates_rejected"] == 0 and held["peak_rss_mb"] > 0
+
+
 # -- who may talk to the server ------------------------------------------------------------------
 @pytest.fixture
 def grpc_server(site):

@@ -136,6 +136,20 @@ def site_args(p) -> None:
         "federation.compute_slowdown for this client)",
     )
     p.add_argument(
+        "--frozen-dtype",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="hold the weights no block trains in bf16 (about half the client's memory for "
+        "them; needs the server's train.precision to be bf16 or auto on a bf16 device; the "
+        "trained blocks stay fp32 and equal to the server's; default fp32)",
+    )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="keep only each layer's input during a step and recompute the layer in backward: "
+        "far less activation memory, about a quarter more compute, the same results",
+    )
+    p.add_argument(
         "--reconnect-s",
         type=float,
         default=300.0,
@@ -167,6 +181,8 @@ def site_options(args, **transport):
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,
         slowdown=args.compute_slowdown,
+        frozen_dtype=args.frozen_dtype,
+        recompute=args.recompute,
         reconnect_s=args.reconnect_s,
         faults=args.faults,
         **transport,

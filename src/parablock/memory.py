@@ -21,8 +21,17 @@ def _release() -> None:
     """Give memory freed by earlier runs back to the system, so the new peak starts low: the C
     allocator keeps freed heap (about 2 GB after a fedavg_full run of SmolLM2) until trimmed."""
     gc.collect()
+    trim()
+
+
+def trim() -> None:
+    """Return the C allocator's free pages to the system (glibc; elsewhere nothing to do).
+
+    A client's threads (computation, communication, gRPC) each allocate from their own arena,
+    and freed pages inside an arena stay resident until trimmed: a SmolLM2 client grew by
+    about 100 MB a round without this, trimmed at every barrier it stays flat."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc; elsewhere there is nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

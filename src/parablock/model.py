@@ -191,12 +191,15 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, names: set[str] | None = None) -> str:
     """A digest of every weight (names, shapes, dtypes, bytes): equal only for identical models.
 
-    A network server refuses a client whose base model's fingerprint differs from its own."""
+    A network server refuses a client whose base model's fingerprint differs from its own.
+    ``names``: only these parameters (e.g. the blocks a run trains)."""
     h = hashlib.blake2b(digest_size=16)
     for name, p in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         t = p.detach().contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy())

@@ -73,7 +73,8 @@ log = logging.getLogger(__name__)
 
 
 def _settings(cfg: Config) -> TrainSettings:
-    return run_settings(cfg, []).train_settings()
+    # recompute is a client's own memory choice, not a setting the server hands out
+    return replace(run_settings(cfg, []).train_settings(), recompute=cfg.train.recompute)
 
 
 def _links(cfg: Config, client: int) -> tuple[LinkSpec, LinkSpec]:
@@ -150,6 +151,8 @@ def _compute_summary(cfg: Config, serve: bool) -> dict:
     local = not serve and cfg.run.backend == "local"
     return {
         "precision": precision,
+        "frozen_dtype": "per client" if serve else cfg.model.frozen_dtype,
+        "recompute": "per client" if serve else cfg.train.recompute,
         "peak_rss_mb": peak,
         "peak_rss_mb_per_client": peak / cfg.federation.clients if local else None,
     }
@@ -202,6 +205,15 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         raise ConfigError(
             "federation.correction=none is a simulation ablation; a networked federation applies "
             "every aggregate (use federation.correction=replace)"
+        )
+    device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
+    if (
+        cfg.model.frozen_dtype != "fp32"
+        and resolve_precision(cfg.train.precision, device) != "bf16"
+    ):
+        raise ConfigError(
+            f"model.frozen_dtype={cfg.model.frozen_dtype} needs a bf16 forward, but train.precision"
+            f"={cfg.train.precision} is fp32 on this {device.type} (no fast bf16); use fp32"
         )
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
@@ -310,6 +322,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             server_lr=fed.server_lr,
             lora=lora,
             overlap=Overlap(fed.local_steps_max, fed.duplex),
+            frozen_dtype=cfg.model.frozen_dtype,
         )
         for i in range(fed.clients)
     ]
@@ -625,6 +638,9 @@ def _train(
         duplex=fed.duplex,  # parablock only: fedbcd has nothing to overlap
         local_steps_max=fed.local_steps_max,
         final_model_fingerprint=model_fingerprint(model),
+        trained_blocks_fingerprint=model_fingerprint(
+            model, {n for b in selected for n in server.blocks[b].param_names}
+        ),
         model_note="embedded SmolLM2-135M-Instruct is a dequantised Q4_1 (4-bit) GGUF copy"
         if cfg.model.name_or_path == "smollm2-135m-instruct"
         else "",

@@ -15,18 +15,19 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from parablock.backends import MAX_RESTARTS
 from parablock.config import MAX_LATENCY_MS
-from parablock.core.algorithms import ALGORITHMS, run_client
+from parablock.core.algorithms import ADAPTER_ALGORITHMS, ALGORITHMS, run_client
 from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
+from parablock.core.forward import resolve_precision
 from parablock.core.metrics import describe
 from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.data.examples import DataStats, encode_all
@@ -34,6 +35,8 @@ from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
 from parablock.faults import faulty
 from parablock.faults import parse as parse_faults
+from parablock.frozen import base_fingerprint, hold_frozen
+from parablock.memory import peak_rss_mb, trim
 from parablock.model import load_model, load_tokenizer, model_fingerprint
 from parablock.transport import ServerConnection
 from parablock.transport.auth import read_token
@@ -67,6 +70,8 @@ class SiteOptions:
     down_mbps: float | None = None
     latency_ms: float = 0.0
     slowdown: float = 1.0  # emulate a slower device: compute takes this many times longer
+    frozen_dtype: str = "fp32"  # bf16: the weights no block trains, half the memory (frozen.py)
+    recompute: bool = False  # recompute each layer's activations in backward (less memory)
     reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
     faults: str = ""  # run.faults syntax: this client's uploads go wrong on purpose (tests)
 
@@ -170,6 +175,26 @@ def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
             time.sleep(RETRY_S)
 
 
+def _hold_frozen(o: SiteOptions, model, blocks, s) -> None:
+    """``--frozen-dtype bf16``: the weights no block of the plan trains, in bf16, where the
+    forward runs in bf16 (an fp32 forward cannot multiply bf16 weights)."""
+    if o.frozen_dtype == "fp32":
+        return
+    if s.algorithm in ADAPTER_ALGORITHMS:
+        raise ConfigError(
+            f"--frozen-dtype {o.frozen_dtype}: not supported for {s.algorithm} (adapter runs "
+            "keep the base model in fp32); use --frozen-dtype fp32"
+        )
+    device = next(model.parameters()).device
+    if resolve_precision(s.train_settings().precision, device) != "bf16":
+        raise ConfigError(
+            f"--frozen-dtype {o.frozen_dtype} needs a bf16 forward, but this run's train.precision"
+            f"={s.train_settings().precision} resolves to fp32 on {device}; use --frozen-dtype fp32"
+        )
+    trained = {n for b in set(s.plan) for n in blocks[b].param_names}
+    hold_frozen(model, o.model, trained, o.frozen_dtype)
+
+
 def _first(e: BaseException) -> str:
     return str(e).split(";")[0]
 
@@ -177,8 +202,8 @@ def _first(e: BaseException) -> str:
 def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
     """One connection to the server, from (re)joining to the end of the run."""
     out = o.out_dir()
-    model = load_model(o.model)
-    fingerprint = model_fingerprint(model)
+    model = load_model(o.model)  # mapped from its file: pages are read as they are used
+    fingerprint = base_fingerprint(model, o.model)
     store = CheckpointStore(out / "checkpoint")
     state = store.latest_client(o.client)
     if state is not None:
@@ -202,6 +227,8 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         len(s.plan),
         reply.start_round,
     )
+    blocks = protocol_blocks(model, s.algorithm, s.extra_blocks, s.lora(), s.seed)
+    _hold_frozen(o, model, blocks, s)
     tokenizer = load_tokenizer(o.model)
     stats = DataStats()
     records = client_records(o.data, s.train_size, s.seed, s.label_field)
@@ -213,15 +240,14 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         metrics.write(json.dumps(r.to_json()) + "\n")
         metrics.flush()
         log.info("client %d %s", c.id, describe(r, len(c.plan)))
+        trim()  # give back what the round freed (memory.py)
 
     client = Client(
         o.client,
         model,
-        protocol_blocks(
-            model, s.algorithm, s.extra_blocks, s.lora(), s.seed
-        ),  # after the fingerprint
+        blocks,
         data,
-        s.train_settings(),
+        replace(s.train_settings(), recompute=o.recompute),  # the site's own memory choice
         conn,
         CORRECTIONS.get(s.correction),
         seed=s.seed,
@@ -254,6 +280,14 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         "bytes_up": sum(r.bytes_up for r in client.log.rounds),
         "bytes_down": sum(r.bytes_down for r in client.log.rounds),
         "final_model_fingerprint": model_fingerprint(model),
+        # the blocks the run trains: equal to the server's even when the frozen rest is bf16
+        "trained_blocks_fingerprint": model_fingerprint(
+            model, {n for b in set(s.plan) for n in blocks[b].param_names}
+        ),
+        "precision": client.forward().precision if client.plan else None,
+        "frozen_dtype": o.frozen_dtype,
+        "recompute": o.recompute,
+        "peak_rss_mb": peak_rss_mb(),  # this process: the model, data, training (memory.py)
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -28,6 +28,7 @@ from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
 from parablock.errors import ClientRestart, ConfigError
 from parablock.faults import faulty
+from parablock.frozen import hold_frozen
 from parablock.model import load_model
 from parablock.registry import Registry
 from parablock.transport.inprocess import InProcessConnection, ServerEndpoint
@@ -63,6 +64,7 @@ class ClientSpec:
     server_lr: float = 1.0  # federation.server_lr (a compressed aggregate is applied with it)
     lora: LoraSettings | None = None  # the adapter the client trains instead (fedit_lora)
     overlap: Overlap = Overlap()  # extra steps while the link is busy, full duplex (parablock)
+    frozen_dtype: str = "fp32"  # model.frozen_dtype: the weights no block trains (frozen.py)
 
 
 def client_device(spec: ClientSpec) -> torch.device:
@@ -96,6 +98,8 @@ def build_client(
         model = load_model(spec.model)
     blocks = protocol_blocks(model, spec.algorithm, spec.extra_blocks, spec.lora, spec.seed)
     if fresh:
+        trained = {n for b in spec.trained for n in blocks[b].param_names}
+        hold_frozen(model, spec.model, trained, spec.frozen_dtype)
         model = model.to(client_device(spec))
     client = Client(
         spec.client_id,

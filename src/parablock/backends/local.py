@@ -42,7 +42,9 @@ def run_local(
         if spec.gpus <= 0 and spec.lora is not None:  # an adapter run trains no base weight
             model = share.model(spec.model, spec.extra_blocks, ())
         elif spec.trained and spec.gpus <= 0:
-            model = share.model(spec.model, spec.extra_blocks, spec.trained, spec.algorithm)
+            model = share.model(
+                spec.model, spec.extra_blocks, spec.trained, spec.algorithm, spec.frozen_dtype
+            )
         return build_client(spec, server, on_barrier, stop, on_phase, model)
 
     clients = [build(s) for s in specs]

@@ -12,6 +12,10 @@ Three savings over ``model(**batch).loss``, each with a switch in ``[train]``:
 - **response logits**: the LM head runs only where the loss is (labels != -100), in chunks of at
   most ``loss_chunk`` positions whose logits are recomputed in backward instead of kept.
 
+And one saving of memory for time, off by default: ``recompute`` keeps only each decoder layer's
+input and recomputes the layer in backward (transformers' activation checkpointing); the step's
+results are the same, its activations a fraction.
+
 The model's own ``forward`` runs every layer that does run (its masks, rotary embeddings and
 attention kernels), on a shallow view of the decoder whose skipped layers pass hidden states
 through: nothing here re-implements a decoder layer.
@@ -230,6 +234,7 @@ class BlockForward:
         prefix_cache_mb: float = 0.0,
         response_logits: bool = True,
         loss_chunk: int = 0,
+        recompute: bool = False,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -238,6 +243,10 @@ class BlockForward:
         self.loss_chunk = loss_chunk
         self.head = model.get_output_embeddings()
         self.plain = postprocessed_logits(model)
+        if recompute:  # transformers' own activation checkpointing of every decoder layer
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(model).__name__} cannot recompute its layers")
+            model.activation_checkpointing_enable({"use_reentrant": False})
         cacheable = model.config.model_type in PREFIX_MODEL_TYPES and start > 0
         self.cache = (
             PrefixCache(model, start, int(prefix_cache_mb * 1e6))

@@ -34,6 +34,7 @@ class TrainSettings:
     prefix_cache_mb: float = 0.0  # 0 = every forward starts at the embeddings
     response_logits: bool = True  # the LM head only where the loss is
     loss_chunk: int = 0  # > 0: positions per recomputed piece of the LM head and loss
+    recompute: bool = False  # keep only each layer's input; recompute the rest in backward
 
     def forward(self, model: nn.Module, start: int = 0) -> BlockForward:
         """The loss computation these settings ask for, for blocks at or above layer ``start``."""
@@ -44,6 +45,7 @@ class TrainSettings:
             prefix_cache_mb=self.prefix_cache_mb,
             response_logits=self.response_logits,
             loss_chunk=self.loss_chunk,
+            recompute=self.recompute,
         )
 
 

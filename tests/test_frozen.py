@@ -1,0 +1,89 @@
+"""model.frozen_dtype=bf16: the weights no block trains in bf16, read from the files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from parablock.config import from_dict
+from parablock.core.blocks import model_blocks
+from parablock.core.forward import BlockForward
+from parablock.data.examples import Example
+from parablock.errors import ConfigError
+from parablock.frozen import base_fingerprint, hold_frozen
+from parablock.model import load_model, model_fingerprint
+from parablock.runner import run
+
+TRAINED = (2, 3)
+
+
+def _trained_names(model) -> set[str]:
+    blocks = model_blocks(model)
+    return {n for b in TRAINED for n in blocks[b].param_names}
+
+
+def test_the_file_fingerprint_is_the_models(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    assert base_fingerprint(model, tiny_model_dir) == model_fingerprint(model)
+
+
+def test_matrices_outside_the_trained_blocks_become_bf16_and_nothing_else_changes(
+    tiny_model_dir,
+):
+    model = load_model(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = _trained_names(model)
+    saved = hold_frozen(model, tiny_model_dir, trained)
+    assert saved > 0
+    for n, p in model.named_parameters():
+        want = before[n]
+        if n not in trained and p.dim() >= 2:
+            assert p.dtype == torch.bfloat16, n
+            assert torch.equal(p, want.to(torch.bfloat16)), n
+        else:  # trained blocks and every norm: fp32 and bit-identical
+            assert p.dtype == torch.float32 and torch.equal(p, want), n
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+def test_the_bf16_forward_of_bf16_frozen_weights_matches_fp32_frozen(tiny_model_dir):
+    data = [
+        Example(tuple(range(5 + i, 37 + i)), (-100,) * 16 + tuple(range(21 + i, 37 + i)))
+        for i in range(4)
+    ]
+    ref = load_model(tiny_model_dir)
+    held = load_model(tiny_model_dir)
+    hold_frozen(held, tiny_model_dir, _trained_names(held))
+    for start in (0, 2):  # the full forward, and the one from the prefix cache
+        losses = []
+        for m in (ref, held):
+            f = BlockForward(m, start, precision="bf16", prefix_cache_mb=16 if start else 0)
+            losses.append(f.loss(data, [0, 1, 2, 3], pad_id=1))
+        # the embedding rows are the only weights rounded beyond what autocast rounds
+        assert losses[1].item() == pytest.approx(losses[0].item(), rel=2e-3)
+        hidden = held.model.embed_tokens(torch.tensor([[3, 4]]))
+        assert hidden.dtype == torch.float32  # the residual stream stays fp32
+
+
+def test_a_run_with_bf16_frozen_weights_trains_and_says_so(tiny_model_dir, tmp_path):
+    sections = dict(model={"blocks": "top:2"}, train={"precision": "bf16"})
+    ref = run(tiny_config(tiny_model_dir, str(tmp_path / "fp32"), **sections))
+    sections["model"]["frozen_dtype"] = "bf16"
+    held = run(tiny_config(tiny_model_dir, str(tmp_path / "bf16"), **sections))
+    assert held["frozen_dtype"] == "bf16" and ref["frozen_dtype"] == "fp32"
+    assert held["final_eval_loss"] < held["initial_eval_loss"]
+    assert held["final_eval_loss"] == pytest.approx(ref["final_eval_loss"], rel=2e-2)
+    # the server's model is fp32 throughout: a trained block's bits differ only via training
+    assert held["initial_eval_loss"] == ref["initial_eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "sections,field",
+    [
+        ({"train": {"precision": "fp32"}}, "train.precision"),
+        ({"federation": {"algorithm": "fedit_lora"}}, "fedit_lora"),
+    ],
+)
+def test_bf16_frozen_weights_refuse_what_cannot_use_them(sections, field):
+    with pytest.raises(ConfigError, match=field):
+        from_dict({"model": {"frozen_dtype": "bf16"}, **sections})
