@@ -5,7 +5,11 @@
    torch thread, for fp32 and bf16, with and without the cached prefix and response-only logits.
    Steady state: the prefix cache already holds the batch's examples.
 2. ``memory``: peak RSS of a local-backend process running 1 round with N clients (2, 8, 32) of a
-   tiny Llama with SmolLM2's 49,152-token vocabulary, and of lone SmolLM2 clients, per setting.
+   tiny Llama with SmolLM2's 49,152-token vocabulary, and of N SmolLM2 clients (``--big-clients``),
+   per setting (``--mem-settings``, default ``today,fast``): ``today`` (the step of old: fp32, no
+   cache, logits everywhere), ``fast`` (the defaults, shared blocks and compute slots included)
+   and ``private`` (the fast step, but each client its own copy of every trained block and no
+   compute gate, as before those two existed).
 3. ``e2e``: today's defaults (fp32, no cache, logits everywhere) against the fast defaults on
    SmolLM2 (2 clients, 4 local steps, batch 4, length 256, top:8, 40 Mbit/s, 20 ms): held-out
    loss by round and wall time, and the wall time at which the fast run reaches the loss the old
@@ -14,6 +18,8 @@
     .venv/bin/python benchmarks/speed.py                    # all parts, ~25 minutes on 2 cores
     .venv/bin/python benchmarks/speed.py --parts steps      # one part
     .venv/bin/python benchmarks/speed.py --tiny             # seconds: a smoke check
+    .venv/bin/python benchmarks/speed.py --parts memory --mem-clients "" --big-clients 32 \
+        --mem-settings fast                                 # 32 SmolLM2 clients in one process
 """
 
 from __future__ import annotations
@@ -170,7 +176,17 @@ def peak_rss_mb(cfg: dict) -> float:
     return kb / 1024
 
 
-def mem_config(model: str, clients: int, out: Path, train: dict, tokens: int) -> dict:
+# what each memory setting changes: the training step, and the local backend's sharing and gate
+MEM_SETTINGS = {
+    "today": (OLD, {}),
+    "fast": ({}, {}),
+    "private": ({}, {"share_blocks": False, "compute_slots": 1 << 16}),
+}
+
+
+def mem_config(
+    model: str, clients: int, out: Path, train: dict, tokens: int, run: dict | None = None
+) -> dict:
     return {
         "model": {"name_or_path": model, "blocks": "top:2" if "vocab" in model else "top:8"},
         "data": {"train_size": 8 * clients, "max_length": tokens},
@@ -178,7 +194,13 @@ def mem_config(model: str, clients: int, out: Path, train: dict, tokens: int) ->
         "train": train,
         "link": {"up_mbps": float("inf"), "down_mbps": float("inf"), "latency_ms": 0.0},
         "eval": {"size": 4, "accuracy_size": 0},
-        "run": {"out": str(out), "seed": 0, "log_level": "warning", "checkpoint": False},
+        "run": {
+            "out": str(out),
+            "seed": 0,
+            "log_level": "warning",
+            "checkpoint": False,
+            **(run or {}),
+        },
     }
 
 
@@ -187,9 +209,10 @@ def memory(args, work: Path) -> list[dict]:
     cases = [(tiny, n) for n in args.mem_clients] + [(args.model, n) for n in args.big_clients]
     rows = []
     for model, n in cases:
-        for label, train in (("today", OLD), ("fast", {})):
+        for label in args.mem_settings:
+            train, run = MEM_SETTINGS[label]
             out = work / f"mem-{Path(model).name}-{n}-{label}"
-            mb = peak_rss_mb(mem_config(model, n, out, train, 256))
+            mb = peak_rss_mb(mem_config(model, n, out, train, 256, run))
             name = "tiny (49k vocab)" if model == tiny else Path(model).name
             rows.append({"model": name, "clients": n, "settings": label, "peak_mb": mb})
             print(f"  {name} x{n} {label}: {mb:.0f} MB", flush=True)
@@ -285,12 +308,17 @@ def main() -> int:
         help="e2e: a loss within this relative margin of the target counts as reached",
     )
     p.add_argument("--mem-clients", default="2,8,32")
-    p.add_argument("--big-clients", default="1,2")
+    p.add_argument("--big-clients", default="1,2", help="SmolLM2 client counts for memory")
+    p.add_argument("--mem-settings", default="today,fast", help=f"any of {', '.join(MEM_SETTINGS)}")
     p.add_argument("--tiny", action="store_true", help="a smoke check on a tiny model")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     args.mem_clients = [int(x) for x in args.mem_clients.split(",") if x]
     args.big_clients = [int(x) for x in args.big_clients.split(",") if x]
+    args.mem_settings = [x for x in args.mem_settings.split(",") if x]
+    unknown = sorted(set(args.mem_settings) - set(MEM_SETTINGS))
+    if unknown:
+        p.error(f"--mem-settings: unknown {', '.join(unknown)}; valid: {', '.join(MEM_SETTINGS)}")
     work = Path(tempfile.mkdtemp(prefix="speed-"))
     if args.tiny:
         args.model = _vocab_model(work)

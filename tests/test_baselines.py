@@ -29,7 +29,7 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _federate(cfg, on_barrier=None):
+def _federate(cfg, on_barrier=None, **backend):
     fed = prepare(cfg)
     clients: dict[int, Client] = {}
 
@@ -38,7 +38,7 @@ def _federate(cfg, on_barrier=None):
         if on_barrier:
             on_barrier(client, t)
 
-    logs = run_local(fed.specs, fed.server, threads=1, on_barrier=hook)
+    logs = run_local(fed.specs, fed.server, threads=1, on_barrier=hook, **backend)
     return fed, [clients[i] for i in sorted(clients)], logs
 
 
@@ -103,15 +103,18 @@ def test_fedavg_full_with_one_client_equals_local_full_training(tiny_model_dir, 
     assert sum(r.bytes_up > 0 for r in logs[0].rounds) == 3 and len(rounds) == 3
 
 
-def test_fedavg_full_clients_own_every_parameter_and_end_equal_to_the_server(
-    tiny_model_dir, tmp_path
+@pytest.mark.parametrize("share", [True, False])
+def test_fedavg_full_clients_copy_every_parameter_to_train_and_end_equal_to_the_server(
+    tiny_model_dir, tmp_path, share
 ):
-    """The local backend shares the weights no block trains; here every parameter trains, so
-    nothing may be shared (two clients writing one tensor would corrupt both)."""
+    """The local backend shares the weights no block trains; here every parameter trains, so a
+    client copies the whole model before it trains (two clients writing one tensor would corrupt
+    both). After the drain the clients share the one global model (copy on write), or without
+    ``share_blocks`` each keeps its own copy."""
     cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"algorithm": "fedavg_full"})
-    fed, clients, _ = _federate(cfg)
+    fed, clients, _ = _federate(cfg, share_blocks=share)
     a, b = (dict(c.model.named_parameters()) for c in clients)
-    assert all(a[n].data_ptr() != b[n].data_ptr() for n in a)
+    assert all((a[n].data_ptr() == b[n].data_ptr()) == share for n in a)
     glob = _params(fed.model)
     for c in clients:
         for n, p in c.model.named_parameters():

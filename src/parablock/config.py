@@ -409,6 +409,19 @@ class RunConfig:
     threads: int = opt(
         0, "torch threads per client (0 = cores / clients locally, client_cpus on Ray)", ge=0
     )
+    compute_slots: int = opt(
+        0,
+        "local backend: at most this many clients run a training step at the same time (steps "
+        "of different clients still interleave); bounds CPU contention and the training "
+        "activations held at once. 0 = cores / torch threads per client, at least 1",
+        ge=0,
+    )
+    share_blocks: bool = opt(
+        True,
+        "local backend: CPU clients hold one shared copy of every trained block that equals the "
+        "global model and copy a block only to write it (false: each client its own copy of "
+        "every trained block, for comparison)",
+    )
     ray_address: str = opt(
         "",
         "Ray cluster to join ('auto' or 'host:6379' of a running cluster; empty = start a local one)",

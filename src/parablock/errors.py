@@ -82,6 +82,11 @@ class AggregationError(RuntimeError):
     """Updates that cannot be aggregated together, or an aggregate that fails its check."""
 
 
+class SharedBlockError(RuntimeError):
+    """Clients of one process disagree on a block's global value at one version, or a shared
+    block's tensors changed: a broken invariant, never a user's mistake."""
+
+
 # -- runs (exit code 1, or 130 for a requested stop) --------------------------------------------
 class RoundFailedError(RunFailed):
     """A round that could not aggregate (too few updates before its deadline)."""

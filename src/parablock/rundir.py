@@ -111,6 +111,8 @@ def locked(out: Path):
 RESUME_FREE = (
     "run.log_level",
     "run.threads",
+    "run.compute_slots",
+    "run.share_blocks",
     "run.backend",
     "run.ray_address",
     "run.client_cpus",

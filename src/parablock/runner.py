@@ -583,6 +583,8 @@ def _train(
                 specs,
                 server,
                 threads=cfg.run.threads,
+                compute_slots=cfg.run.compute_slots,
+                share_blocks=cfg.run.share_blocks,
                 on_barrier=progress,
                 on_phase=on_phase,
                 stop=stop,

@@ -1,9 +1,11 @@
 """Backends decide where clients run; the algorithm and the server never know which one is used.
 
-A backend is called as ``backend(specs, server, *, threads, on_barrier, address)``: one
-``ClientSpec`` per client (everything needed to build that client, picklable), the server, torch
-threads per client, a progress callback ``on_barrier(client, round)`` and a cluster address (only
-the Ray backend uses one). It runs every client to the end, leaves the final global model in
+A backend is called as ``backend(specs, server, *, threads, on_barrier, address,
+compute_slots, share_blocks)``: one ``ClientSpec`` per client (everything needed to build that
+client, picklable), the server, torch threads per client, a progress callback
+``on_barrier(client, round)``, a cluster address (only the Ray backend uses one), and how many
+clients step at once and whether they share blocks (only the local backend, whose clients share a
+process, uses these). It runs every client to the end, leaves the final global model in
 ``server.model``, and returns each client's ``ClientLog``.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +24,7 @@ from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
+from parablock.core.cow import SharedBlocks
 from parablock.core.lora import LoraSettings
 from parablock.core.metrics import ClientLog, PhaseListener
 from parablock.core.overlap import Overlap
@@ -85,13 +89,17 @@ def build_client(
     stop=None,
     on_phase: PhaseListener | None = None,
     model: nn.Module | None = None,
+    store: SharedBlocks | None = None,
+    gate: AbstractContextManager | None = None,
 ) -> Client:
     """A client with its own freshly loaded model copy on its device, connected to ``server``.
 
     ``on_phase`` (optional) hears every phase span start and end, for progress displays;
     ``stop`` (a threading.Event) asks the client to leave at its next barrier; ``model``: its
-    copy of the base model when the backend made one (``shared.FrozenShare``). A LoRA adapter
-    is injected on the CPU, before the model moves to the client's device.
+    copy of the base model when the backend made one (``shared.FrozenShare``); ``store``: the
+    blocks equal to the global model that it shares with other clients (copy on write; its
+    trained parameters must be objects of its own, as ``FrozenShare`` makes them); ``gate``: held around each training
+    step. A LoRA adapter is injected on the CPU, before the model moves to the client's device.
     """
     fresh = model is None
     if model is None:
@@ -126,6 +134,8 @@ def build_client(
         compression=spec.compression,
         server_lr=spec.server_lr,
         overlap=spec.overlap,
+        store=store,
+        gate=gate,
     )
     client.log.listener = on_phase
     return client
@@ -172,7 +182,8 @@ def _local(specs, server, *, address="", **kwargs) -> list[ClientLog]:
     return run_local(specs, server, **kwargs)  # one process: no cluster address
 
 
-def _ray(specs, server, **kwargs) -> list[ClientLog]:
+def _ray(specs, server, *, compute_slots=0, share_blocks=True, **kwargs) -> list[ClientLog]:
+    # each client is its own process: no gate and nothing shared between clients
     try:
         from parablock.backends.ray import run_ray
     except ModuleNotFoundError as e:

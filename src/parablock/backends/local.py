@@ -1,7 +1,12 @@
 """The local backend: the server and every client in this process, each client on its own threads.
 
 Clients run concurrently (one computation thread and one communication thread each). Torch's
-intra-op threads are shared out so that the clients together use the machine's cores once.
+intra-op threads are shared out so that the clients together use the machine's cores once, and
+a ``ComputeGate`` lets at most ``run.compute_slots`` clients run a training step at the same
+time (by default as many as the cores hold), so that many clients neither fight over the cores
+nor hold their training activations all at once; their rounds still interleave step by step.
+CPU clients share the frozen weights and, copy on write, every trained block that equals the
+global model (``shared.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import threading
 import torch
 
 from parablock.backends import ClientSpec, build_client, run_spec
-from parablock.backends.shared import FrozenShare
+from parablock.backends.shared import BlockStore, FrozenShare
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import RunStopped
@@ -25,6 +30,27 @@ def torch_threads(clients: int, requested: int = 0) -> int:
     return requested or max(1, (os.cpu_count() or 1) // clients)
 
 
+def step_slots(threads: int, requested: int = 0) -> int:
+    """How many clients may step at once: ``run.compute_slots``, or (0) as many as the cores
+    hold at ``threads`` torch threads each, at least one."""
+    return requested or max(1, (os.cpu_count() or 1) // threads)
+
+
+class ComputeGate:
+    """Held around each training step of a client: at most ``slots`` clients step at once."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+
+    def __enter__(self) -> ComputeGate:
+        self._free.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._free.release()
+
+
 def run_local(
     specs: list[ClientSpec],
     server: Server,
@@ -33,19 +59,45 @@ def run_local(
     on_barrier=None,
     on_phase=None,
     stop: threading.Event | None = None,
+    compute_slots: int = 0,
+    share_blocks: bool = True,
 ) -> list[ClientLog]:
-    torch.set_num_threads(torch_threads(len(specs), threads))
+    """``compute_slots``: ``run.compute_slots`` (0 = auto); ``share_blocks``: CPU clients share
+    the trained blocks that equal the global model (``run.share_blocks``)."""
+    n_threads = torch_threads(len(specs), threads)
+    torch.set_num_threads(n_threads)
+    slots = step_slots(n_threads, compute_slots)
+    cpu_clients = sum(s.gpus <= 0 for s in specs)
+    gate = ComputeGate(slots) if slots < cpu_clients else None  # else it never waits
     share = FrozenShare()
+    store = BlockStore() if share_blocks else None
 
     def build(spec: ClientSpec):
-        model = None
+        model, cow = None, None
         if spec.gpus <= 0 and spec.lora is not None:  # an adapter run trains no base weight
             model = share.model(spec.model, spec.extra_blocks, ())
         elif spec.trained and spec.gpus <= 0:
+            cow = store
+            if cow is not None:  # a rebuilt client starts from the base: drop what it held
+                cow.release_all(spec.client_id)
             model = share.model(
-                spec.model, spec.extra_blocks, spec.trained, spec.algorithm, spec.frozen_dtype
+                spec.model,
+                spec.extra_blocks,
+                spec.trained,
+                spec.algorithm,
+                cow,
+                frozen_dtype=spec.frozen_dtype,
             )
-        return build_client(spec, server, on_barrier, stop, on_phase, model)
+        return build_client(
+            spec,
+            server,
+            on_barrier,
+            stop,
+            on_phase,
+            model,
+            store=cow,
+            gate=gate if spec.gpus <= 0 else None,
+        )
 
     clients = [build(s) for s in specs]
     errors: list[BaseException] = []

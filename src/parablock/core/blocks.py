@@ -161,15 +161,24 @@ def block_state(model: nn.Module, block: Block) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().clone() for n in block.param_names}
 
 
-@torch.no_grad()
-def set_block(model: nn.Module, block: Block, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` into the block's parameters, in place, after checking names and shapes."""
+def check_block(
+    model: nn.Module, block: Block, tensors: dict[str, torch.Tensor]
+) -> dict[str, nn.Parameter]:
+    """The model's parameters by name, once ``tensors`` has exactly the block's names and shapes."""
     params = dict(model.named_parameters())
     if set(tensors) != set(block.param_names):
         raise BlockError(f"tensors for block {block.index} do not match its parameter names")
     for n, t in tensors.items():
         if params[n].shape != t.shape:
             raise BlockError(f"{n}: shape {tuple(t.shape)} != {tuple(params[n].shape)}")
+    return params
+
+
+@torch.no_grad()
+def set_block(model: nn.Module, block: Block, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` into the block's parameters, in place, after checking names and shapes."""
+    params = check_block(model, block, tensors)
+    for n, t in tensors.items():
         params[n].copy_(t)
 
 

@@ -11,6 +11,10 @@ With a lossy ``link.compression`` the pending delta is kept in the codec's wire 
 once, with this client's error feedback for the block), and the client keeps the global value of
 the block it trained from until that round's aggregate arrives: the server then sends the
 compressed aggregate, which the client applies to that value with the server's own formula.
+
+Clients that share a process may share the blocks that equal the global model (``core/cow.py``);
+every write to a block goes through ``self.writer``, and ``self.gate`` (optional) bounds how many
+clients run a training step at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 
 from torch import nn
 
@@ -28,6 +33,7 @@ from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.compress import CODECS, ErrorFeedback
 from parablock.core.correction import Correction
+from parablock.core.cow import BlockWriter, SharedBlocks
 from parablock.core.forward import BlockForward, first_trained_layer
 from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError
 from parablock.core.metrics import ClientLog, RoundRecord
@@ -72,6 +78,8 @@ class Client:
         compression: str = "none",
         server_lr: float = 1.0,
         overlap: Overlap | None = None,
+        store: SharedBlocks | None = None,
+        gate: AbstractContextManager | None = None,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
@@ -109,6 +117,10 @@ class Client:
         self._forward: BlockForward | None = None  # built at the first compute (needs the plan)
         self._comm = ThreadPoolExecutor(1, thread_name_prefix=f"client{client_id}-comm")
         self._duplex: DuplexLink | None = None  # full duplex's two threads, made when first used
+        # Every write to a block goes through it: in place, or copy on write with a ``store``
+        # of the blocks that equal the global model, shared with other clients (``core/cow.py``).
+        self.writer = BlockWriter(model, blocks, client_id, store)
+        self.gate = gate  # held around each training step: how many clients step at once
 
     # -- lifecycle ---------------------------------------------------------------------------
     def join_request(self) -> JoinRequest:
@@ -138,7 +150,7 @@ class Client:
             self.bases.clear()
         for b, version in sorted(reply.stale.items()):
             value, _ = self.connection.download(b, version, self._expected(b))
-            set_block(self.model, self.blocks[b], value.tensors)
+            self.writer.write_global(b, value.version, value.tensors)
             self.versions[b] = value.version
             self.dirty.discard(b)
         self.plan = list(reply.settings.plan)
@@ -162,6 +174,7 @@ class Client:
         blocks the checkpoint holds, so every other block counts as the base (-1) until the join
         downloads its global value."""
         for b, tensors in state.dirty.items():
+            self.writer.own(b)
             set_block(self.model, self.blocks[b], tensors)
         self.dirty = set(state.dirty)
         self.versions = {
@@ -217,8 +230,17 @@ class Client:
             batches = round_indices(len(self.data), round, s.steps, s.batch_size, self.seed)
         with self.log.span(round, "compute", record):
             started = time.perf_counter()
+            shared = self.writer.own(block.index)  # training writes it in place
             result = train_block(
-                self.model, block, self.data, batches, self.settings, self.pad_id, self.forward()
+                self.model,
+                block,
+                self.data,
+                batches,
+                self.settings,
+                self.pad_id,
+                self.forward(),
+                self.gate,
+                before=shared,
             )
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
@@ -335,7 +357,7 @@ class Client:
         with self.log.span(round, "download", record):
             for b, version in sorted(stale.items()):
                 value, nbytes = self.connection.download(b, version, self._expected(b))
-                set_block(self.model, self.blocks[b], value.tensors)
+                self.writer.write_global(b, value.version, value.tensors)
                 self.versions[b] = value.version
                 self.dirty.discard(b)
                 record.bytes_down += nbytes
@@ -353,7 +375,7 @@ class Client:
         """Block-level correction for the block that was in flight."""
         self.versions[value.block] = value.version
         if self.correction.apply_global:
-            set_block(self.model, self.blocks[value.block], value.tensors)
+            self.writer.write_global(value.block, value.version, value.tensors)
             self.dirty.discard(value.block)
 
     def barrier(self, record: RoundRecord) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -74,30 +75,38 @@ def train_block(
     settings: TrainSettings,
     pad_id: int,
     forward: BlockForward | None = None,
+    gate: AbstractContextManager | None = None,
+    before: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``), read once
     and in order: a lazy stream may decide while training how many steps there are.
 
     ``forward``: the client's loss computation (it holds the prefix cache across rounds); by
-    default one built from ``settings`` that starts at the embeddings."""
+    default one built from ``settings`` that starts at the embeddings. ``gate``: held around
+    each step (forward, backward, optimizer step), e.g. to bound how many clients of one
+    process step at once; the batches are drawn outside it. ``before``: the block's current
+    value on tensors that nobody writes, when the caller has one (else it is copied here)."""
     if forward is None:
         forward = settings.forward(model)
-    before = block_state(model, block)
+    if before is None:
+        before = block_state(model, block)
     params = freeze_all_but(model, block)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     losses = []
     num_examples = 0
+    step_gate = gate if gate is not None else nullcontext()
     for step, idx in enumerate(batches):
-        for g in opt.param_groups:
-            g["lr"] = settings.lr * lr_factor(step, settings)
-        loss = forward.loss(data, idx, pad_id)
-        loss.backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        with step_gate:
+            for g in opt.param_groups:
+                g["lr"] = settings.lr * lr_factor(step, settings)
+            loss = forward.loss(data, idx, pad_id)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
         num_examples += len(idx)
     for p in params:
         p.requires_grad_(False)
