@@ -181,14 +181,26 @@ MEM_SETTINGS = {
     "today": (OLD, {}),
     "fast": ({}, {}),
     "private": ({}, {"share_blocks": False, "compute_slots": 1 << 16}),
+    # the memory options on top: bf16 frozen weights, recomputed layers, smaller logit pieces
+    "lean": ({"recompute": True, "loss_chunk": 128}, {}, {"frozen_dtype": "bf16"}),
 }
 
 
 def mem_config(
-    model: str, clients: int, out: Path, train: dict, tokens: int, run: dict | None = None
+    model: str,
+    clients: int,
+    out: Path,
+    train: dict,
+    tokens: int,
+    run: dict | None = None,
+    model_keys: dict | None = None,
 ) -> dict:
     return {
-        "model": {"name_or_path": model, "blocks": "top:2" if "vocab" in model else "top:8"},
+        "model": {
+            "name_or_path": model,
+            "blocks": "top:2" if "vocab" in model else "top:8",
+            **(model_keys or {}),
+        },
         "data": {"train_size": 8 * clients, "max_length": tokens},
         "federation": {"clients": clients, "rounds": 1, "local_steps": 1, "batch_size": 4},
         "train": train,
@@ -210,9 +222,9 @@ def memory(args, work: Path) -> list[dict]:
     rows = []
     for model, n in cases:
         for label in args.mem_settings:
-            train, run = MEM_SETTINGS[label]
+            train, run, *model_keys = MEM_SETTINGS[label]
             out = work / f"mem-{Path(model).name}-{n}-{label}"
-            mb = peak_rss_mb(mem_config(model, n, out, train, 256, run))
+            mb = peak_rss_mb(mem_config(model, n, out, train, 256, run, *model_keys))
             name = "tiny (49k vocab)" if model == tiny else Path(model).name
             rows.append({"model": name, "clients": n, "settings": label, "peak_mb": mb})
             print(f"  {name} x{n} {label}: {mb:.0f} MB", flush=True)
