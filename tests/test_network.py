@@ -144,9 +144,9 @@ def _fingerprint(summary: Path) -> str:
     return json.loads(summary.read_text())["final_model_fingerprint"]
 
 
-def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra0=()) -> None:
-    """A server (run directory ``srv``) and two client processes (``site0``, ``site1``; client 0
-    with ``extra0`` on its command line) run to the end, each exiting 0; all stopped by PID."""
+def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra=((), ())) -> None:
+    """A server (run directory ``srv``) and two client processes (``site0``, ``site1``; client i
+    with ``extra[i]`` on its command line) run to the end, each exiting 0; all stopped by PID."""
     procs = []
     try:
         server, port = _start_server(
@@ -154,8 +154,7 @@ def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra0=()) -> 
         )
         procs.append(server)
         for i in range(2):
-            extra = extra0 if i == 0 else ()
-            args = _client_args(site, port, i, model_dir, tmp_path / f"site{i}", *extra)
+            args = _client_args(site, port, i, model_dir, tmp_path / f"site{i}", *extra[i])
             procs.append(_start(args, tmp_path / f"client{i}.log"))
         for p, name in zip(procs[1:] + procs[:1], ["client0", "client1", "server"], strict=True):
             assert _wait(p, tmp_path / f"{name}.log") == 0, (tmp_path / f"{name}.log").read_text()
@@ -217,7 +216,8 @@ def test_a_site_that_holds_its_frozen_weights_in_bf16_still_ends_equal_on_the_tr
     fed = {"rounds": 4, "round_timeout_s": 60.0}
     sections = dict(federation=fed, model={"blocks": "top:2"}, train={"precision": "bf16"})
     config = _config_file(tmp_path, tiny_model_dir, "fed", **sections)
-    _federate(site, config, tiny_model_dir, tmp_path, ("--frozen-dtype", "bf16", "--recompute"))
+    held = ("--frozen-dtype", "bf16", "--recompute")
+    _federate(site, config, tiny_model_dir, tmp_path, (held, ()))
     srv = json.loads((tmp_path / "srv" / "summary.json").read_text())
     held, plain = (json.loads((tmp_path / f"site{i}" / "summary.json").read_text()) for i in (0, 1))
     assert (held["frozen_dtype"], held["recompute"]) == ("bf16", True)
@@ -679,21 +679,7 @@ def test_faulty_client_processes_are_ridden_out_and_end_equal_to_the_server(
     fed = {"rounds": 5, "round_timeout_s": 30.0, "min_clients": 1}
     config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed)
     faults = ["crash@0:1,token@0:2", "nan@1:1,replay@1:2,forge@1:3"]
-    procs = []
-    try:
-        server, port = _start_server(
-            config, _server_sets(site, tmp_path / "srv"), tmp_path / "server.log"
-        )
-        procs.append(server)
-        for i in range(2):
-            args = _client_args(
-                site, port, i, tiny_model_dir, tmp_path / f"site{i}", "--faults", faults[i]
-            )
-            procs.append(_start(args, tmp_path / f"client{i}.log"))
-        for p, name in zip(procs[1:] + procs[:1], ["client0", "client1", "server"], strict=True):
-            assert _wait(p, tmp_path / f"{name}.log") == 0, (tmp_path / f"{name}.log").read_text()
-    finally:
-        _stop(*procs)
+    _federate(site, config, tiny_model_dir, tmp_path, tuple(("--faults", f) for f in faults))
     summary = json.loads((tmp_path / "srv" / "summary.json").read_text())
     assert summary["updates_rejected"] >= 3  # NaN, replay, forged (the token never got in)
     want = summary["final_model_fingerprint"]
