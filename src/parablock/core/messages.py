@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,17 @@ def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise MessageError(f"{what}: {name} is not a tensor")
         if t.is_floating_point() and not all_finite(t):
             raise MessageError(f"{what}: {name} holds NaN or Inf")
+
+
+def parse_json(text: bytes | str, what: str) -> Any:
+    """A peer's JSON, or ``MessageError`` saying why not: malformed, not UTF-8, or nested too deep
+    for the parser (which would otherwise escape as a ``RecursionError``)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise MessageError(f"{what}: JSON nested too deeply") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise MessageError(f"{what}: not JSON ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def all_finite(t: torch.Tensor, step: int = 1 << 20) -> bool:
@@ -132,11 +144,11 @@ def decode(
             raise MessageError(f"{kind}: header of {size} bytes is too large")
         while len(buf) < 8 + size:
             buf += _next_chunk(it, kind)
-        header = json.loads(bytes(buf[8 : 8 + size]))
     except MessageError:
         raise
     except (ValueError, UnicodeDecodeError) as e:
         raise MessageError(f"{kind}: unreadable header ({type(e).__name__}: {e})") from None
+    header = parse_json(bytes(buf[8 : 8 + size]), f"{kind}: header")
     meta, layout, digest = _parse_header(kind, header)
     if expected is not None:
         want = expected(meta)
@@ -189,10 +201,9 @@ def _parse_header(kind: str, header) -> tuple[dict, dict, str]:
     info = header["__metadata__"]
     if info.get("format") != _FORMAT or info.get("kind") != kind:
         raise MessageError(f"{kind}: wrong message kind {info.get('kind')!r}")
-    try:
-        meta = json.loads(info.get("meta"))
-    except (TypeError, ValueError):
-        raise MessageError(f"{kind}: metadata is not JSON") from None
+    if not isinstance(info.get("meta"), str):
+        raise MessageError(f"{kind}: metadata is not JSON")
+    meta = parse_json(info["meta"], f"{kind}: metadata")
     if not isinstance(meta, dict) or not isinstance(info.get("digest"), str):
         raise MessageError(f"{kind}: metadata must be an object with a digest")
     layout = {}
