@@ -55,6 +55,7 @@ class RunFiles:
         self._seen: dict[int, ClientLog] = {}  # those and the reports, as of the last pass
         self._read: dict[int, int] = {}  # client -> records of its log taken so far
         self._span_at: dict[int, int] = {}  # client -> spans of its log written so far
+        self._taken: set[int] = set()  # clients whose log is the server's copy of their reports
         self._rounds: dict[int, dict[int, RoundRecord]] = {}  # round -> client -> record
         self._written: dict[tuple[int, int], str] = {}  # (client, round) -> the row written
         self._aggregates: dict[int, tuple[float, list[int]]] = {}
@@ -156,7 +157,9 @@ class RunFiles:
         for t, secs, who in news:
             self._aggregates[t] = (secs, who)
         for lg in self._reports() if self._reports is not None else []:
-            logs.setdefault(lg.client, lg)
+            if lg.client not in logs:
+                logs[lg.client] = lg
+                self._taken.add(lg.client)
         self._seen = logs
         for c, lg in logs.items():
             new = lg.rounds[self._read.get(c, 0) :]
@@ -204,6 +207,10 @@ class RunFiles:
                 at += 1
                 if s not in self._restored:
                     self._span(s)
+            if c in self._taken:  # a served client's reported spans: written, so let them go
+                with lg._lock:
+                    del lg.spans[:at]
+                at = 0
             self._span_at[c] = at
 
     def _round_rows(self, force: bool, server: Server | None) -> None:

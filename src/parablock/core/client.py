@@ -40,6 +40,7 @@ from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight, Overlap
 from parablock.core.protocol import (
     BEHIND,
+    MAX_REPORT_SPANS,
     PROTOCOL,
     AggregateReady,
     JoinReply,
@@ -396,13 +397,15 @@ class Client:
         fields = {k: getattr(record, k) for k in RecordReport.__dataclass_fields__}
         if fields["train_loss"] != fields["train_loss"]:  # NaN (drain rounds): JSON has none
             fields["train_loss"] = None
-        self.connection.report(
-            RoundReport(
-                RecordReport(**fields),
-                [SpanReport(s.round, s.phase, s.start, s.end) for s in spans],
-                final,
-            )
+        report = RoundReport(
+            RecordReport(**fields),
+            [SpanReport(s.round, s.phase, s.start, s.end) for s in spans[-MAX_REPORT_SPANS:]],
+            final,
         )
+        try:
+            self.connection.report(report)
+        except MessageError as e:  # the server keeps less of this round's timings; train on
+            log.warning("client %d: round %d report refused: %s", self.id, record.round, e)
 
     def new_record(self, round: int, drain: bool = False) -> RoundRecord:
         block = self.plan[round] if round < len(self.plan) else -1

@@ -13,9 +13,10 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from parablock.core.lora import LoraSettings
+from parablock.core.messages import parse_json
 from parablock.core.overlap import Overlap
 from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
@@ -32,18 +33,18 @@ M = TypeVar("M", bound="Message")
 class Message:
     """Base of the JSON control messages: ``to_bytes`` / ``from_bytes`` with strict checking."""
 
+    MAX_BYTES: ClassVar[int] = 4 << 20  # a larger payload is refused before it is parsed
+
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls: type[M], payload: bytes) -> M:
-        if len(payload) > 16 << 20:
-            raise MessageError(f"{cls.__name__}: {len(payload)} bytes is too large")
-        try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MessageError(f"{cls.__name__}: not JSON ({e})") from None
-        return _build(cls, data, cls.__name__)
+        if len(payload) > cls.MAX_BYTES:
+            raise MessageError(
+                f"{cls.__name__}: {len(payload)} bytes is too large (at most {cls.MAX_BYTES})"
+            )
+        return _build(cls, parse_json(payload, cls.__name__), cls.__name__)
 
     @classmethod
     def from_dict(cls: type[M], data: Any) -> M:
@@ -261,10 +262,22 @@ class RecordReport(Message):
     steps: int = 0
 
 
+# An honest report holds one barrier record and the handful of phase spans (compute, upload,
+# wait, download, idle) since the last one; these bounds leave room for ten times that.
+MAX_REPORT_SPANS = 64  # per report, and per client and round over all its reports
+MAX_REPORT_BYTES = 64 << 10
+
+
 @dataclass(frozen=True)
 class RoundReport(Message):
     """A client's barrier record and the phase spans since its last report."""
 
+    MAX_BYTES: ClassVar[int] = MAX_REPORT_BYTES
+
     record: RecordReport
     spans: list[SpanReport]
     final: bool = False  # its last report: the client has finished
+
+    def __post_init__(self) -> None:
+        if len(self.spans) > MAX_REPORT_SPANS:
+            raise ValueError(f"{len(self.spans)} spans (at most {MAX_REPORT_SPANS} a report)")

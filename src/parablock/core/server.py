@@ -48,6 +48,7 @@ from parablock.core.messages import (
 from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
 from parablock.core.protocol import (
     BEHIND,
+    MAX_REPORT_SPANS,
     PROTOCOL,
     AggregateReady,
     JoinReply,
@@ -55,6 +56,8 @@ from parablock.core.protocol import (
     RoundReport,
     RunSettings,
 )
+from parablock.core.train import lr_factor
+from parablock.core.trust import MARGIN, UpdateBound
 from parablock.errors import AggregationError, RoundFailedError, RunStopped  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class ServerStats:
     accepted: int = 0
     rejected: Rejections = field(default_factory=Rejections)
     clipped: int = 0  # updates scaled down to federation.max_update_norm
+    bound_ratio: float = 0.0  # the largest |delta| / honest bound of an accepted update
     aggregate_s: dict[int, float] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
@@ -108,6 +112,7 @@ class Server:
         max_client_weight: float = 1.0,
         max_update_norm: float = 0.0,
         update_norm_action: str = "clip",
+        update_bound: bool = True,
         round_timeout_s: float = 600.0,
         settings: RunSettings | None = None,
         fingerprint: str = "",
@@ -131,6 +136,9 @@ class Server:
             if settings
             else 0
         )
+        # What an honest update can reach (core/trust.py): every coordinate within what the
+        # announced AdamW steps can move it; None without settings (in-process unit tests).
+        self.bound = _honest_bound(settings) if update_bound and settings else None
         self.round_timeout_s = round_timeout_s
         self.settings = settings  # handed to every client at join
         self.turns = list(settings.turns) if settings else []  # [] = every client, every round
@@ -140,6 +148,7 @@ class Server:
         self.stats = ServerStats()
         self.reports: dict[int, ClientLog] = {}  # what clients reported (remote runs)
         self.finished: set[int] = set()  # clients whose final report arrived
+        self._span_counts: dict[int, Counter[int]] = {}  # client -> round -> spans reported
         self._start: dict[int, int] = {}  # client -> first round it is expected in
         self._pending: dict[int, dict[int, BlockUpdate]] = {}
         self._first_arrival: dict[int, float] = {}
@@ -438,6 +447,17 @@ class Server:
                 f"{where}: num_examples={u.num_examples} exceeds what a round uses "
                 f"({self._steps_name()} x batch_size = {self.max_examples})"
             )
+        if self.bound is not None:
+            ratio = self.bound.excess(u.tensors, {n: self._params[n] for n in u.tensors})
+            if not ratio <= MARGIN:
+                raise MessageError(
+                    f"{where}: it moves a coordinate {ratio:.3g}x as far as the announced "
+                    f"training can ({self._steps_name()} AdamW steps at lr "
+                    f"{self.settings.lr:g}); an honest update stays within 1x "
+                    "(federation.update_bound)"
+                )
+            with self._cond:
+                self.stats.bound_ratio = max(self.stats.bound_ratio, ratio)
         if self.max_update_norm > 0:
             norm = delta_norm(u.tensors)
             if norm > self.max_update_norm:
@@ -510,14 +530,23 @@ class Server:
         )
 
     # -- serving aggregates -----------------------------------------------------------------
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
-        """Block until round's aggregate exists; close the round at its deadline if needed."""
+    def wait_aggregate(
+        self,
+        round: int,
+        timeout: float | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> AggregateReady:
+        """Block until round's aggregate exists; close the round at its deadline if needed.
+        ``alive``: asked about once a second; a caller that is gone (a network call its peer
+        cancelled) stops waiting with ``RunStopped``."""
         limit = self.round_timeout_s if timeout is None else timeout
         with self._cond:
             while True:
                 ready = self._settled(round)
                 if ready is not None:
                     return ready
+                if alive is not None and not alive():
+                    raise RunStopped("the caller is gone")
                 left = self._deadline_left(round, limit)
                 if left <= 0 and round == self.next_round:
                     self._close_at_deadline(round, limit)
@@ -602,11 +631,27 @@ class Server:
 
     # -- reports, stop, resume --------------------------------------------------------------
     def report(self, report: RoundReport, client: int) -> None:
-        """Keep what ``client`` measured (remote runs build their metrics from these)."""
+        """Keep what ``client`` measured (remote runs build their metrics from these).
+
+        Bounded: one record per round (a later one replaces it) and at most
+        ``MAX_REPORT_SPANS`` spans per round over all of a client's reports; the run files take
+        the spans away as they write them (``RunFiles``), so they are not held for the run."""
         r = report.record
         for rnd, phase in [(r.round, "compute")] + [(s.round, s.phase) for s in report.spans]:
             if not 0 <= rnd <= len(self.plan) or phase not in PHASES:
                 raise MessageError(f"report from client {client}: bad round {rnd} or phase")
+        if not 0 <= client < self.clients:
+            raise MessageError(f"report from client {client}: not one of this run's clients")
+        new = Counter(s.round for s in report.spans)
+        with self._cond:
+            had = self._span_counts.setdefault(client, Counter())
+            over = sorted(t for t, n in new.items() if had[t] + n > MAX_REPORT_SPANS)
+            if over:
+                raise MessageError(
+                    f"report from client {client}: more than {MAX_REPORT_SPANS} spans for round "
+                    f"{over[0]}"
+                )
+            had.update(new)
         record = RoundRecord(
             client,
             r.round,
@@ -630,7 +675,8 @@ class Server:
         with self._cond:
             lg = self.reports.setdefault(client, ClientLog(client))
             lg.rounds = [x for x in lg.rounds if x.round != r.round] + [record]
-            lg.spans.extend(spans)
+            with lg._lock:
+                lg.spans.extend(spans)
             if report.final:
                 self.finished.add(client)
             self._cond.notify_all()
@@ -681,6 +727,13 @@ class Server:
         with self._cond:
             b = self.blocks[block]
             return BlockValue(block, self.versions[block], block_state(self.model, b))
+
+
+def _honest_bound(s: RunSettings) -> UpdateBound:
+    """The bound of the training ``s`` announces: its most steps, each at its scheduled lr."""
+    train = s.train_settings()
+    steps = s.overlap().most_steps(s.local_steps)
+    return UpdateBound.of([s.lr * lr_factor(k, train) for k in range(steps)], s.weight_decay)
 
 
 def _no_settings(plan: list[int]) -> RunSettings:
