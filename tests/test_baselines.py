@@ -189,7 +189,7 @@ def test_server_expects_only_the_rounds_turn():
     server = Server(model, blocks, plan, clients=2, settings=settings)
 
     def send(client, round, block, base=-1):
-        delta = {n: torch.full_like(t, 0.5) for n, t in block_state(model, blocks[block]).items()}
+        delta = {n: torch.full_like(t, 5e-4) for n, t in block_state(model, blocks[block]).items()}
         update = BlockUpdate(client, round, block, base, 1, 0.1, delta)
         return server.receive_update(update.serialize(), client)
 

@@ -162,7 +162,7 @@ def test_the_server_bounds_examples_by_local_steps_max():
     server, blocks = _server(settings=settings, min_clients=1)
     ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), n=21)
     assert not ok and "(local_steps_max x batch_size = 20)" in reason
-    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1.0), n=20)[0]
+    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1e-3), n=20)[0]
 
 
 def test_config_and_settings_refuse_local_steps_max_below_local_steps():

@@ -259,7 +259,7 @@ def test_num_examples_is_bounded_by_what_a_round_uses():
     server, blocks = _server(settings=_settings(steps=2, batch=4), min_clients=1)
     ok, reason = _send(server, 0, 0, 1, _delta(blocks, 1, 1.0), n=10**12)
     assert not ok and "exceeds what a round uses (local_steps x batch_size = 8)" in reason
-    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1.0), n=8)[0]
+    assert _send(server, 1, 0, 1, _delta(blocks, 1, 1e-3), n=8)[0]
 
 
 def test_max_client_weight_caps_one_clients_share():

@@ -40,10 +40,13 @@ KINDS: dict[str, str] = {
     "future": "the update claims the next round",
     "truncate": "the last bytes of the upload are missing",
     "forge": "forged metadata: another client's id and num_examples=10**12",
+    "scale": "the delta multiplied by 1e6, finite: a poisoned update that passes every check of "
+    "form (names, shapes, finite values, metadata)",
     "token": "an upload with a wrong token comes first (network only; refused before it is read)",
     "replay": "the upload is sent a second time (refused as a duplicate or late)",
 }
-CORRUPT = ("cut", "nan", "shape", "block", "stale", "future", "truncate", "forge")
+CORRUPT = ("cut", "nan", "shape", "block", "stale", "future", "truncate", "forge", "scale")
+SCALE = 1e6  # the factor of a ``scale`` fault
 _ITEM = re.compile(r"^(?P<kind>[a-z]+)(?:@(?P<client>\d+):(?P<round>\d+)|~(?P<p>[0-9.eE+-]+))$")
 
 
@@ -136,6 +139,8 @@ def corrupt(kind: str, u: BlockUpdate, plan: list[int]) -> list[bytes]:
     elif kind == "forge":
         meta["client"] = u.client + 1
         meta["num_examples"] = 10**12
+    elif kind == "scale":  # every float tensor: the delta, or an int8 delta's row scales
+        tensors = {n: t * SCALE if t.is_floating_point() else t for n, t in tensors.items()}
     chunks = [bytes(c) for c in encode("BlockUpdate", meta, tensors, 1 << 16)]
     if kind == "truncate":
         chunks[-1] = chunks[-1][:-8]

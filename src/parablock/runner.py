@@ -239,6 +239,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         max_client_weight=fed.max_client_weight,
         max_update_norm=fed.max_update_norm,
         update_norm_action=fed.update_norm_action,
+        update_bound=fed.update_bound,
         round_timeout_s=fed.round_timeout_s,
         settings=run_settings(cfg, plan),
         fingerprint=fingerprint,

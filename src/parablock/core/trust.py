@@ -1,0 +1,79 @@
+"""How far an honest update can move a block: the bound the server holds every update to.
+
+A client trains with the settings the server handed it: a fresh AdamW, ``local_steps`` steps
+(``local_steps_max`` at most) at ``lr`` times its schedule, weight decay ``wd``. AdamW moves each
+coordinate by ``lr_t * m_t / (sqrt(v_t) + eps)`` plus ``lr_t * wd * p`` per step, and whatever
+the gradients, the bias-corrected ``|m_t| / sqrt(v_t)`` is at most
+
+    c_t = sqrt( sum_{i<=t} a_i^2 / b_i ),  a_i = (1-b1) b1^(t-i) / (1-b1^t),
+                                            b_i = (1-b2) b2^(t-i) / (1-b2^t)
+
+(Cauchy-Schwarz; c_1 = 1: the first step moves every coordinate by exactly lr at most, and
+c_t stays near 1 for the few steps of a round). Over a round each coordinate therefore moves by
+at most ``A + B * wd * |p|``, with ``A = sum_t lr_t c_t (+ the decay of what earlier steps
+added)`` and ``B = sum_t lr_t``. No honest update goes past it, whatever the data; an update
+that does was not made by the announced training: a poisoned, scaled or buggy one.
+
+The server checks every coordinate against ``MARGIN`` times the bound (the margin covers float32
+rounding and what lossy link compression and its error feedback add, under 1% in practice).
+``benchmarks/faults.py`` reports the largest ratio honest SmolLM2 updates reach.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which core.train uses
+MARGIN = 1.1
+
+
+def adam_ratio_bounds(steps: int, betas: tuple[float, float] = BETAS) -> list[float]:
+    """``c_t`` for t = 1..steps: the largest ``|m_t| / sqrt(v_t)`` (bias-corrected) any gradient
+    sequence can give at step t."""
+    b1, b2 = betas
+    out = []
+    for t in range(1, steps + 1):
+        total = 0.0
+        for i in range(1, t + 1):
+            a = (1 - b1) * b1 ** (t - i) / (1 - b1**t)
+            b = (1 - b2) * b2 ** (t - i) / (1 - b2**t)
+            total += a * a / b
+        out.append(math.sqrt(total))
+    return out
+
+
+@dataclass(frozen=True)
+class UpdateBound:
+    """Per coordinate, ``|delta| <= reach + decay * |p|`` for a block whose value is ``p``."""
+
+    reach: float  # A: what the steps themselves can move a coordinate by
+    decay: float  # B * wd: the share of |p| weight decay can take off it
+
+    @classmethod
+    def of(cls, lrs: list[float], weight_decay: float) -> UpdateBound:
+        """The bound of a round whose optimizer steps use learning rates ``lrs``."""
+        ratios = adam_ratio_bounds(len(lrs))
+        reach, moved = 0.0, 0.0  # moved: how far earlier steps can have taken p from its start
+        for lr, c in zip(lrs, ratios, strict=True):
+            reach += lr * c + lr * weight_decay * moved
+            moved += lr * c
+        return cls(reach, weight_decay * sum(lrs))
+
+    def excess(
+        self, delta: dict[str, torch.Tensor], value: dict[str, torch.Tensor], step: int = 1 << 20
+    ) -> float:
+        """The largest ``|delta| / bound`` over every coordinate (<= 1 for honest training), a
+        million coordinates at a time (the temporaries of a whole large block would not be)."""
+        eps = torch.finfo(torch.float32).eps  # float32 rounding of p + delta, relative to |p|
+        worst = 0.0
+        for n, d in delta.items():
+            flat, base = d.detach().reshape(-1), value[n].detach().reshape(-1)
+            for i in range(0, flat.numel(), step):
+                p = base[i : i + step].abs()
+                allowed = self.reach + self.decay * p
+                over = (flat[i : i + step].abs() - eps * p).clamp_min(0) / allowed
+                worst = max(worst, float(over.max()))
+        return worst
