@@ -265,6 +265,12 @@ class FederationConfig:
         "reject the update",
         choices=("clip", "reject"),
     )
+    update_bound: bool = opt(
+        True,
+        "refuse an update that moves any coordinate further than the announced training can "
+        "(local_steps, or local_steps_max, AdamW steps at lr; no honest update reaches it): "
+        "stops a scaled or poisoned update whatever its size",
+    )
     min_clients: int = opt(0, "updates a round needs after its deadline (0 = all clients)", ge=0)
     round_timeout_s: float = opt(
         600.0, "seconds a round waits for missing updates after the first one arrives", gt=0.0
@@ -441,7 +447,7 @@ class RunConfig:
         "fault injection, for tests and benchmarks (off when empty): comma-separated "
         "KIND@CLIENT:ROUND (one fault) or KIND~P (each client's round, probability P, seeded "
         "by run.seed); KIND: crash, stall, cut, nan, shape, block, stale, future, truncate, "
-        "forge, token, replay (README: Fault injection)",
+        "forge, scale, token, replay (README: Fault injection)",
     )
 
 
@@ -466,6 +472,13 @@ class ServerConfig:
         600.0,
         "parablock server: seconds to wait for all clients to join; then it starts with "
         "federation.min_clients if that many joined",
+        gt=0.0,
+    )
+    request_timeout_s: float = opt(
+        30.0,
+        "parablock server: the longest a client may stay silent within a call (its request, an "
+        "upload's next chunk, taking a download's next chunk); then the call is ended, logged "
+        "and counted, and its worker and call slot are free again",
         gt=0.0,
     )
 

@@ -35,6 +35,7 @@ class Listener:
     credentials: grpc.ServerCredentials | None
     clients: ClientsFile
     join_timeout_s: float
+    request_timeout_s: float = 30.0
 
 
 def listener(cfg) -> Listener:
@@ -76,7 +77,7 @@ def listener(cfg) -> Listener:
             "server.insecure=true: tokens and model blocks cross the network in PLAIN TEXT; "
             "use TLS (server.tls_cert, server.tls_key) anywhere but a trusted test network"
         )
-    return Listener(s.address, creds, clients, s.join_timeout_s)
+    return Listener(s.address, creds, clients, s.join_timeout_s, s.request_timeout_s)
 
 
 def run_remote(
@@ -88,7 +89,9 @@ def run_remote(
 ) -> list[ClientLog]:
     """Serve the run to remote clients until it ends; returns what each client reported."""
     stop = stop or threading.Event()
-    service = FederationService(server, where.clients, hold_joins=True)
+    service = FederationService(
+        server, where.clients, hold_joins=True, request_timeout_s=where.request_timeout_s
+    )
     workers = CALLS_PER_CLIENT * server.clients + 8  # no client can hold more
     try:
         grpc_server, port = start(service, where.address, where.credentials, workers)
@@ -127,8 +130,14 @@ def run_remote(
         service.started.set()  # releases any join still held
         server.stop()  # wakes any call still waiting
         grpc_server.stop(grace=2.0).wait()
+    service.stop()
     if service.stats.refused:
         log.warning("%d call(s) refused (bad or missing token)", len(service.stats.refused))
+    if service.stats.ended:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(service.stats.ended.by_kind.items()))
+        log.warning(
+            "%d call(s) refused or ended for what they did (%s)", len(service.stats.ended), kinds
+        )
     return [server.reports.get(c, ClientLog(c)) for c in range(server.clients)]
 
 
