@@ -182,6 +182,7 @@ def test_killed_client_restarts_from_its_checkpoint_and_the_run_files_stay_whole
         str(tmp_path),
         federation={"clients": 3, "rounds": 5},
         link=_SLOW,
+        eval={"accuracy_size": 0},  # no generation: seconds per evaluation on a small machine
         run={"backend": "ray"},
     )
     watch = _KillAndWatch(victim=2, at=1, drain=5)
