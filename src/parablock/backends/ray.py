@@ -179,8 +179,6 @@ class ClientActor:
         )
 
     def run(self) -> str:
-        """Run the client to the end (an actor started to replace a dead one builds it first)."""
-
         def build(spec: ClientSpec):
             return build_client(
                 spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
@@ -191,8 +189,6 @@ class ClientActor:
                 self._log = (self._log[0] + 1, client.log)
             self.client = client
 
-        if self.client is None:
-            self.setup()
         try:
             run_spec(self.spec, build, self.client, current)
         except RunStopped:
@@ -329,8 +325,9 @@ class _Fleet:
                 s.client_id, ClientLog(s.client_id), self._actor(s)
             )
         self.dropped: set[int] = set()
-        self.stage = "setup"  # the actor method every client runs now: "setup", then "run"
+        self.stage = "setup"  # what the clients do now: "setup" (load models), then "run"
         self.running: dict[Any, int] = {}  # run (or setup) ref -> client
+        self.starting: dict[Any, int] = {}  # setup ref of an actor that replaces one -> client
         self.polls: dict[Any, tuple[int, float]] = {}  # progress ref -> (client, sent at)
         self.next_poll: dict[int, float] = {}
         self.last_progress: dict[int, float] = {}
@@ -361,14 +358,14 @@ class _Fleet:
         """Wait for every ref in ``refs``, polling progress, restarting dead actors and dropping
         the ones that stop answering."""
         self.running = refs
-        while self.running:
+        while self.running or self.starting:
             now = time.monotonic()
             for c in set(self.running.values()):
                 if now >= self.next_poll.get(c, math.inf) and c not in self._polled():
                     self.polls[self._progress(c)] = (c, now)
             if self.relay is None and self.listeners:
                 self.relay = self.server.take_events.remote(self.wait_s)
-            pending = list(self.running) + list(self.polls) + [self.relay] * bool(self.relay)
+            pending = [*self.running, *self.starting, *self.polls] + [self.relay] * bool(self.relay)
             ready, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             if ready:
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
@@ -384,6 +381,11 @@ class _Fleet:
                     ok, value = self._get(ref, c)
                     if ok:
                         done(c, value)
+                elif ref in self.starting:
+                    c = self.starting.pop(ref)
+                    ok, value = self._get(ref, c)
+                    if ok:
+                        self._started(c, value)
                 elif ref == self.relay:
                     self.relay_aggregates()  # and a new long poll goes out with the next loop
             self._check_liveness()
@@ -482,7 +484,7 @@ class _Fleet:
         for c, sent in list(self.polls.values()):
             if now - sent > self.answer_s:
                 self.drop(c, f"it did not answer for {self.answer_s:g}s")
-        running = set(self.running.values())
+        running = set(self.running.values()) | set(self.starting.values())
         finished = set(self.views) - running - self.dropped
         if len(running) < len(set(self.views) - self.dropped) and finished:
             for c in running:
@@ -530,15 +532,22 @@ class _Fleet:
         )
         view.actor = self._actor(replace(spec, resume=state))
         view.phases, view.generation = 0, -1  # a new actor: its log from its beginning
-        self.running[getattr(view.actor, self.stage).remote()] = c  # run builds its client
-        now = time.monotonic()
-        self.last_progress[c] = now
+        # Set up first, unpolled: a process that is still starting is not a hung one.
+        self.starting[view.actor.setup.remote()] = c
         if self.stage == "run":
-            self.next_poll[c] = now
+            self.last_progress[c] = time.monotonic()
+
+    def _started(self, c: int, where: str) -> None:
+        """A replacing actor has its client built: it runs (in the run stage), polled from now."""
+        log.info("client %d runs again, on %s", c, where)
+        if self.stage == "run":
+            self.running[self.views[c].actor.run.remote()] = c
+            self.last_progress[c] = self.next_poll[c] = time.monotonic()
 
     def _forget(self, c: int) -> None:
         """Stop waiting for client ``c``'s calls in flight."""
         self.running = {r: x for r, x in self.running.items() if x != c}
+        self.starting = {r: x for r, x in self.starting.items() if x != c}
         self.polls = {r: v for r, v in self.polls.items() if v[0] != c}
 
     def drop(self, c: int, reason: str) -> None:
