@@ -1,4 +1,5 @@
-"""The Ray backend against the local one (same final global model) and a client killed mid-run.
+"""The Ray backend against the local one (same final global model) and clients killed mid-run
+(restarted from their checkpoints, or dropped once out of restarts) or hung (dropped).
 
 One small local Ray instance serves the whole module and is shut down at its end.
 """
@@ -428,6 +429,50 @@ def test_long_polls_answer_on_news_and_the_last_relay_ends_a_waiting_one():
     client._log = (1, restored)
     assert client.progress((0, 1, 3, 2)) == ((1, 1, 0, 0), [], restored.spans, restored.rounds)
     assert client.progress((1, 1, 1, 1)) == ((1, 1, 1, 1), [], [], [])
+
+
+def test_the_drivers_log_of_a_client_goes_on_across_its_actors():
+    """A new actor's log starts over, its checkpoint's records first: the driver skips what it
+    holds, adds what it never saw, and a round run again replaces its record, so the log (and
+    the metrics written from it) keeps one record per round; ``on_barrier`` hears each new or
+    replaced record once. The fleet's merge alone, without Ray."""
+    from parablock.backends.ray import ClientView, _Fleet
+    from parablock.core.metrics import ClientLog, RoundRecord, Span
+
+    heard: list[tuple[int, int]] = []
+    fleet = object.__new__(_Fleet)  # no actors: only what _merge uses
+    fleet.on_phase, fleet.last_progress = None, {}
+    fleet.on_barrier = lambda view, t: heard.append((view.id, t))
+    fleet.views = {c: ClientView(c, ClientLog(c), actor=None) for c in (1, 2)}
+
+    def rec(c: int, t: int, loss: float) -> RoundRecord:
+        return RoundRecord(c, t, t % 2, train_loss=loss)
+
+    def span(c: int, t: int, start: float) -> Span:
+        return Span(c, t, "compute", start, start + 0.5)
+
+    def restarted(c: int) -> None:  # what _restart does to the cursors
+        fleet.views[c].phases, fleet.views[c].generation = 0, -1
+
+    # Client 2's first actor passed barriers 0..2; it died before its checkpoint of round 2 was
+    # written, so its new actor restored round 1 and ran round 2 again, then round 3.
+    old = [span(2, t, t) for t in range(3)]
+    fleet._merge(2, ((0, 0, 0, 0), [], old, [rec(2, t, t) for t in range(3)]))
+    restarted(2)
+    new = old[:2] + [span(2, 2, 9.0), span(2, 3, 10.0)]
+    fleet._merge(2, ((0, 0, 0, 0), [], new, [rec(2, 0, 0), rec(2, 1, 1), rec(2, 2, 2.5)]))
+    fleet._merge(2, ((0, 0, 4, 3), [], [], [rec(2, 3, 3)]))  # the next poll, same log
+    lg = fleet.views[2].log
+    assert [(r.round, r.train_loss) for r in lg.rounds] == [(0, 0), (1, 1), (2, 2.5), (3, 3)]
+    assert lg.spans == old + new[2:]  # both runs of round 2 took time: both spans stay
+    assert [t for c, t in heard if c == 2] == [0, 1, 2, 2, 3]
+
+    # Client 1's driver had seen barrier 0 only; its checkpoint (round 1) brings round 1 back.
+    fleet._merge(1, ((0, 0, 0, 0), [], [], [rec(1, 0, 0)]))
+    restarted(1)
+    fleet._merge(1, ((0, 0, 0, 0), [], [], [rec(1, 0, 0), rec(1, 1, 1)]))
+    assert [r.round for r in fleet.views[1].log.rounds] == [0, 1]
+    assert [t for c, t in heard if c == 1] == [0, 1]
 
 
 def test_faults_on_ray_end_with_the_local_backends_model(ray_session, tiny_model_dir, tmp_path):
