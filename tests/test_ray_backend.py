@@ -1,4 +1,5 @@
-"""The Ray backend against the local one (same final global model) and a client killed mid-run.
+"""The Ray backend against the local one (same final global model) and clients killed mid-run
+(restarted from their checkpoints, or dropped once out of restarts) or hung (dropped).
 
 One small local Ray instance serves the whole module and is shut down at its end.
 """
@@ -113,9 +114,103 @@ def test_baselines_on_ray_end_with_the_local_backends_model(
         assert sorted(seen) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 3)]
 
 
-def test_killed_client_is_dropped_and_the_run_finishes(
+class _KillAndWatch:
+    """``on_barrier``: SIGKILLs client ``victim``'s actor process at its barrier ``at`` (once: a
+    process that dies, not one that keeps dying), and asks every client's actor for its model's
+    fingerprint at its drain barrier (replayed while the actor is still alive)."""
+
+    def __init__(self, victim: int, at: int, drain: int) -> None:
+        self.victim, self.at, self.drain = victim, at, drain
+        self.killed: list[int] = []
+        self.fingerprints: dict[int, str] = {}
+
+    def __call__(self, client, t: int) -> None:
+        from parablock.model import model_fingerprint
+
+        if client.id == self.victim and t == self.at and not self.killed:
+            pid = ray.get(client.actor.__ray_call__.remote(lambda actor: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)
+        if t == self.drain:
+            self.fingerprints[client.id] = ray.get(
+                client.actor.__ray_call__.remote(
+                    lambda actor: model_fingerprint(actor.client.model)
+                )
+            )
+
+
+def test_killed_client_restarts_afresh_rejoins_and_ends_with_the_servers_model(
     ray_session, tiny_model_dir, tmp_path, caplog
 ):
+    """Without a checkpoint the new actor starts from the base model and catches up at its join."""
+    from parablock.model import model_fingerprint
+
+    cfg = tiny_config(
+        tiny_model_dir, str(tmp_path), federation={"clients": 3, "rounds": 5}, link=_SLOW
+    )
+    fed = prepare(cfg)
+    assert all(s.checkpoint_dir is None for s in fed.specs)
+    watch = _KillAndWatch(victim=2, at=1, drain=5)
+    caplog.set_level(logging.WARNING, logger="parablock")
+    logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=watch)
+    stats = fed.server.stats
+    assert watch.killed
+    assert any(
+        "client 2: its actor died" in r.message
+        and "restarts it afresh (no checkpoint)" in r.message
+        for r in caplog.records
+    )
+    assert stats.dropped == [] and fed.server.next_round == 5
+    assert [c for c, _ in stats.joins].count(2) == 2  # its first join and its rejoin
+    assert all(stats.participants[t] == [0, 1, 2] for t in range(5))  # it missed no round
+    # one record per round in the driver's log of each client, the restarted one too
+    assert [[r.round for r in lg.rounds] for lg in logs] == [list(range(6))] * 3
+    assert all(len(set(lg.spans)) == len(lg.spans) for lg in logs)
+    want = model_fingerprint(fed.model)
+    assert watch.fingerprints == {0: want, 1: want, 2: want}  # bit for bit
+
+
+def test_killed_client_restarts_from_its_checkpoint_and_the_run_files_stay_whole(
+    ray_session, tiny_model_dir, tmp_path, caplog
+):
+    """A whole run (checkpoints on): the new actor continues from the client's checkpoint, the
+    summary counts every update and no drop, and metrics.jsonl holds every client's every round."""
+    from parablock.runner import run
+    from parablock.tools.report import latest_rows
+
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path),
+        federation={"clients": 3, "rounds": 5},
+        link=_SLOW,
+        eval={"accuracy_size": 0},  # no generation: seconds per evaluation on a small machine
+        run={"backend": "ray"},
+    )
+    watch = _KillAndWatch(victim=2, at=1, drain=5)
+    caplog.set_level(logging.WARNING, logger="parablock")
+    summary = run(cfg, on_barrier=watch)
+    assert watch.killed
+    assert any(
+        "client 2: its actor died" in r.message and "restarts it after round " in r.message
+        for r in caplog.records
+    )
+    assert summary["clients_dropped"] == [] and summary["updates_accepted"] == 3 * 5
+    assert watch.fingerprints == {c: summary["final_model_fingerprint"] for c in range(3)}
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    latest = latest_rows(rows)
+    got = sorted((r["client"], r["round"]) for r in latest if r["kind"] == "client_round")
+    assert got == [(c, t) for c in range(3) for t in range(6)]
+    assert {r["round"]: r["participants"] for r in latest if r["kind"] == "round"} == {
+        t: [0, 1, 2] for t in range(5)
+    }
+
+
+def test_killed_client_with_no_restarts_left_is_dropped_and_the_run_finishes(
+    ray_session, tiny_model_dir, tmp_path, caplog, monkeypatch
+):
+    import parablock.backends.ray as ray_backend
+
+    monkeypatch.setattr(ray_backend, "MAX_RESTARTS", 0)
     cfg = tiny_config(
         tiny_model_dir,
         str(tmp_path),
@@ -175,18 +270,25 @@ def test_frozen_client_stops_answering_and_is_dropped(
     assert any("client 1 dropped: it did not answer for 2s" in r.message for r in caplog.records)
 
 
-def test_too_few_clients_left_fails_clearly(ray_session, tiny_model_dir, tmp_path):
+def test_a_client_that_keeps_dying_is_dropped_and_too_few_left_fails_clearly(
+    ray_session, tiny_model_dir, tmp_path, monkeypatch
+):
+    import parablock.backends.ray as ray_backend
     from parablock.core.server import RoundFailedError
 
+    monkeypatch.setattr(ray_backend, "MAX_RESTARTS", 1)
     cfg = tiny_config(tiny_model_dir, str(tmp_path), link=_SLOW)  # min_clients: all
     fed = prepare(cfg)
+    killed: list = []
 
-    def kill_client_1(client, t):
-        if client.id == 1 and t == 0:
+    def kill_client_1(client, t):  # each of its actors, at the first barrier it passes
+        if client.id == 1 and all(a is not client.actor for a in killed):
+            killed.append(client.actor)
             ray.kill(client.actor, no_restart=True)
 
-    with pytest.raises(RoundFailedError, match="only 1 of 2 clients remain"):
+    with pytest.raises(RoundFailedError, match=r"only 1 of 2 clients remain .*after 1 restart"):
         BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_1)
+    assert len(killed) == 2  # the first actor and the one that replaced it
 
 
 def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_session, tiny_model_dir, tmp_path):
@@ -310,14 +412,67 @@ def test_long_polls_answer_on_news_and_the_last_relay_ends_a_waiting_one():
     assert actor.take_events(wait_s=30) == [(4, 8)]  # later news is still handed over
 
     client = ClientActor(SimpleNamespace(client_id=5), server=None, threads=1)
-    asked = threading.Thread(target=lambda: got.append(client.progress((0, 0, 0), wait_s=30)))
+    asked = threading.Thread(target=lambda: got.append(client.progress((0, 0, 0, 0), wait_s=30)))
     asked.start()
     time.sleep(0.2)
     client._on_phase(5, 0, "compute", True)
     asked.join(10)
     assert not asked.is_alive()
-    assert got[-1] == ((0, 0, 0), [(5, 0, "compute", True)], [], [])
-    assert client.progress((1, 0, 0)) == ((1, 0, 0), [], [], [])  # no news, no wait: empty
+    assert got[-1] == ((0, 0, 0, 0), [(5, 0, "compute", True)], [], [])
+    assert client.progress((0, 1, 0, 0)) == ((0, 1, 0, 0), [], [], [])  # no news, no wait: empty
+
+    # A client that restarted in the actor brings a new log (its checkpoint's records first): a
+    # poll that counted in the old one gets the new one whole, and the reply says so.
+    from parablock.core.metrics import ClientLog, RoundRecord, Span
+
+    restored = ClientLog(5, [Span(5, 0, "compute", 1.0, 2.0)], [RoundRecord(5, 0, 0)])
+    client._log = (1, restored)
+    assert client.progress((0, 1, 3, 2)) == ((1, 1, 0, 0), [], restored.spans, restored.rounds)
+    assert client.progress((1, 1, 1, 1)) == ((1, 1, 1, 1), [], [], [])
+
+
+def test_the_drivers_log_of_a_client_goes_on_across_its_actors():
+    """A new actor's log starts over, its checkpoint's records first: the driver skips what it
+    holds, adds what it never saw, and a round run again replaces its record, so the log (and
+    the metrics written from it) keeps one record per round; ``on_barrier`` hears each new or
+    replaced record once. The fleet's merge alone, without Ray."""
+    from parablock.backends.ray import ClientView, _Fleet
+    from parablock.core.metrics import ClientLog, RoundRecord, Span
+
+    heard: list[tuple[int, int]] = []
+    fleet = object.__new__(_Fleet)  # no actors: only what _merge uses
+    fleet.on_phase, fleet.last_progress = None, {}
+    fleet.on_barrier = lambda view, t: heard.append((view.id, t))
+    fleet.views = {c: ClientView(c, ClientLog(c), actor=None) for c in (1, 2)}
+
+    def rec(c: int, t: int, loss: float) -> RoundRecord:
+        return RoundRecord(c, t, t % 2, train_loss=loss)
+
+    def span(c: int, t: int, start: float) -> Span:
+        return Span(c, t, "compute", start, start + 0.5)
+
+    def restarted(c: int) -> None:  # what _restart does to the cursors
+        fleet.views[c].phases, fleet.views[c].generation = 0, -1
+
+    # Client 2's first actor passed barriers 0..2; it died before its checkpoint of round 2 was
+    # written, so its new actor restored round 1 and ran round 2 again, then round 3.
+    old = [span(2, t, t) for t in range(3)]
+    fleet._merge(2, ((0, 0, 0, 0), [], old, [rec(2, t, t) for t in range(3)]))
+    restarted(2)
+    new = old[:2] + [span(2, 2, 9.0), span(2, 3, 10.0)]
+    fleet._merge(2, ((0, 0, 0, 0), [], new, [rec(2, 0, 0), rec(2, 1, 1), rec(2, 2, 2.5)]))
+    fleet._merge(2, ((0, 0, 4, 3), [], [], [rec(2, 3, 3)]))  # the next poll, same log
+    lg = fleet.views[2].log
+    assert [(r.round, r.train_loss) for r in lg.rounds] == [(0, 0), (1, 1), (2, 2.5), (3, 3)]
+    assert lg.spans == old + new[2:]  # both runs of round 2 took time: both spans stay
+    assert [t for c, t in heard if c == 2] == [0, 1, 2, 2, 3]
+
+    # Client 1's driver had seen barrier 0 only; its checkpoint (round 1) brings round 1 back.
+    fleet._merge(1, ((0, 0, 0, 0), [], [], [rec(1, 0, 0)]))
+    restarted(1)
+    fleet._merge(1, ((0, 0, 0, 0), [], [], [rec(1, 0, 0), rec(1, 1, 1)]))
+    assert [r.round for r in fleet.views[1].log.rounds] == [0, 1]
+    assert [t for c, t in heard if c == 1] == [0, 1]
 
 
 def test_faults_on_ray_end_with_the_local_backends_model(ray_session, tiny_model_dir, tmp_path):

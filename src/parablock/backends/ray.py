@@ -20,9 +20,16 @@ happened; the driver never sees the client's live model. The asks are long polls
 as soon as it has news, or after ``LONG_POLL_S`` with none, so a round costs a few Ray calls per
 client rather than two every second (on a small machine those calls take CPU from training).
 
-Failures: a client actor that dies, does not answer a poll within the round timeout, or makes no
-progress for a round timeout after every other client has finished, is dropped: killed, logged,
-and the server stops waiting for it (``Server.drop_client``). The run goes on while at least
+Failures: a client actor that dies (its process killed, out of memory, its node lost) is
+replaced: the driver starts a new actor for the client from the client's latest checkpoint
+(afresh without one), which rejoins the server like any restarted client (``Server.join`` sends
+every block that moved; a pending delta for the round still open is kept) and takes part in
+the rounds after; the driver's log of the client goes on across its actors. A client whose
+actor died ``MAX_RESTARTS`` times already, or one that dies while the run is stopping, is
+dropped instead, as is a client that does not answer a poll within the round timeout (a hung
+process may still hold resources or write its checkpoint, so it is not restarted) or makes no
+progress for a round timeout after every other client has finished: killed, logged, and the
+server stops waiting for it (``Server.drop_client``). The run goes on while at least
 ``federation.min_clients`` remain and fails with ``RoundFailedError`` otherwise. An exception raised
 by client code in a live actor stops the run and is re-raised, as in the local backend.
 """
@@ -35,7 +42,7 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import parablock
-from parablock.backends import ClientSpec, build_client, client_device, run_spec
+from parablock.backends import MAX_RESTARTS, ClientSpec, build_client, client_device, run_spec
+from parablock.core.checkpoint import CheckpointStore
 from parablock.core.metrics import ClientLog, RoundRecord, Span
 from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.core.server import Server
@@ -154,6 +162,9 @@ class ClientActor:
         self._stop = threading.Event()
         self._phases: list[tuple[int, int, str, bool]] = []  # every span start and end, in order
         self._news = threading.Condition()
+        # The log ``progress`` reads, with a generation that changes when a restarted client
+        # brings a new one (one tuple, so a poll never pairs one log with another's generation).
+        self._log: tuple[int, ClientLog] = (0, ClientLog(spec.client_id))
 
     def setup(self) -> str:
         """Load the model and build the client (errors surface here, not as a dead actor)."""
@@ -161,6 +172,7 @@ class ClientActor:
         self.client = build_client(
             self.spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
         )
+        self._log = (self._log[0], self.client.log)
         return (
             f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}, "
             f"{peak_rss_mb():.0f} MB resident after loading its model"
@@ -172,7 +184,9 @@ class ClientActor:
                 spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
             )
 
-        def current(client) -> None:  # a client that restarted is a new object
+        def current(client) -> None:  # a client that restarted is a new object, with a new log
+            if client is not self.client:
+                self._log = (self._log[0] + 1, client.log)
             self.client = client
 
         try:
@@ -193,20 +207,26 @@ class ClientActor:
             self._news.notify_all()
 
     def progress(
-        self, since: tuple[int, int, int], wait_s: float = 0.0
-    ) -> tuple[tuple[int, int, int], list, list, list]:
+        self, since: tuple[int, int, int, int], wait_s: float = 0.0
+    ) -> tuple[tuple[int, int, int, int], list, list, list]:
         """Phase events, spans and round records from the given positions on, waiting up to
         ``wait_s`` for a new phase event or round record when there is none yet. Stateless, so a
-        late or repeated poll can never lose or duplicate one (list slices are atomic)."""
-        lg = self.client.log if self.client is not None else ClientLog(self.spec.client_id)
-        phases_from, spans_from, rounds_from = since
+        late or repeated poll can never lose or duplicate one (list slices are atomic).
+
+        ``since`` is (log generation, phases, spans, rounds); asked about an older generation
+        (the client restarted and its log was replaced) it answers with the whole current log,
+        and the reply names the positions it answers from."""
+        generation, lg = self._log
+        asked, phases_from, spans_from, rounds_from = since
+        if asked != generation:
+            spans_from = rounds_from = 0
         with self._news:
             self._news.wait_for(
                 lambda: len(self._phases) > phases_from or len(lg.rounds) > rounds_from,
                 timeout=wait_s,
             )
         return (
-            since,
+            (generation, phases_from, spans_from, rounds_from),
             self._phases[phases_from:],
             lg.spans[spans_from:],
             lg.rounds[rounds_from:],
@@ -215,12 +235,22 @@ class ClientActor:
 
 @dataclass
 class ClientView:
-    """What ``on_barrier`` sees of a remote client: its id, its log so far, its actor handle."""
+    """What ``on_barrier`` sees of a remote client: its id, its log so far, its actor handle.
+
+    ``log`` is the driver's one log of the client across the actors that ran it: records and
+    spans are only appended to it, except that a round the client ran again after a restart
+    replaces its earlier record. The cursors say how far the current actor's phase events and
+    log have been taken."""
 
     id: int
     log: ClientLog
     actor: Any
-    phases: int = 0  # phase events replayed so far
+    phases: int = 0  # phase events of the current actor replayed so far
+    generation: int = 0  # the actor's log generation the two cursors below count in
+    spans: int = 0  # spans of that log taken so far
+    rounds: int = 0  # round records of that log taken so far
+    restarts: int = 0  # actors started for this client after one died
+    seen: set[Span] = field(default_factory=set, repr=False)  # every span in ``log``
 
 
 def run_ray(
@@ -250,7 +280,8 @@ def run_ray(
 
 
 class _Fleet:
-    """The driver's view of the actors: starts them, polls them, drops the ones that fail."""
+    """The driver's view of the actors: starts them, polls them, restarts the ones that die and
+    drops the ones that stop answering."""
 
     def __init__(
         self,
@@ -270,39 +301,51 @@ class _Fleet:
         self.min_clients = server.min_clients
         self.answer_s = max(server.round_timeout_s, MIN_ANSWER_S)
         self.wait_s = min(LONG_POLL_S, self.answer_s / 2)  # a long poll ends well before a drop
-        env = _runtime_env()
+        self.specs = {s.client_id: s for s in specs}
+        self.threads = threads
+        self.env = _runtime_env()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # Each client holds at most a join, an upload or a wait, a download (full duplex) and a
-        # report at once; the driver adds a few (its long poll for aggregations, a stop, a drop,
-        # the final state).
+        # report at once, and a client that died may leave two more (a wait, an upload) held
+        # until their round settles while its new actor joins; the driver adds a few (its long
+        # poll for aggregations, a stop, a drop, the final state).
         self.server = (
             ray.remote(ServerActor)
             .options(
                 num_cpus=0,
-                max_concurrency=4 * len(specs) + 4,
+                max_concurrency=6 * len(specs) + 4,
                 scheduling_strategy=here,
-                runtime_env=env,
+                runtime_env=self.env,
             )
             .remote(server)
         )
         self.views: dict[int, ClientView] = {}
         for s in specs:
-            actor = (
-                ray.remote(ClientActor)
-                .options(num_cpus=s.cpus, num_gpus=s.gpus, max_concurrency=4, runtime_env=env)
-                .remote(s, self.server, threads or max(1, int(s.cpus)))
+            self.views[s.client_id] = ClientView(
+                s.client_id, ClientLog(s.client_id), self._actor(s)
             )
-            self.views[s.client_id] = ClientView(s.client_id, ClientLog(s.client_id), actor)
         self.dropped: set[int] = set()
+        self.stage = "setup"  # what the clients do now: "setup" (load models), then "run"
         self.running: dict[Any, int] = {}  # run (or setup) ref -> client
+        self.starting: dict[Any, int] = {}  # setup ref of an actor that replaces one -> client
         self.polls: dict[Any, tuple[int, float]] = {}  # progress ref -> (client, sent at)
         self.next_poll: dict[int, float] = {}
         self.last_progress: dict[int, float] = {}
         self.relay = None  # the driver's long poll for the server actor's aggregations
 
+    def _actor(self, spec: ClientSpec):
+        return (
+            ray.remote(ClientActor)
+            .options(
+                num_cpus=spec.cpus, num_gpus=spec.gpus, max_concurrency=4, runtime_env=self.env
+            )
+            .remote(spec, self.server, self.threads or max(1, int(spec.cpus)))
+        )
+
     def run(self) -> None:
         setup = {v.actor.setup.remote(): c for c, v in self.views.items()}
         self._wait_all(setup, lambda c, where: log.info("client %d runs on %s", c, where))
+        self.stage = "run"
         now = time.monotonic()
         runs = {}
         for c, v in self.views.items():
@@ -312,16 +355,17 @@ class _Fleet:
         self._wait_all(runs, self._collect)
 
     def _wait_all(self, refs: dict[Any, int], done) -> None:
-        """Wait for every ref in ``refs``, polling progress and dropping failed actors."""
+        """Wait for every ref in ``refs``, polling progress, restarting dead actors and dropping
+        the ones that stop answering."""
         self.running = refs
-        while self.running:
+        while self.running or self.starting:
             now = time.monotonic()
             for c in set(self.running.values()):
                 if now >= self.next_poll.get(c, math.inf) and c not in self._polled():
                     self.polls[self._progress(c)] = (c, now)
             if self.relay is None and self.listeners:
                 self.relay = self.server.take_events.remote(self.wait_s)
-            pending = list(self.running) + list(self.polls) + [self.relay] * bool(self.relay)
+            pending = [*self.running, *self.starting, *self.polls] + [self.relay] * bool(self.relay)
             ready, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             if ready:
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
@@ -337,6 +381,11 @@ class _Fleet:
                     ok, value = self._get(ref, c)
                     if ok:
                         done(c, value)
+                elif ref in self.starting:
+                    c = self.starting.pop(ref)
+                    ok, value = self._get(ref, c)
+                    if ok:
+                        self._started(c, value)
                 elif ref == self.relay:
                     self.relay_aggregates()  # and a new long poll goes out with the next loop
             self._check_liveness()
@@ -365,36 +414,61 @@ class _Fleet:
         return {c for c, _ in self.polls.values()}
 
     def _get(self, ref, c: int) -> tuple[bool, Any]:
-        """``(True, ray.get(ref))``; a dead actor is dropped, an error in client code re-raised."""
+        """``(True, ray.get(ref))``; a dead actor is restarted (or dropped), an error in client
+        code re-raised."""
         try:
             return True, ray.get(ref)
         except RayTaskError as e:  # first: a client whose call to a dead server failed is this
             raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         except RayActorError as e:
-            self.drop(c, f"its actor died: {_first_line(e)}")
+            self._died(c, f"its actor died: {_first_line(e)}")
         return False, None
 
     def _progress(self, c: int, wait_s: float | None = None):
         v = self.views[c]
-        since = (v.phases, len(v.log.spans), len(v.log.rounds))
+        since = (v.generation, v.phases, v.spans, v.rounds)
         return v.actor.progress.remote(since, self.wait_s if wait_s is None else wait_s)
 
     def _merge(
-        self, c: int, reply: tuple[tuple[int, int, int], list, list[Span], list[RoundRecord]]
+        self, c: int, reply: tuple[tuple[int, int, int, int], list, list[Span], list[RoundRecord]]
     ):
-        """Replay what is new in a progress reply (it may overlap one merged before it)."""
-        (phases_from, spans_from, rounds_from), phases, spans, rounds = reply
+        """Replay what is new in a progress reply (it may overlap one merged before it). A reply
+        from a new log (the client restarted) starts at its beginning: what the driver already
+        holds of it (the records and spans a checkpoint brought back) is skipped."""
+        (generation, phases_from, spans_from, rounds_from), phases, spans, rounds = reply
         view = self.views[c]
         for event in phases[view.phases - phases_from :]:
             view.phases += 1
             if self.on_phase is not None:
                 self.on_phase(*event)
-        view.log.spans.extend(spans[len(view.log.spans) - spans_from :])
-        for r in rounds[len(view.log.rounds) - rounds_from :]:
-            view.log.rounds.append(r)
-            self.last_progress[c] = time.monotonic()
-            if self.on_barrier is not None:
-                self.on_barrier(view, r.round)
+        if generation != view.generation:
+            view.generation, view.spans, view.rounds = generation, 0, 0
+        for span in spans[view.spans - spans_from :]:
+            view.spans += 1
+            if span not in view.seen:
+                view.seen.add(span)
+                view.log.spans.append(span)
+        for r in rounds[view.rounds - rounds_from :]:
+            view.rounds += 1
+            if self._record(view, r):
+                self.last_progress[c] = time.monotonic()
+                if self.on_barrier is not None:
+                    self.on_barrier(view, r.round)
+
+    @staticmethod
+    def _record(view: ClientView, r: RoundRecord) -> bool:
+        """Add ``r`` to the client's log: False when the log holds it already (a restarted
+        client's checkpoint brings back its records); a round run again replaces its record."""
+        held = view.log.rounds
+        if held and r.round <= held[-1].round:
+            for i in range(len(held) - 1, -1, -1):
+                if held[i].round == r.round:
+                    if held[i] == r:
+                        return False
+                    held[i] = r
+                    return True
+        held.append(r)
+        return True
 
     def _collect(self, c: int, memory: str) -> None:
         """A finished client: fetch its last records."""
@@ -410,7 +484,7 @@ class _Fleet:
         for c, sent in list(self.polls.values()):
             if now - sent > self.answer_s:
                 self.drop(c, f"it did not answer for {self.answer_s:g}s")
-        running = set(self.running.values())
+        running = set(self.running.values()) | set(self.starting.values())
         finished = set(self.views) - running - self.dropped
         if len(running) < len(set(self.views) - self.dropped) and finished:
             for c in running:
@@ -420,12 +494,67 @@ class _Fleet:
                         f"no progress for {self.answer_s:g}s after the other clients finished",
                     )
 
+    def _died(self, c: int, reason: str) -> None:
+        """A client's actor died: a new actor takes its place, unless the run is stopping or
+        the client has used up its restarts (``MAX_RESTARTS``); then it is dropped."""
+        if c in self.dropped:
+            return
+        restarts = self.views[c].restarts
+        if self.stopping or restarts >= MAX_RESTARTS:
+            if restarts:
+                reason += f" (after {restarts} restart(s), at most {MAX_RESTARTS})"
+            self.drop(c, reason)
+            return
+        self._restart(c, reason)
+
+    def _restart(self, c: int, reason: str) -> None:
+        """Start a new actor for client ``c`` from its latest checkpoint (afresh without one);
+        it rejoins the server, which sends it every block that moved (``Server.join``). The
+        server is not told to drop it: like a client restarted in-process (``run_spec``), it
+        is late at most, and a round whose deadline passes without it drops it there, until it
+        sends again. Its phase and log cursors start over with the new actor."""
+        view = self.views[c]
+        self._forget(c)
+        ray.kill(view.actor, no_restart=True)  # dead already; make sure it writes nothing more
+        spec = self.specs[c]
+        state = None
+        if spec.checkpoint_dir:
+            state = CheckpointStore(spec.checkpoint_dir).latest_client(c)
+        view.restarts += 1
+        after = f"after round {state.round}" if state is not None else "afresh (no checkpoint)"
+        log.warning(
+            "client %d: %s; a new actor restarts it %s and it rejoins (restart %d of at most %d)",
+            c,
+            reason,
+            after,
+            view.restarts,
+            MAX_RESTARTS,
+        )
+        view.actor = self._actor(replace(spec, resume=state))
+        view.phases, view.generation = 0, -1  # a new actor: its log from its beginning
+        # Set up first, unpolled: a process that is still starting is not a hung one.
+        self.starting[view.actor.setup.remote()] = c
+        if self.stage == "run":
+            self.last_progress[c] = time.monotonic()
+
+    def _started(self, c: int, where: str) -> None:
+        """A replacing actor has its client built: it runs (in the run stage), polled from now."""
+        log.info("client %d runs again, on %s", c, where)
+        if self.stage == "run":
+            self.running[self.views[c].actor.run.remote()] = c
+            self.last_progress[c] = self.next_poll[c] = time.monotonic()
+
+    def _forget(self, c: int) -> None:
+        """Stop waiting for client ``c``'s calls in flight."""
+        self.running = {r: x for r, x in self.running.items() if x != c}
+        self.starting = {r: x for r, x in self.starting.items() if x != c}
+        self.polls = {r: v for r, v in self.polls.items() if v[0] != c}
+
     def drop(self, c: int, reason: str) -> None:
         if c in self.dropped:
             return
         self.dropped.add(c)
-        self.running = {r: x for r, x in self.running.items() if x != c}
-        self.polls = {r: v for r, v in self.polls.items() if v[0] != c}
+        self._forget(c)
         ray.kill(self.views[c].actor, no_restart=True)
         remaining = self.clients - len(self.dropped)
         log.warning(
@@ -502,14 +631,14 @@ def _check_resources(specs: list[ClientSpec]) -> None:
     """Fail now, not hang, when the cluster cannot place every client."""
     have = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for key, field, need in (
+    for key, option, need in (
         ("CPU", "client_cpus", [s.cpus for s in specs]),
         ("GPU", "client_gpus", [s.gpus for s in specs]),
     ):
         total, biggest = have.get(key, 0.0), max((n.get(key, 0.0) for n in nodes), default=0.0)
         if sum(need) > total + 1e-9 or max(need) > biggest + 1e-9:
             raise ConfigError(
-                f"run.{field}={max(need):g} for {len(specs)} clients needs {sum(need):g} {key}s "
+                f"run.{option}={max(need):g} for {len(specs)} clients needs {sum(need):g} {key}s "
                 f"(at most {biggest:g} per machine here), but the Ray cluster has {total:g}"
             )
 
