@@ -5,7 +5,10 @@ backend's global model, bit for bit; each round takes one message each way."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,21 +33,29 @@ class SocketWire:
         self.pool = ThreadPoolExecutor(len(sockets))
         self.futures = {}
         self.sent: list[tuple[int, int]] = []
-        self.fail_after: dict[int, int] = {}  # node -> messages that get through, then errors
+        self.failing: dict[int, range] = {}  # node -> its messages (from 1) that come back errors
+        # node -> set while its messages may go (a test clears it to hold them back)
+        self.gates = {node: threading.Event() for node in sockets}
+        for gate in self.gates.values():
+            gate.set()
 
     def nodes(self) -> list[int]:
         return sorted(self.sockets)
 
+    def count(self, node: int) -> int:
+        return sum(1 for n, _ in list(self.sent) if n == node)
+
     def send(self, node: int, frames: list[bytes], round: int) -> str:
         mid = f"m{len(self.sent)}"
         self.sent.append((node, round))
-        through = sum(1 for n, _ in self.sent if n == node) <= self.fail_after.get(node, 1 << 30)
-        address = self.sockets[node] if through else "unix:/nonexistent/worker.sock"
-        self.futures[mid] = self.pool.submit(self._hand_over, address, frames)
+        failed = self.count(node) in self.failing.get(node, ())
+        address = "unix:/nonexistent/worker.sock" if failed else self.sockets[node]
+        self.futures[mid] = self.pool.submit(self._hand_over, address, frames, self.gates[node])
         return mid
 
     @staticmethod
-    def _hand_over(address: str, frames: list[bytes]) -> list[bytes]:
+    def _hand_over(address: str, frames: list[bytes], gate: threading.Event) -> list[bytes]:
+        gate.wait(timeout=180)
         with grpc.insecure_channel(address, options=OPTIONS) as ch:
             return list(ch.stream_stream(METHOD)(iter(frames), timeout=120))
 
@@ -198,7 +209,7 @@ def test_a_node_whose_messages_fail_mid_run_is_dropped_and_min_clients_decides(
         for i in range(2)
     ]
     wire = SocketWire({1: f"unix:{outs[0]}/worker.sock", 2: f"unix:{outs[1]}/worker.sock"})
-    wire.fail_after = {2: 2}
+    wire.failing = {2: range(3, 1 << 30)}
     ev = {"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0}
     fed = {"rounds": 4, "min_clients": 1, "round_timeout_s": 5.0}
     cfg = tiny_config(tiny_model_dir, str(tmp_path / "srv"), federation=fed, eval=ev)
@@ -213,3 +224,77 @@ def test_a_node_whose_messages_fail_mid_run_is_dropped_and_min_clients_decides(
     assert 4 <= summary["updates_accepted"] < 8  # client 1's updates stop coming
     site0 = json.loads((outs[0] / "summary.json").read_text())
     assert site0["final_model_fingerprint"] == summary["final_model_fingerprint"]
+
+
+def _until(ready, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["killed", "messages fail"])
+def test_a_lost_worker_rejoins_through_a_fresh_session_and_ends_equal_to_the_server(
+    site,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+    how,
+):
+    """After two rounds node 2 is lost: its worker is killed (SIGKILL) and started again with
+    the same command, or three of its messages fail (the worker lives on, its session lost).
+    Client 1 is dropped, the relay asks node 2 back, and its worker rejoins from its checkpoint
+    through a fresh session, catches up and takes part in the rounds after; every model ends
+    equal to the server's. Node 1's messages are held while node 2 is lost, so the run cannot
+    end before it is back (a round waits 2 x round_timeout_s without updates)."""
+    outs = [tmp_path / f"site{i}" for i in range(2)]
+    args = [_worker_args(i, site, tiny_model_dir, outs[i]) for i in range(2)]
+    procs = [_start(args[0], tmp_path / "worker0.log"), _start(args[1], tmp_path / "worker1a.log")]
+    wire = SocketWire({1: f"unix:{outs[0]}/worker.sock", 2: f"unix:{outs[1]}/worker.sock"})
+    fed = {"rounds": 6, "min_clients": 1, "round_timeout_s": 45.0}
+    cfg = tiny_config(tiny_model_dir, str(tmp_path / "srv"), federation=fed, eval={"source": ""})
+    again = tmp_path / ("worker1b.log" if how == "killed" else "worker1a.log")
+    errors: list[BaseException] = []
+
+    def lose_node_2() -> None:
+        try:
+            rounds = outs[1] / "metrics.jsonl"
+            _until(lambda: rounds.exists() and rounds.read_text().count("\n") >= 2, 120, "rounds")
+            wire.gates[1].clear()
+            if how == "killed":
+                os.kill(procs[1].pid, signal.SIGKILL)
+                procs[1].wait(10)
+                procs.append(_start(args[1], again))
+            else:
+                n = wire.count(2)
+                wire.failing[2] = range(n + 1, n + 4)
+            joins = 1 if how == "killed" else 2
+            _until(lambda: again.read_text().count("client 1 joined") >= joins, 80, "no rejoin")
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            wire.gates[1].set()
+
+    killer = threading.Thread(target=lose_node_2)
+    try:
+        for o in outs:
+            _wait_for(o / "worker.sock", procs)
+        killer.start()
+        summary = run(cfg, serve_with=_serving(wire, cfg))
+        killer.join(30)
+        assert not errors, f"{errors[0]}\n{again.read_text()}"
+        for p, log in ((procs[0], tmp_path / "worker0.log"), (procs[-1], again)):
+            assert _wait(p, log) == 0, log.read_text()
+    finally:
+        for gate in wire.gates.values():
+            gate.set()
+        if killer.is_alive():
+            killer.join(30)
+        _stop(*procs)
+    assert "rejoining from its checkpoint" in again.read_text()
+    assert summary["clients_dropped"] == [1] and summary["updates_rejected"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
+    who = {r["round"]: r["participants"] for r in rows if r["kind"] == "round"}
+    assert who[5] == [0, 1], who  # back in the rounds after it was lost
+    want = summary["final_model_fingerprint"]
+    for o in outs:
+        assert json.loads((o / "summary.json").read_text())["final_model_fingerprint"] == want

@@ -23,7 +23,10 @@ from parablock.errors import MessageError
 JOIN, UPLOAD, WAIT, DOWNLOAD = "join", "upload", "wait", "download"
 REPORT = "report"  # client -> server, answered by nothing
 DONE = "done"  # client -> server: the client has finished (its final report is in the bundle)
-KINDS = (JOIN, UPLOAD, WAIT, DOWNLOAD, REPORT, DONE)
+# server -> client: the server lost this client's session (a message failed): every request it
+# had not answered is void, and the client joins again (from its checkpoint) to take part again
+REJOIN = "rejoin"
+KINDS = (JOIN, UPLOAD, WAIT, DOWNLOAD, REPORT, DONE, REJOIN)
 MAX_ITEMS = 64  # an honest bundle holds a handful
 MAX_FRAMES = MAX_ITEMS + 1
 

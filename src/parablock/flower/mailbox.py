@@ -7,6 +7,11 @@ answer with the same key; an answer that came ahead of its request (the ServerAp
 round's aggregate with the upload's answer) is kept until asked for. ``exchange`` returns once
 the client is blocked on the server (a request waits in the outbox) or has finished, so that one
 message each way carries a round while the computation thread trains the next block.
+
+When a message to the node fails, the server loses this client's session and, once the node
+answers again, sends ``rejoin``: every request it has not answered is void (its caller gets
+``ServerGone``, and ``run_site`` joins again from the checkpoint, as a networked client does after
+a lost connection), except a join, which starts a session and goes out (again) in the reply.
 """
 
 from __future__ import annotations
@@ -24,7 +29,18 @@ from parablock.errors import (
     ServerGone,
     UpdateRejected,
 )
-from parablock.flower.bundle import DONE, DOWNLOAD, JOIN, REPORT, UPLOAD, WAIT, Bundle, Item, Key
+from parablock.flower.bundle import (
+    DONE,
+    DOWNLOAD,
+    JOIN,
+    REJOIN,
+    REPORT,
+    UPLOAD,
+    WAIT,
+    Bundle,
+    Item,
+    Key,
+)
 from parablock.transport.link import Link, LinkSpec
 
 # the errors a server-side answer may carry, by name: the same a gRPC connection raises
@@ -46,6 +62,8 @@ class Mailbox:
         self._out = Bundle()
         self._answers: dict[Key, tuple[Item, bytes | None]] = {}
         self._waiting = 0  # callers blocked on an answer
+        self._session = 0  # how many sessions the server has lost (``rejoin``)
+        self._joining: tuple[Item, bytes | None] | None = None  # the join waiting on its answer
         self._closed = False
         self._heard = time.monotonic()
 
@@ -90,12 +108,19 @@ class Mailbox:
         with self._cond:
             if key not in self._answers:
                 self._out.add(request, payload)
+                session = self._session
+                if request.kind == JOIN:
+                    self._joining = (request, payload)
                 self._waiting += 1
                 self._cond.notify_all()
                 try:
                     while key not in self._answers:
                         if self._closed:
                             raise RunStopped("the worker is stopping")
+                        if self._session != session and request.kind != JOIN:
+                            raise ServerGone(
+                                "the Flower server lost this client's session (a message failed)"
+                            )
                         if time.monotonic() - self._heard > self.silence_s:
                             raise ServerGone(
                                 f"no message from the Flower server for {self.silence_s:g}s"
@@ -103,6 +128,8 @@ class Mailbox:
                         self._cond.wait(timeout=1.0)
                 finally:
                     self._waiting -= 1
+                    if request.kind == JOIN:
+                        self._joining = None
             item, data = self._answers.pop(key)
         if item.error:
             raise ERRORS.get(item.error, ServerGone)(_text(data))
@@ -115,7 +142,11 @@ class Mailbox:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._heard = time.monotonic()
+            if any(i.kind == REJOIN for i in inbound.items):
+                self._forget(answered=any(i.kind == JOIN for i in inbound.items))
             for item in inbound.items:
+                if item.kind == REJOIN:
+                    continue
                 self._answers[item.key()] = (
                     item,
                     inbound.payload(item) if item.payload >= 0 else None,
@@ -129,6 +160,23 @@ class Mailbox:
             out, self._out = self._out, Bundle()
             self._heard = time.monotonic()
             return out
+
+    def _forget(self, answered: bool) -> None:
+        """With the lock held: the server lost this client's session. Its answers and requests
+        are void (their callers raise ``ServerGone``); reports and ``done`` still go out, and so
+        does a join waiting on its answer, unless this message ``answered`` it (a join starts
+        the next session: a restarted worker's first join may meet the ``rejoin`` meant for the
+        process it replaces)."""
+        self._session += 1
+        self._answers.clear()
+        kept = Bundle()
+        for item in self._out.items:
+            if item.kind in (REPORT, DONE):
+                kept.add(item, self._out.payload(item) if item.payload >= 0 else None)
+        if self._joining is not None and not answered:
+            kept.add(*self._joining)
+        self._out = kept
+        self._cond.notify_all()
 
     def _blocked(self) -> bool:
         asks = any(i.kind not in (REPORT, DONE) for i in self._out.items)

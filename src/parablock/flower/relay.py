@@ -10,9 +10,17 @@ round 0 starts together (as with ``parablock server``).
 
 Who a node is: the first join from a Flower node binds the client id it claims to that node id
 for the run (a node id Flower authenticates when node authentication is on); a later join from
-the node must claim the same id, and no other node may take it. A Flower error in place of a
-reply (the node vanished, the ClientApp failed, the message timed out) drops that client, with
-``federation.min_clients`` deciding whether the run goes on.
+the node must claim the same id, and no other node may take it, not even while the node is lost.
+
+Losing a node: a Flower error in place of a reply (the node vanished, the ClientApp or its worker
+failed, the message timed out) or a malformed reply loses the node's session and drops its
+client, with ``federation.min_clients`` deciding whether the run goes on. The node is not given
+up: while it is listed, it is sent ``rejoin`` (at growing intervals, ``PROBE_S`` to
+``PROBE_MAX_S``, while those fail too), which voids what its worker still waits for. Nothing but
+a join (and reports) is taken from it until it joins again, as a networked client does after a
+crash or a lost connection: its worker, restarted from its checkpoint or still running, sends a
+fresh join, the server catches it up on every block that moved and expects it again from the
+round it is given.
 """
 
 from __future__ import annotations
@@ -32,12 +40,24 @@ from parablock.errors import (
     RoundFailedError,
     RunStopped,
 )
-from parablock.flower.bundle import DONE, DOWNLOAD, JOIN, REPORT, UPLOAD, WAIT, Bundle, Item
+from parablock.flower.bundle import (
+    DONE,
+    DOWNLOAD,
+    JOIN,
+    REJOIN,
+    REPORT,
+    UPLOAD,
+    WAIT,
+    Bundle,
+    Item,
+)
 
 log = logging.getLogger(__name__)
 
 FINISH_GRACE_S = 30.0  # after the last aggregate, how long clients have to send final reports
 POLL_S = 0.02  # how often the ServerApp looks for replies
+PROBE_S = 0.5  # a lost node is sent ``rejoin`` after this, doubling while its messages fail
+PROBE_MAX_S = 5.0  # ... up to this
 
 
 class Wire(Protocol):
@@ -64,16 +84,22 @@ class NodeSession:
     acks: dict[int, bytes] = field(default_factory=dict)  # round -> its held upload answer
     in_flight: str | None = None
     finished: bool = False
-    lost: bool = False
+    lost: bool = False  # a message failed: only a join (or reports) is taken until it rejoins
+    failures: int = 0  # messages failed in a row: they space the ``rejoin`` probes
+    probe_at: float = 0.0  # when a lost node may be sent ``rejoin`` next
     messages: int = 0
 
     # -- the node's requests ---------------------------------------------------------------------
     def handle(self, bundle: Bundle, claims: dict[int, int]) -> None:
         for item in bundle.items:
+            if self.lost and item.kind not in (JOIN, REPORT, DONE):
+                # a request of the session the server lost: the worker's mailbox voids it
+                log.debug("node %d: %s ignored until it rejoins", self.node, item.kind)
+                continue
             try:
                 self._handle(item, bundle, claims)
             except (MessageError, ConnectError, RoundFailedError, RunStopped) as e:
-                if item.kind in (REPORT, DONE):
+                if item.kind in (REPORT, DONE, REJOIN):
                     log.warning("node %d: %s refused: %s", self.node, item.kind, e)
                 else:
                     self.out.add(_error(item, e), str(e).encode())
@@ -83,12 +109,15 @@ class NodeSession:
             request = JoinRequest.from_bytes(bundle.payload(item))
             self._bind(request.client, claims)
             reply = self.server.join(request, self.client)
+            self._fresh()
             log.info("client %d joined from Flower node %d", self.client, self.node)
             self.out.add(item, reply.to_bytes())
             for b, v in sorted(reply.stale.items()):  # the downloads it will ask for next
                 self.out.add(Item(DOWNLOAD, block=b, version=v), self.server.block_payload(b, v))
             self.hold_join = reply.start_round == 0 and not reply.keep_pending
             return
+        if item.kind == REJOIN:
+            raise ConnectError("rejoin is the server's to send")
         if self.client is None:
             raise ConnectError(f"node {self.node} must join before it sends {item.kind}")
         if item.kind == UPLOAD:
@@ -126,11 +155,55 @@ class NodeSession:
         claims[claimed] = self.node
         self.client = claimed
 
+    def _fresh(self) -> None:
+        """A join starts a new session: nothing held for the last one is owed any more (its
+        caller is gone: a worker joins again only once its last session has ended)."""
+        self.held, self.acks = [], {}
+        self.lost, self.failures = False, 0
+
+    # -- losing the node and asking it back ------------------------------------------------------
+    def lose(self, error: str) -> None:
+        """A message failed: the session is lost and the client dropped until the node joins
+        again (the node stays bound to its client: no other node may take it meanwhile)."""
+        first = not self.lost
+        self.lost = True
+        self.failures += 1
+        self.probe_at = time.monotonic() + self._backoff()
+        self.out, self.held, self.acks, self.hold_join = Bundle(), [], {}, False
+        if not first:  # its ``rejoin`` failed too: the worker is not back yet
+            log.debug("Flower node %d (client %s) still fails: %s", self.node, self.client, error)
+            return
+        if self.client is not None:
+            self.server.drop_client(self.client, f"Flower node {self.node}: {error}")
+        log.warning(
+            "Flower node %d (client %s) failed: %s; it is asked to rejoin",
+            self.node,
+            self.client,
+            error,
+        )
+
+    def _backoff(self) -> float:
+        return min(PROBE_MAX_S, PROBE_S * 2 ** min(self.failures - 1, 16))
+
+    def _probe(self) -> bool:
+        """A lost node gets ``rejoin`` once its interval has passed, with nothing else but the
+        refusal of a join it sent meanwhile (a different base model, another node's client id):
+        its worker stops there with that error instead of asking again and again."""
+        now = time.monotonic()
+        if now < self.probe_at:
+            return False
+        self.probe_at = now + self._backoff()  # a reply without a join waits as long
+        self.out.add(Item(REJOIN))
+        return True
+
     # -- what goes out next ----------------------------------------------------------------------
     def ready(self, started: bool) -> bool:
-        """Settle what is held; True when a message may go (nothing held is still open)."""
-        if self.in_flight is not None or self.finished or self.lost:
+        """Settle what is held; True when a message may go (nothing held is still open, or a
+        lost node is due its ``rejoin``)."""
+        if self.in_flight is not None or self.finished:
             return False
+        if self.lost:
+            return self._probe()
         if self.hold_join and not started:
             return False
         self.hold_join = False
@@ -191,7 +264,8 @@ def relay(
     opened = time.monotonic()
     done_at: float | None = None
     while not stop.is_set():
-        for node in wire.nodes():
+        online = wire.nodes()
+        for node in online:
             if node not in sessions:
                 sessions[node] = NodeSession(node, server, lossy)
         flying = {s.in_flight: s for s in sessions.values() if s.in_flight is not None}
@@ -199,16 +273,18 @@ def relay(
             s = flying[mid]
             s.in_flight = None
             if frames is None:
-                _lose(s, server, error)
+                s.lose(error)
                 continue
             try:
                 s.handle(Bundle.from_frames(frames), claims)
             except MessageError as e:
                 log.warning("node %d sent a malformed bundle: %s", s.node, e)
-                _lose(s, server, f"malformed bundle: {e}")
+                s.lose(f"malformed bundle: {e}")
         if not started:
             started = _started(server, claims, opened, join_timeout_s)
         for s in sessions.values():
+            if s.lost and s.node not in online:  # Flower no longer lists it: nothing to ask
+                continue
             if s.ready(started):
                 round = server.next_round
                 s.in_flight = wire.send(s.node, s.take(), round)
@@ -243,10 +319,3 @@ def _started(server: Server, claims: dict[int, int], opened: float, timeout: flo
         f"only {len(claims)} of {server.clients} clients joined within "
         f"server.join_timeout_s={timeout:g}s; federation.min_clients needs {server.min_clients}"
     )
-
-
-def _lose(s: NodeSession, server: Server, error: str) -> None:
-    s.lost = True
-    if s.client is not None:
-        server.drop_client(s.client, f"Flower node {s.node}: {error}")
-    log.warning("Flower node %d (client %s) failed: %s", s.node, s.client, error)
