@@ -55,12 +55,12 @@ def config(args, model: str, out: Path, faults: str, per_client: bool = False) -
             "rounds": args.rounds,
             "local_steps": 1,
             "batch_size": 2,
-            "lr": 1e-3,
+            "lr": args.lr,
             "min_clients": 1,
             "round_timeout_s": args.round_timeout_s,
         },
         "link": {"up_mbps": float("inf"), "down_mbps": float("inf"), "latency_ms": 0.0},
-        "eval": {"size": 4, "accuracy_size": 0, "batch_size": 4},
+        "eval": {"size": 16, "accuracy_size": 0, "batch_size": 8},
         "run": {"out": str(out), "seed": 0, "threads": 1, "faults": faults, "log_level": "warning"},
     }
 
@@ -202,21 +202,30 @@ def network(args, model: str, spec: str, work: Path) -> dict:
     }
 
 
-def report(results: list[dict], rounds: int) -> None:
+def clean(args, model: str, work: Path) -> float:
+    """The fault-free run's final held-out loss (the same config, no faults, local backend)."""
+    return run(from_dict(config(args, model, work / "clean", "")))["final_eval_loss"]
+
+
+def report(results: list[dict], rounds: int, clean_loss: float) -> None:
     print(
         "\n| backend | faults injected | survived | rounds | accepted | rejected | dropped "
-        "| corrupted models | = replay | clients = server | outlived the run | wall s |"
+        "| corrupted models | = replay | clients = server | outlived the run | held-out loss "
+        "| vs fault-free | wall s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["summary"]
         corrupted = int(not r["finite"])
+        loss = s["final_eval_loss"]
         print(
             f"| {r['backend']} | {sum(r['injected'].values())} | yes | {r['rounds_done']}/{rounds} "
             f"| {s['updates_accepted']} | {s['updates_rejected']} | {len(s['clients_dropped'])} "
             f"| {corrupted} | {r['equal_replay']} | {r['clients_equal']} "
-            f"| {len(r.get('outlived', []))} | {r['wall_s']:.0f} |"
+            f"| {len(r.get('outlived', []))} | {loss:.4f} | {loss / clean_loss - 1:+.2%} "
+            f"| {r['wall_s']:.0f} |"
         )
+    print(f"fault-free run (local): held-out loss {clean_loss:.4f}")
     print("\nfaults injected by kind:")
     kinds = list(KINDS)
     print("| backend | " + " | ".join(kinds) + " |")
@@ -231,6 +240,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rate", type=float, default=0.6, help="fault probability per upload")
     p.add_argument("--round-timeout-s", type=float, default=2.0)
+    p.add_argument("--lr", type=float, default=1e-2, help="client lr (the tiny model learns)")
     p.add_argument("--backends", default="local,ray,network")
     p.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all)")
     p.add_argument("--timeout", type=float, default=900.0)
@@ -255,7 +265,7 @@ def main() -> int:
             results.append(network(args, model, spec, work))
         else:
             results.append(in_process(args, model, spec, backend, work))
-    report(results, args.rounds)
+    report(results, args.rounds, clean(args, model, root))
     (root / "faults.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
