@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parablock.config import from_dict  # noqa: E402
-from parablock.runner import run  # noqa: E402
+from parablock.run.runner import run  # noqa: E402
 
 COMPRESSIONS = ("none", "bf16", "int8")
 

@@ -1,5 +1,5 @@
 """Fault injection at scale: a 30-round tiny-model federation with 100+ injected faults of every
-kind (``parablock.faults.KINDS``), on each backend (local, ray, and a real network: a
+kind (``parablock.transport.faults.KINDS``), on each backend (local, ray, and a real network: a
 ``parablock server`` and one ``parablock client --faults`` process per client on loopback, TLS
 and tokens).
 
@@ -35,10 +35,10 @@ from ray_overhead import tiny_model_dir
 
 from parablock.backends.local import run_local
 from parablock.config import from_dict
-from parablock.faults import KINDS, parse, withhold
-from parablock.model import model_fingerprint
-from parablock.runner import prepare, run
+from parablock.model.load import model_fingerprint
+from parablock.run.runner import prepare, run
 from parablock.tools.report import latest_rows
+from parablock.transport.faults import KINDS, parse, withhold
 
 SOURCE = "reasoning_gym:basic_arithmetic"
 
@@ -116,7 +116,7 @@ def in_process(args, model: str, spec: str, backend: str, work: Path) -> dict:
 
 
 def model_fingerprint_of(path: Path) -> tuple[str, bool]:
-    from parablock.model import load_model
+    from parablock.model.load import load_model
 
     m = load_model(str(path))
     finite = all(torch.isfinite(p).all() for p in m.parameters())

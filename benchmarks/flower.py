@@ -38,7 +38,7 @@ from network import SOURCES, base_config, calibrate, parablock_exe, run_network,
 from ray_overhead import steady_round_s, tiny_model_dir, with_
 
 from parablock.flower.local import LocalDeployment, Site
-from parablock.model import EMBEDDED
+from parablock.model.load import EMBEDDED
 
 ALGORITHMS = ("parablock", "fedbcd")
 

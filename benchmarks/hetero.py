@@ -35,9 +35,9 @@ from pathlib import Path
 from ray_overhead import tiny_model_dir
 
 from parablock.config import Config, from_dict
-from parablock.core.blocks import block_nbytes, model_blocks, select_blocks
-from parablock.model import EMBEDDED, load_model
-from parablock.runner import run
+from parablock.model.blocks import block_nbytes, model_blocks, select_blocks
+from parablock.model.load import EMBEDDED, load_model
+from parablock.run.runner import run
 from parablock.tools.estimate import EstimateSettings, estimate
 
 SLOW = 2  # the client with the slow uplink

@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 from ray_overhead import steady_round_s, tiny_model_dir, with_
 
-from parablock.core.messages import BlockUpdate
-from parablock.model import EMBEDDED
+from parablock.model.load import EMBEDDED
+from parablock.wire.messages import BlockUpdate
 
 ALGORITHMS = ("parablock", "fedbcd")
 SOURCES = "reasoning_gym:gsm_symbolic;reasoning_gym:quantum_lock"  # ~200 tokens per item each

@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 from parablock.config import Config, from_dict
-from parablock.core.blocks import model_blocks, select_blocks
-from parablock.model import EMBEDDED, load_model
-from parablock.runner import run
+from parablock.model.blocks import model_blocks, select_blocks
+from parablock.model.load import EMBEDDED, load_model
+from parablock.run.runner import run
 
 VARIANTS = {  # name -> (duplex, extra steps)
     "half": (False, False),

@@ -32,9 +32,9 @@ import torch
 
 from parablock.backends.ray import ray_init
 from parablock.config import Config, from_dict
-from parablock.core.blocks import block_nbytes, model_blocks, select_blocks
-from parablock.model import EMBEDDED, load_model, load_tokenizer
-from parablock.runner import run
+from parablock.model.blocks import block_nbytes, model_blocks, select_blocks
+from parablock.model.load import EMBEDDED, load_model, load_tokenizer
+from parablock.run.runner import run
 
 
 def tiny_model_dir(root: Path) -> str:

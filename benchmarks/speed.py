@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from parablock.core.blocks import Block, model_blocks, select_blocks
-from parablock.core.forward import BlockForward, first_trained_layer
-from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import IGNORE, Example
 from parablock.data.sources import reasoning_gym_records
-from parablock.model import load_model, load_tokenizer
+from parablock.model.blocks import Block, model_blocks, select_blocks
+from parablock.model.forward import BlockForward, first_trained_layer
+from parablock.model.load import load_model, load_tokenizer
+from parablock.model.train import TrainSettings, train_block
 
 EMBEDDED = "smollm2-135m-instruct"
 OLD = {"precision": "fp32", "prefix_cache_mb": 0.0, "response_logits": False, "loss_chunk": 0}
@@ -159,7 +159,7 @@ def _vocab_model(root: Path) -> str:
 _PEAK = """
 import json, resource, sys
 from parablock.config import from_dict
-from parablock.runner import run
+from parablock.run.runner import run
 run(from_dict(json.loads(sys.argv[1])))
 print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -267,7 +267,7 @@ def _curve(run_dir: Path) -> list[tuple[int, float, float]]:
 
 def e2e(args, work: Path) -> dict:
     from parablock.config import from_dict
-    from parablock.runner import run
+    from parablock.run.runner import run
 
     res = {}
     for label, train in (("today", OLD), ("fast", {})):

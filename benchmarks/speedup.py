@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from parablock.config import Config, from_dict
-from parablock.core.blocks import Block, model_blocks
-from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import Example, round_indices
 from parablock.data.sources import reasoning_gym_records
-from parablock.model import load_model, load_tokenizer
-from parablock.runner import run
+from parablock.model.blocks import Block, model_blocks
+from parablock.model.load import load_model, load_tokenizer
+from parablock.model.train import TrainSettings, train_block
+from parablock.run.runner import run
 
 
 def _config(args, out: Path, algorithm: str, rounds: int, mbps: float, latency_ms: float) -> Config:

@@ -33,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ray_overhead import tiny_model_dir  # noqa: E402
 
 from parablock.config import from_dict  # noqa: E402
-from parablock.model import EMBEDDED  # noqa: E402
-from parablock.runner import run  # noqa: E402
+from parablock.model.load import EMBEDDED  # noqa: E402
+from parablock.run.runner import run  # noqa: E402
 from parablock.tools.report import eval_series, load_run, time_to_target  # noqa: E402
 
 LRS = {

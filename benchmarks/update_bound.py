@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from parablock.config import from_dict  # noqa: E402
 from parablock.core import trust  # noqa: E402
-from parablock.runner import run  # noqa: E402
+from parablock.run.runner import run  # noqa: E402
 
 SETTINGS = {  # name -> federation/link overrides on the defaults
     "defaults": {},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parablock.core.aggregate import AGGREGATORS, capped_weights, delta_norm
-from parablock.core.messages import BlockUpdate
+from parablock.wire.messages import BlockUpdate
 
 
 def _updates(values: list[list[float]], counts: list[int] | None = None) -> list[BlockUpdate]:

@@ -6,11 +6,11 @@ import torch
 
 from conftest import tiny_config
 from parablock.backends.local import run_local
-from parablock.core.blocks import block_state, set_block
 from parablock.core.metrics import overlap_seconds
-from parablock.core.train import TrainSettings, train_block
-from parablock.model import load_model
-from parablock.runner import prepare
+from parablock.model.blocks import block_state, set_block
+from parablock.model.load import load_model
+from parablock.model.train import TrainSettings, train_block
+from parablock.run.runner import prepare
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -102,8 +102,8 @@ def test_fedbcd_with_one_client_equals_local_block_training(tiny_model_dir, tmp_
 
     spec = fed.specs[0]
     model = load_model(tiny_model_dir)
-    from parablock.core.blocks import model_blocks
     from parablock.data.examples import round_indices
+    from parablock.model.blocks import model_blocks
 
     blocks = model_blocks(model)
     s: TrainSettings = spec.settings

@@ -14,11 +14,11 @@ import pytest
 
 from parablock.config import ConfigError, load
 from parablock.core.algorithms import check_plan
-from parablock.core.blocks import BlockError, model_blocks, select_blocks
 from parablock.data.examples import DataError, DataStats
 from parablock.data.sources import read_file, train_and_heldout
 from parablock.errors import ModelError
-from parablock.model import load_model, load_tokenizer
+from parablock.model.blocks import BlockError, model_blocks, select_blocks
+from parablock.model.load import load_model, load_tokenizer
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -287,7 +287,7 @@ def test_fedbcd_refuses_correction_none():
 
 
 def test_a_network_server_refuses_the_correction_ablation(tiny_model_dir, tmp_path):
-    from parablock.runner import prepare
+    from parablock.run.runner import prepare
 
     cfg = load(None, ["federation.correction=none", f"model.name_or_path={tiny_model_dir}"])
     with pytest.raises(ConfigError, match="simulation ablation"):

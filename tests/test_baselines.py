@@ -11,16 +11,16 @@ from parablock.backends.local import run_local
 from parablock.config import ConfigError, load
 from parablock.core.aggregate import apply
 from parablock.core.baselines import WHOLE_MODEL, protocol_blocks, round_turns
-from parablock.core.blocks import block_nbytes, block_state, model_blocks, set_block
 from parablock.core.client import Client
-from parablock.core.forward import first_trained_layer
-from parablock.core.messages import BlockUpdate
-from parablock.core.protocol import RunSettings
 from parablock.core.server import Server
-from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import round_indices
-from parablock.model import load_model
-from parablock.runner import prepare, run
+from parablock.model.blocks import block_nbytes, block_state, model_blocks, set_block
+from parablock.model.forward import first_trained_layer
+from parablock.model.load import load_model
+from parablock.model.train import TrainSettings, train_block
+from parablock.run.runner import prepare, run
+from parablock.wire.messages import BlockUpdate
+from parablock.wire.protocol import RunSettings
 
 FAST = {"up_mbps": float("inf"), "down_mbps": float("inf"), "latency_ms": 0.0}
 

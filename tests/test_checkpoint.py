@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import slow_run_sets, tiny_config
 from parablock.core.checkpoint import CheckpointError, CheckpointStore
-from parablock.runner import RunInterrupted, run
+from parablock.run.runner import RunInterrupted, run
 
 
 def _model(out: Path) -> dict[str, torch.Tensor]:

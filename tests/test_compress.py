@@ -9,12 +9,12 @@ import torch
 from conftest import make_model, tiny_config
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
-from parablock.core.blocks import block_state, model_blocks
-from parablock.core.compress import CODECS, SCALE, ErrorFeedback
-from parablock.core.messages import BlockUpdate, BlockValue, MessageError, encode
 from parablock.core.server import KEEP_AGGREGATES, Server
-from parablock.rundir import _free
-from parablock.runner import prepare
+from parablock.model.blocks import block_state, model_blocks
+from parablock.run.rundir import _free
+from parablock.run.runner import prepare
+from parablock.wire.compress import CODECS, SCALE, ErrorFeedback
+from parablock.wire.messages import BlockUpdate, BlockValue, MessageError, encode
 
 
 def _delta(seed: int = 0) -> dict[str, torch.Tensor]:

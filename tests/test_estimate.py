@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from parablock.cli import main
 from parablock.config import ConfigError
-from parablock.runner import run
+from parablock.run.runner import run
 from parablock.tools.estimate import (
     EstimateError,
     EstimateSettings,

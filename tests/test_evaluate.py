@@ -25,8 +25,8 @@ from parablock.evaluation.evaluate import (
     score_number,
     score_reasoning_gym,
 )
-from parablock.model import load_model
-from parablock.runner import prepare, run
+from parablock.model.load import load_model
+from parablock.run.runner import prepare, run
 
 GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 

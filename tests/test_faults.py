@@ -14,9 +14,9 @@ from conftest import tiny_config
 from parablock.backends import local as local_backend
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
-from parablock.core.blocks import block_state
-from parablock.faults import KINDS, parse, withhold
-from parablock.runner import prepare
+from parablock.model.blocks import block_state
+from parablock.run.runner import prepare
+from parablock.transport.faults import KINDS, parse, withhold
 
 
 def _cfg(model_dir, out, faults, rounds=8, **fed):

@@ -16,7 +16,7 @@ pytest.importorskip("flwr")
 
 from conftest import tiny_config  # noqa: E402
 from parablock.flower.local import LocalDeployment, Site, descendants  # noqa: E402
-from parablock.runner import run  # noqa: E402
+from parablock.run.runner import run  # noqa: E402
 from test_network import ENV, site  # noqa: E402, F401  (site: per-client data files)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 
-from parablock.core.messages import BlockUpdate
-from parablock.core.protocol import PROTOCOL, JoinReply, JoinRequest, UploadReply
 from parablock.errors import ConnectError, RoundFailedError, ServerGone
 from parablock.flower.bundle import Bundle, Item
 from parablock.flower.mailbox import Mailbox
 from parablock.flower.relay import NodeSession
+from parablock.wire.messages import BlockUpdate
+from parablock.wire.protocol import PROTOCOL, JoinReply, JoinRequest, UploadReply
 from test_server import _delta, _server
 
 

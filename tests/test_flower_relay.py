@@ -16,12 +16,12 @@ import grpc
 import pytest
 
 from conftest import tiny_config
-from parablock.core.compress import CODECS
 from parablock.core.metrics import ClientLog
 from parablock.flower.bundle import Bundle, Item, Manifest
 from parablock.flower.relay import relay
 from parablock.flower.worker import METHOD, OPTIONS
-from parablock.runner import run
+from parablock.run.runner import run
+from parablock.wire.compress import CODECS
 from test_network import _start, _stop, _wait, site  # noqa: F401  (site: per-client data)
 
 

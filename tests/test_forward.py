@@ -9,11 +9,11 @@ import torch
 
 from conftest import make_model, tiny_config
 from parablock.core import forward as fw
-from parablock.core.blocks import block_state, freeze_all_but, model_blocks, set_block
-from parablock.core.forward import BlockForward, first_trained_layer, resolve_precision
-from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import collate
-from parablock.runner import run
+from parablock.model.blocks import block_state, freeze_all_but, model_blocks, set_block
+from parablock.model.forward import BlockForward, first_trained_layer, resolve_precision
+from parablock.model.train import TrainSettings, train_block
+from parablock.run.runner import run
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import torch
 
 from conftest import tiny_config
 from parablock.config import from_dict
-from parablock.core.blocks import model_blocks
-from parablock.core.forward import BlockForward
 from parablock.data.examples import Example
 from parablock.errors import ConfigError
-from parablock.frozen import base_fingerprint, hold_frozen
-from parablock.model import load_model, model_fingerprint
-from parablock.runner import run
+from parablock.model.blocks import model_blocks
+from parablock.model.forward import BlockForward
+from parablock.model.frozen import base_fingerprint, hold_frozen
+from parablock.model.load import load_model, model_fingerprint
+from parablock.run.runner import run
 
 TRAINED = (2, 3)
 

@@ -20,8 +20,8 @@ from parablock.backends import build_client
 from parablock.cli import main
 from parablock.config import ConfigError, from_dict, load
 from parablock.core.metrics import RoundRecord
-from parablock.runner import RunInterrupted, prepare, run
-from parablock.site import SiteOptions, _links
+from parablock.run.runner import RunInterrupted, prepare, run
+from parablock.run.site import SiteOptions, _links
 from parablock.tools.estimate import EstimateSettings, estimate
 from parablock.transport.link import LinkSpec
 

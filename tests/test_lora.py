@@ -13,27 +13,26 @@ from conftest import make_model, tiny_config
 from parablock.backends.local import run_local
 from parablock.backends.shared import FrozenShare
 from parablock.config import ConfigError, FederationConfig, load
-from parablock.core.blocks import block_nbytes, block_state, set_block
-from parablock.core.forward import first_trained_layer
-from parablock.core.lora import (
-    LoraSettings,
-    adapter_blocks,
-    blocks_for,
-    client_lr,
-    inject,
-    settings_for,
-)
-from parablock.core.messages import BlockUpdate, BlockValue
-from parablock.core.protocol import JoinReply, RunSettings
 from parablock.core.server import Server
-from parablock.core.train import train_block
 from parablock.data.examples import round_indices
 from parablock.errors import MessageError
 from parablock.evaluation.evaluate import eval_loss
-from parablock.model import load_model
-from parablock.runner import prepare, run, run_settings
+from parablock.model.blocks import block_nbytes, block_state, set_block
+from parablock.model.forward import first_trained_layer
+from parablock.model.load import load_model
+from parablock.model.lora import (
+    LoraSettings,
+    adapter_blocks,
+    blocks_for,
+    inject,
+)
+from parablock.model.train import train_block
+from parablock.run.runner import prepare, run
+from parablock.run.settings import client_lr, lora_settings, run_settings
 from parablock.tools.compare import compare
 from parablock.tools.estimate import from_run
+from parablock.wire.messages import BlockUpdate, BlockValue
+from parablock.wire.protocol import JoinReply, RunSettings
 
 LORA = {"algorithm": "fedit_lora"}
 NO_GENERATION = {"accuracy_size": 0}  # greedy decoding is not what these tests are about
@@ -114,7 +113,7 @@ def test_fedit_lora_trains_at_lora_lr_unless_federation_lr_is_set():
     cfg = load(None, ["federation.algorithm=fedit_lora", "federation.lr=0.005"])
     assert client_lr(cfg) == 0.005
     assert client_lr(load(None, ["lora.lr=0.02"])) == load().federation.lr  # parablock
-    assert settings_for(load()) is None
+    assert lora_settings(load()) is None
 
 
 def test_run_settings_carry_the_adapter_and_refuse_an_impossible_one():
@@ -127,7 +126,7 @@ def test_run_settings_carry_the_adapter_and_refuse_an_impossible_one():
     assert back == s and back.lora() == LoraSettings(8, 16.0, 0.0, "q_proj,v_proj")
     cfg = load(None, ["federation.algorithm=fedit_lora", "lora.r=8"])
     handed = run_settings(cfg, [0])  # what a server hands its clients
-    assert handed.lora() == settings_for(cfg) and handed.lr == cfg.lora.lr
+    assert handed.lora() == lora_settings(cfg) and handed.lr == cfg.lora.lr
     assert run_settings(load(), [0]).lora() is None
     raw = json.loads(JoinReply(1, s, 0, False, {}).to_bytes())
     for key, value in (("lora_r", -1), ("lora_dropout", 1.0), ("lora_target_modules", "a b")):
@@ -218,7 +217,7 @@ def test_identical_data_equals_single_client_lora_training_bit_for_bit(tiny_mode
     spec, s = fed.specs[0], fed.specs[0].settings
     assert s.lr == cfg.lora.lr
     model = load_model(tiny_model_dir)
-    (block,) = blocks_for(model, "", settings_for(cfg), cfg.run.seed)
+    (block,) = blocks_for(model, "", lora_settings(cfg), cfg.run.seed)
     for t in range(cfg.federation.rounds):
         batches = round_indices(len(spec.data), t, s.steps, s.batch_size, spec.seed)
         r = train_block(model, block, list(spec.data), batches, s, spec.pad_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parablock.memory import peak_rss_mb, reset_peak
+from parablock.run.memory import peak_rss_mb, reset_peak
 
 
 def test_peak_memory_starts_again_at_each_reset():

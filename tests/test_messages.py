@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parablock.core.messages import BlockUpdate, BlockValue, MessageError
 from parablock.transport.link import Link, LinkSpec
+from parablock.wire.messages import BlockUpdate, BlockValue, MessageError
 
 
 def _update(**kw) -> BlockUpdate:

@@ -20,16 +20,16 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_config
-from parablock.core.blocks import block_state, model_blocks
-from parablock.core.messages import BlockUpdate, encode
-from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.core.server import Server
 from parablock.errors import ConnectError
-from parablock.runner import run
+from parablock.model.blocks import block_state, model_blocks
+from parablock.run.runner import run
 from parablock.transport.auth import ClientsFile, read_token
 from parablock.transport.certs import make_trial_credentials, read_pem
 from parablock.transport.grpc_client import GrpcConnection
 from parablock.transport.grpc_service import SERVICE, FederationService, start
+from parablock.wire.messages import BlockUpdate, encode
+from parablock.wire.protocol import PROTOCOL, JoinRequest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -414,8 +414,8 @@ def _vm_hwm_kb() -> int:
 
 _UPLOADER = """
 import json, sys, torch
-from parablock.core.messages import BlockUpdate, encode
-from parablock.core.protocol import PROTOCOL, JoinRequest
+from parablock.wire.messages import BlockUpdate, encode
+from parablock.wire.protocol import PROTOCOL, JoinRequest
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
 from parablock.transport.grpc_client import GrpcConnection

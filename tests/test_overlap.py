@@ -15,11 +15,11 @@ from parablock.backends import build_client
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
 from parablock.core.metrics import overlap_seconds
-from parablock.core.overlap import ElasticBatches, Overlap
-from parablock.core.protocol import RunSettings
+from parablock.core.overlap import ElasticBatches
 from parablock.data.examples import round_batches, round_indices
 from parablock.errors import MessageError
-from parablock.runner import prepare, run
+from parablock.run.runner import prepare, run
+from parablock.wire.protocol import Overlap, RunSettings
 
 # Links slow enough that communication (about 0.33 s each way for a tiny block) is far longer
 # than a tiny training step (milliseconds): the computation thread would otherwise sit idle.

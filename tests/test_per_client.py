@@ -16,7 +16,7 @@ from parablock.config import ConfigError, from_dict, help_text
 from parablock.data.examples import DataError, encode_all
 from parablock.data.partition import PARTITIONS, partition
 from parablock.data.sources import client_records
-from parablock.runner import prepare, run
+from parablock.run.runner import prepare, run
 
 
 def _site(path: Path, site: int, n: int = 12) -> Path:
@@ -186,7 +186,7 @@ def test_training_prompts_that_are_held_out_are_kept_with_a_warning(
 ):
     cfg, files = _per_client_config(tiny_model_dir, tmp_path)
     cfg = cfg.replace(eval={"source": f"gsm8k:{files[0]}"})
-    with caplog.at_level(logging.WARNING, logger="parablock.runner"):
+    with caplog.at_level(logging.WARNING, logger="parablock.run.runner"):
         fed = prepare(cfg)
     assert len(fed.specs[0].data) == 12  # nothing filtered: a networked client could not
     assert any("client 0" in r.message and "also held-out" in r.message for r in caplog.records)

@@ -24,7 +24,7 @@ from parablock.backends import BACKENDS, client_device
 from parablock.backends.local import run_local
 from parablock.backends.ray import ray_init
 from parablock.config import ConfigError
-from parablock.runner import prepare
+from parablock.run.runner import prepare
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -125,7 +125,7 @@ class _KillAndWatch:
         self.fingerprints: dict[int, str] = {}
 
     def __call__(self, client, t: int) -> None:
-        from parablock.model import model_fingerprint
+        from parablock.model.load import model_fingerprint
 
         if client.id == self.victim and t == self.at and not self.killed:
             pid = ray.get(client.actor.__ray_call__.remote(lambda actor: os.getpid()))
@@ -143,7 +143,7 @@ def test_killed_client_restarts_afresh_rejoins_and_ends_with_the_servers_model(
     ray_session, tiny_model_dir, tmp_path, caplog
 ):
     """Without a checkpoint the new actor starts from the base model and catches up at its join."""
-    from parablock.model import model_fingerprint
+    from parablock.model.load import model_fingerprint
 
     cfg = tiny_config(
         tiny_model_dir, str(tmp_path), federation={"clients": 3, "rounds": 5}, link=_SLOW
@@ -175,7 +175,7 @@ def test_killed_client_restarts_from_its_checkpoint_and_the_run_files_stay_whole
 ):
     """A whole run (checkpoints on): the new actor continues from the client's checkpoint, the
     summary counts every update and no drop, and metrics.jsonl holds every client's every round."""
-    from parablock.runner import run
+    from parablock.run.runner import run
     from parablock.tools.report import latest_rows
 
     cfg = tiny_config(
@@ -312,7 +312,7 @@ def test_client_device_is_the_cpu_unless_the_client_has_a_gpu(tiny_model_dir, tm
 
 def test_ray_is_imported_only_when_the_ray_backend_runs():
     code = (
-        "import sys, parablock.cli, parablock.runner, parablock.backends.local;"
+        "import sys, parablock.cli, parablock.run.runner, parablock.backends.local;"
         "from parablock.config import help_text; help_text();"
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
@@ -354,7 +354,7 @@ def test_ray_run_stops_resumes_and_matches_an_uninterrupted_local_run(
 
     from transformers import AutoModelForCausalLM
 
-    from parablock.runner import RunInterrupted, run
+    from parablock.run.runner import RunInterrupted, run
 
     ev = {"every": 1, "accuracy_size": 0}
     full = run(

@@ -24,7 +24,7 @@ from parablock.backends import BACKENDS
 from parablock.cli import main
 from parablock.core.checkpoint import CheckpointError, CheckpointStore
 from parablock.errors import ConfigError, RunDirError
-from parablock.runner import RunInterrupted, run
+from parablock.run.runner import RunInterrupted, run
 from parablock.tools.report import load_run
 
 
@@ -147,8 +147,8 @@ def test_resume_accepts_and_records_settings_that_do_not_change_results(
 
 
 def test_more_rounds_must_keep_the_blocks_of_the_finished_rounds(monkeypatch, tmp_path):
-    from parablock import rundir
-    from parablock.rundir import check_rounds
+    from parablock.run import rundir
+    from parablock.run.rundir import check_rounds
 
     saved = tiny_config("m", str(tmp_path), federation={"rounds": 4})
     longer = tiny_config("m", str(tmp_path), federation={"rounds": 8})
@@ -352,7 +352,7 @@ def test_round_lines_go_on_when_client_0_is_not_heard(
 
     monkeypatch.setitem(BACKENDS._items, "deaf0", deaf_to_0)
     cfg = tiny_config(tiny_model_dir, str(tmp_path / "run"), run={"backend": "deaf0"})
-    with caplog.at_level(logging.INFO, logger="parablock.runner"):
+    with caplog.at_level(logging.INFO, logger="parablock.run.runner"):
         run(cfg)
     lines = [m for m in caplog.messages if m.startswith(("round ", "drain:"))]
     assert [m.split(" block")[0] for m in lines[:4]] == [f"round {i}/4" for i in range(1, 5)]

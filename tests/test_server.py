@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import make_model
-from parablock.core.blocks import block_state, model_blocks
-from parablock.core.messages import BlockUpdate
-from parablock.core.protocol import PROTOCOL, AggregateReady, JoinRequest
 from parablock.core.server import RoundFailedError, Server
 from parablock.errors import MessageError
+from parablock.model.blocks import block_state, model_blocks
+from parablock.wire.messages import BlockUpdate
+from parablock.wire.protocol import PROTOCOL, AggregateReady, JoinRequest
 
 
 def _server(**kw):
@@ -177,7 +177,7 @@ def test_server_pickles_with_its_state_and_a_fresh_lock():
 
 
 def test_reports_are_kept_per_client_and_bad_ones_refused():
-    from parablock.core.protocol import RecordReport, RoundReport, SpanReport
+    from parablock.wire.protocol import RecordReport, RoundReport, SpanReport
 
     server, _ = _server()
     record = RecordReport(0, 1, 1.0, 0.1, 0.2, 0.1, 0.0, 1.5, 10, 20, 2.5, 4, 100.0, 101.5, False)
@@ -202,7 +202,7 @@ def test_an_aggregate_that_is_not_finite_changes_nothing_and_fails_its_round():
 
 
 def _settings(steps: int, batch: int):
-    from parablock.core.protocol import RunSettings
+    from parablock.wire.protocol import RunSettings
 
     return RunSettings(
         "fedbcd",

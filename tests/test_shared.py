@@ -15,11 +15,11 @@ from parablock import backends
 from parablock.backends import local as local_backend
 from parablock.backends.local import ComputeGate, run_local
 from parablock.backends.shared import BlockStore, FrozenShare
-from parablock.core.blocks import model_blocks
-from parablock.core.cow import BlockWriter
 from parablock.errors import SharedBlockError
-from parablock.model import load_model
-from parablock.runner import prepare, run
+from parablock.model.blocks import model_blocks
+from parablock.model.cow import BlockWriter
+from parablock.model.load import load_model
+from parablock.run.runner import prepare, run
 
 
 def test_only_the_trained_blocks_are_a_clients_own(tiny_model_dir):

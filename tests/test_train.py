@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import make_model
-from parablock.core.blocks import BlockError, model_blocks, select_blocks
-from parablock.core.train import TrainSettings, train_block
 from parablock.data.examples import round_indices
+from parablock.model.blocks import BlockError, model_blocks, select_blocks
+from parablock.model.train import TrainSettings, train_block
 
 SETTINGS = TrainSettings(
     steps=3, batch_size=2, lr=1e-3, warmup_steps=1, lr_schedule="cosine", grad_clip=1.0

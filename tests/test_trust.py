@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_config
-from parablock.core.blocks import block_state, model_blocks
-from parablock.core.compress import CODECS, ErrorFeedback
-from parablock.core.train import TrainSettings, lr_factor, train_block
 from parablock.core.trust import MARGIN, UpdateBound, adam_ratio_bounds
 from parablock.data.examples import round_indices
 from parablock.errors import RoundFailedError
-from parablock.runner import run
+from parablock.model.blocks import block_state, model_blocks
+from parablock.model.train import TrainSettings, lr_factor, train_block
+from parablock.run.runner import run
+from parablock.wire.compress import CODECS, ErrorFeedback
 
 
 def test_adam_ratio_bound_is_one_at_the_first_step_and_grows_slowly():
@@ -109,8 +109,8 @@ def test_a_poisoned_client_is_refused_and_the_run_ends_where_the_clean_one_does(
 
 
 def test_the_server_refuses_a_scaled_update_and_keeps_the_block(tiny_model_dir, tmp_path):
-    from parablock.core.messages import BlockUpdate
-    from parablock.runner import prepare
+    from parablock.run.runner import prepare
+    from parablock.wire.messages import BlockUpdate
 
     f = prepare(tiny_config(tiny_model_dir, str(tmp_path / "x")))
     server = f.server

@@ -18,9 +18,13 @@ import pytest
 import torch
 
 from conftest import make_model
-from parablock.core.blocks import block_state, model_blocks
-from parablock.core.messages import BlockUpdate, MessageError, encode
-from parablock.core.protocol import (
+from parablock.core.server import Server
+from parablock.model.blocks import block_state, model_blocks
+from parablock.transport.auth import ClientsFile, read_token
+from parablock.transport.certs import make_trial_credentials, read_pem
+from parablock.transport.grpc_service import CALLS_PER_CLIENT, SERVICE, FederationService, start
+from parablock.wire.messages import BlockUpdate, MessageError, encode
+from parablock.wire.protocol import (
     MAX_REPORT_SPANS,
     PROTOCOL,
     JoinRequest,
@@ -28,10 +32,6 @@ from parablock.core.protocol import (
     RoundReport,
     SpanReport,
 )
-from parablock.core.server import Server
-from parablock.transport.auth import ClientsFile, read_token
-from parablock.transport.certs import make_trial_credentials, read_pem
-from parablock.transport.grpc_service import CALLS_PER_CLIENT, SERVICE, FederationService, start
 
 REQUEST_S = 1.0  # server.request_timeout_s in these tests
 

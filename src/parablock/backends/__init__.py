@@ -24,19 +24,20 @@ from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
-from parablock.core.cow import SharedBlocks
-from parablock.core.lora import LoraSettings
 from parablock.core.metrics import ClientLog, PhaseListener
-from parablock.core.overlap import Overlap
-from parablock.core.train import TrainSettings
 from parablock.data.examples import Example
 from parablock.errors import ClientRestart, ConfigError
-from parablock.faults import faulty
-from parablock.frozen import hold_frozen
-from parablock.model import load_model
+from parablock.model.cow import SharedBlocks
+from parablock.model.frozen import hold_frozen
+from parablock.model.load import load_model
+from parablock.model.lora import LoraSettings
+from parablock.model.train import TrainSettings
 from parablock.registry import Registry
-from parablock.transport.inprocess import InProcessConnection, ServerEndpoint
+from parablock.transport.faults import faulty
+from parablock.transport.inprocess import InProcessConnection
 from parablock.transport.link import LinkSpec
+from parablock.wire.protocol import Overlap
+from parablock.wire.seams import ServerEndpoint
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 100  # a client that keeps crashing is a failure, not a fault to ride out

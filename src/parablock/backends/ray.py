@@ -55,9 +55,9 @@ import parablock
 from parablock.backends import MAX_RESTARTS, ClientSpec, build_client, client_device, run_spec
 from parablock.core.checkpoint import CheckpointStore
 from parablock.core.metrics import ClientLog, RoundRecord, Span
-from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.core.server import Server
 from parablock.errors import ConfigError, RoundFailedError, RunStopped
+from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from torch import nn
 
 from parablock.core.baselines import protocol_blocks
 from parablock.errors import SharedBlockError
-from parablock.frozen import hold_frozen
-from parablock.model import load_model
+from parablock.model.frozen import hold_frozen
+from parablock.model.load import load_model
 
 BASE = -1  # the version of a block no round has changed: the base model's own value
 

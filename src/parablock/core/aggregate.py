@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from parablock.core.messages import BlockUpdate
 from parablock.errors import AggregationError  # noqa: F401
 from parablock.registry import Registry
+from parablock.wire.messages import BlockUpdate
 
 Aggregator = Callable[[list[BlockUpdate], list[float], float], dict[str, torch.Tensor]]
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")

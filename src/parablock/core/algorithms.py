@@ -20,12 +20,12 @@ from concurrent.futures import Future
 
 from parablock.core.baselines import cyclic
 from parablock.core.client import Client
-from parablock.core.messages import BlockValue
 from parablock.core.metrics import RoundRecord
 from parablock.core.overlap import InFlight
-from parablock.core.protocol import JoinReply
 from parablock.errors import ConfigError, RunStopped
 from parablock.registry import Registry
+from parablock.wire.messages import BlockValue
+from parablock.wire.protocol import JoinReply
 
 Algorithm = Callable[[Client], None]
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")

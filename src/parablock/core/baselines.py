@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from parablock.core.blocks import Block, model_blocks, select_blocks
 from parablock.core.client import Client
-from parablock.core.lora import LoraSettings, blocks_for
 from parablock.errors import ConfigError, RunStopped
+from parablock.model.blocks import Block, model_blocks, select_blocks
+from parablock.model.lora import LoraSettings, blocks_for
 
 log = logging.getLogger(__name__)
 

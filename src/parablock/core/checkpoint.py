@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from parablock.core.messages import BlockUpdate, MessageError, pack, unpack
 from parablock.core.metrics import RoundRecord, Span
 from parablock.errors import CheckpointError  # noqa: F401
+from parablock.wire.messages import BlockUpdate, MessageError, pack, unpack
 
 log = logging.getLogger(__name__)
 

@@ -29,30 +29,31 @@ from contextlib import AbstractContextManager
 from torch import nn
 
 from parablock.core.aggregate import apply
-from parablock.core.blocks import Block, block_state, set_block
 from parablock.core.checkpoint import CheckpointStore, ClientState
-from parablock.core.compress import CODECS, ErrorFeedback
 from parablock.core.correction import Correction
-from parablock.core.cow import BlockWriter, SharedBlocks
-from parablock.core.forward import BlockForward, first_trained_layer
-from parablock.core.messages import BlockUpdate, BlockValue, Expected, MessageError
 from parablock.core.metrics import ClientLog, RoundRecord
-from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight, Overlap
-from parablock.core.protocol import (
+from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight
+from parablock.data.examples import Example, round_batches, round_indices
+from parablock.errors import ClientBehind, DataError, UpdateRejected
+from parablock.model.blocks import Block, block_state, set_block
+from parablock.model.cow import BlockWriter, SharedBlocks
+from parablock.model.forward import BlockForward, first_trained_layer
+from parablock.model.train import TrainSettings, train_block
+from parablock.wire.compress import CODECS, ErrorFeedback
+from parablock.wire.messages import BlockUpdate, BlockValue, Expected, MessageError
+from parablock.wire.protocol import (
     BEHIND,
     MAX_REPORT_SPANS,
     PROTOCOL,
     AggregateReady,
     JoinReply,
     JoinRequest,
+    Overlap,
     RecordReport,
     RoundReport,
     SpanReport,
 )
-from parablock.core.train import TrainSettings, train_block
-from parablock.data.examples import Example, round_batches, round_indices
-from parablock.errors import ClientBehind, DataError, UpdateRejected
-from parablock.transport import ServerConnection
+from parablock.wire.seams import ServerConnection
 
 log = logging.getLogger(__name__)
 

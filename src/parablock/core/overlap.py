@@ -29,22 +29,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # core.protocol builds an Overlap from the run's settings
-    from parablock.core.messages import BlockUpdate, BlockValue
+if TYPE_CHECKING:
     from parablock.core.metrics import RoundRecord
-    from parablock.core.protocol import AggregateReady
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """A ParaBlock client's overlap settings (FedBCD has nothing to overlap and ignores them)."""
-
-    local_steps_max: int = 0  # 0: exactly local_steps
-    duplex: bool = False
-
-    def most_steps(self, local_steps: int) -> int:
-        """The most optimizer steps one round may take (what bounds an update's examples)."""
-        return max(local_steps, self.local_steps_max)
+    from parablock.wire.messages import BlockUpdate, BlockValue
+    from parablock.wire.protocol import AggregateReady
 
 
 class ElasticBatches:

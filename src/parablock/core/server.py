@@ -36,17 +36,20 @@ import torch
 from torch import nn
 
 from parablock.core.aggregate import AGGREGATORS, apply, capped_weights, delta_norm
-from parablock.core.blocks import Block, block_state, set_block
-from parablock.core.compress import CODECS, ErrorFeedback, Shapes
-from parablock.core.messages import (
+from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
+from parablock.core.trust import MARGIN, UpdateBound
+from parablock.errors import AggregationError, RoundFailedError, RunStopped  # noqa: F401
+from parablock.model.blocks import Block, block_state, set_block
+from parablock.model.train import lr_factor
+from parablock.wire.compress import CODECS, ErrorFeedback, Shapes
+from parablock.wire.messages import (
     BlockUpdate,
     BlockValue,
     Expected,
     MessageError,
     all_finite,
 )
-from parablock.core.metrics import PHASES, ClientLog, RoundRecord, Span
-from parablock.core.protocol import (
+from parablock.wire.protocol import (
     BEHIND,
     MAX_REPORT_SPANS,
     PROTOCOL,
@@ -56,9 +59,6 @@ from parablock.core.protocol import (
     RoundReport,
     RunSettings,
 )
-from parablock.core.train import lr_factor
-from parablock.core.trust import MARGIN, UpdateBound
-from parablock.errors import AggregationError, RoundFailedError, RunStopped  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from parablock.data.examples import DataError, DataStats, Record
+from parablock.data.textfile import read_utf8
 from parablock.registry import Registry, UnknownNameError
-from parablock.textfile import read_utf8
 
 log = logging.getLogger(__name__)
 

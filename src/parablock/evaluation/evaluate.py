@@ -25,9 +25,9 @@ from functools import cache
 import torch
 from torch import nn
 
-from parablock.core.blocks import Block, set_block
-from parablock.core.forward import postprocessed_logits, response_loss
 from parablock.data.examples import Example, Record, collate, render_prompt
+from parablock.model.blocks import Block, set_block
+from parablock.model.forward import postprocessed_logits, response_loss
 from parablock.registry import Registry
 
 # -- loss ------------------------------------------------------------------------------------

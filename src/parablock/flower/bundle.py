@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from parablock.core.protocol import Message
 from parablock.errors import MessageError
+from parablock.wire.protocol import Message
 
 # client -> server requests; the server answers each with an item of the same kind and key
 JOIN, UPLOAD, WAIT, DOWNLOAD = "join", "upload", "wait", "download"

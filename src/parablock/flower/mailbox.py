@@ -19,8 +19,6 @@ from __future__ import annotations
 import threading
 import time
 
-from parablock.core.messages import BlockUpdate, BlockValue, Expected, expecting
-from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport, UploadReply
 from parablock.errors import (
     ConnectError,
     MessageError,
@@ -42,6 +40,8 @@ from parablock.flower.bundle import (
     Key,
 )
 from parablock.transport.link import Link, LinkSpec
+from parablock.wire.messages import BlockUpdate, BlockValue, Expected, expecting
+from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport, UploadReply
 
 # the errors a server-side answer may carry, by name: the same a gRPC connection raises
 ERRORS: dict[str, type[Exception]] = {

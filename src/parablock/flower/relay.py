@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from parablock.core.protocol import JoinRequest, RoundReport, UploadReply
 from parablock.core.server import Server
 from parablock.errors import (
     ConnectError,
@@ -51,6 +50,7 @@ from parablock.flower.bundle import (
     Bundle,
     Item,
 )
+from parablock.wire.protocol import JoinRequest, RoundReport, UploadReply
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from parablock.core.compress import CODECS
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.flower.frames import from_record, to_record
 from parablock.flower.relay import relay
+from parablock.wire.compress import CODECS
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def server_app(config_path: str | Path) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from parablock.config import load
-        from parablock.runner import run
+        from parablock.run.runner import run
 
         cfg = load(str(config_path), overrides(context))
         logging.getLogger("parablock").setLevel(logging.INFO)

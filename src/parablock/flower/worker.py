@@ -22,7 +22,7 @@ import grpc
 from parablock.errors import ConfigError, MessageError
 from parablock.flower.bundle import Bundle
 from parablock.flower.mailbox import Mailbox
-from parablock.site import SiteOptions, run_site
+from parablock.run.site import SiteOptions, run_site
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from parablock.config import Config, ConfigError, _read_toml
 from parablock.core.algorithms import ALGORITHMS
-from parablock.runner import RunDirError, run
+from parablock.run.runner import RunDirError, run
 from parablock.tools.report import (
     RunData,
     default_target,

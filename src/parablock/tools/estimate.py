@@ -38,9 +38,9 @@ import torch
 
 from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
 from parablock.core.baselines import layout, protocol_blocks, traits
-from parablock.core.blocks import model_blocks, select_blocks
 from parablock.core.schedule import make_plan
 from parablock.errors import EstimateError  # noqa: F401
+from parablock.model.blocks import model_blocks, select_blocks
 from parablock.registry import Registry
 from parablock.transport.link import LinkSpec
 
@@ -176,7 +176,7 @@ def build_meta_model(name_or_path: str):
         spec = dict(ARCHITECTURES[name])
         hf_config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     else:
-        from parablock.model import ModelError, resolve
+        from parablock.model.load import ModelError, resolve
 
         path = resolve(name_or_path)
         try:
@@ -466,9 +466,9 @@ def measure_compute_s(
     over ``federation.clients`` as in a local run; ``whole_model``: of every parameter at once
     (fedavg_full)."""
     from parablock.backends.local import torch_threads
-    from parablock.core.train import TrainSettings, train_block
     from parablock.data.examples import Example
-    from parablock.model import load_model
+    from parablock.model.load import load_model
+    from parablock.model.train import TrainSettings, train_block
 
     if cfg.model.name_or_path.startswith(ARCH_PREFIX):
         sizes = model_sizes(cfg)

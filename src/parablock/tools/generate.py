@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from parablock.model import ModelError, load_model, load_tokenizer
+from parablock.model.load import ModelError, load_model, load_tokenizer
 
 
 def generate(

@@ -19,14 +19,6 @@ from collections.abc import Iterable
 
 import grpc
 
-from parablock.core.messages import BlockUpdate, BlockValue, Expected, expecting
-from parablock.core.protocol import (
-    AggregateReady,
-    JoinReply,
-    JoinRequest,
-    RoundReport,
-    UploadReply,
-)
 from parablock.errors import (
     ConnectError,
     MessageError,
@@ -43,6 +35,14 @@ from parablock.transport.grpc_service import (
     SERVICE,
 )
 from parablock.transport.link import Link, LinkSpec
+from parablock.wire.messages import BlockUpdate, BlockValue, Expected, expecting
+from parablock.wire.protocol import (
+    AggregateReady,
+    JoinReply,
+    JoinRequest,
+    RoundReport,
+    UploadReply,
+)
 
 log = logging.getLogger(__name__)
 

@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from parablock.core.messages import CHUNK_BYTES, parse_json
-from parablock.core.protocol import JoinRequest, RoundReport, UploadReply
 from parablock.core.server import Server
 from parablock.errors import MessageError, RoundFailedError, RunStopped
 from parablock.transport.auth import ClientsFile
 from parablock.transport.guard import Refusals, Watch, Watchdog
+from parablock.wire.messages import CHUNK_BYTES, parse_json
+from parablock.wire.protocol import JoinRequest, RoundReport, UploadReply
 
 log = logging.getLogger(__name__)
 

@@ -1,32 +1,18 @@
-"""The in-process connection: the server object itself, or a proxy with the same methods.
-
-``ServerEndpoint`` is the server's side of the seam, bytes in and bytes out, with the client's
-identity passed by the caller: ``core.server.Server`` implements it, and so does the Ray backend's
-proxy to the server actor. Blocks still cross as bytes (never shared tensors), through emulated
-links when ``link.*`` is set, so the local simulator moves exactly what a network would.
+"""The in-process connection: a ``ServerEndpoint`` (``wire/seams.py``) in this process, the
+server itself or a proxy with the same methods (the Ray backend's server actor). Blocks still
+cross as bytes (never shared tensors), through emulated links when ``link.*`` is set, so the
+local simulator moves exactly what a network would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
 
-from parablock.core.messages import BlockUpdate, BlockValue, Expected, expecting
-from parablock.core.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 from parablock.errors import ConnectError, UpdateRejected
 from parablock.transport.link import Link, LinkSpec
-
-
-class ServerEndpoint(Protocol):
-    def join(self, request: JoinRequest, client: int) -> JoinReply: ...
-
-    def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]: ...
-
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady: ...
-
-    def block_payload(self, block: int, version: int, base: int | None = None) -> bytes: ...
-
-    def report(self, report: RoundReport, client: int) -> None: ...
+from parablock.wire.messages import BlockUpdate, BlockValue, Expected, expecting
+from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
+from parablock.wire.seams import ServerEndpoint
 
 
 class InProcessConnection:

@@ -15,11 +15,10 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from parablock.core.lora import LoraSettings
-from parablock.core.messages import parse_json
-from parablock.core.overlap import Overlap
-from parablock.core.train import TrainSettings
 from parablock.errors import MessageError
+from parablock.model.lora import LoraSettings
+from parablock.model.train import TrainSettings
+from parablock.wire.messages import parse_json
 
 PROTOCOL = (
     2  # 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
@@ -114,6 +113,18 @@ def _value(tp: Any, v: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, Message):
         return _build(tp, v, where)
     raise MessageError(f"{where}: unsupported field type {tp}")  # a bug in a message definition
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A ParaBlock client's overlap settings (FedBCD has nothing to overlap and ignores them)."""
+
+    local_steps_max: int = 0  # 0: exactly local_steps
+    duplex: bool = False
+
+    def most_steps(self, local_steps: int) -> int:
+        """The most optimizer steps one round may take (what bounds an update's examples)."""
+        return max(local_steps, self.local_steps_max)
 
 
 @dataclass(frozen=True)

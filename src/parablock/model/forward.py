@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parablock.core.blocks import Block
 from parablock.data.examples import IGNORE, Example, collate
+from parablock.model.blocks import Block
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from parablock.core.blocks import Block, check_block, set_block
+from parablock.model.blocks import Block, check_block, set_block
 
 
 class SharedBlocks(Protocol):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from parablock.model import model_fingerprint, resolve
+from parablock.model.load import model_fingerprint, resolve
 
 log = logging.getLogger(__name__)
 

@@ -27,22 +27,22 @@ from parablock.core.baselines import protocol_blocks
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
-from parablock.core.forward import resolve_precision
 from parablock.core.metrics import describe
-from parablock.core.protocol import PROTOCOL, JoinRequest
 from parablock.data.examples import DataStats, encode_all
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
-from parablock.faults import faulty
-from parablock.faults import parse as parse_faults
-from parablock.frozen import base_fingerprint, hold_frozen
-from parablock.memory import peak_rss_mb, trim
-from parablock.model import load_model, load_tokenizer, model_fingerprint
-from parablock.transport import ServerConnection
+from parablock.model.forward import resolve_precision
+from parablock.model.frozen import base_fingerprint, hold_frozen
+from parablock.model.load import load_model, load_tokenizer, model_fingerprint
+from parablock.run.memory import peak_rss_mb, trim
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
+from parablock.transport.faults import faulty
+from parablock.transport.faults import parse as parse_faults
 from parablock.transport.grpc_client import GrpcConnection
 from parablock.transport.link import LinkSpec
+from parablock.wire.protocol import PROTOCOL, JoinRequest
+from parablock.wire.seams import ServerConnection
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from parablock.core.messages import Expected, MessageError, all_finite
 from parablock.registry import Registry
+from parablock.wire.messages import Expected, MessageError, all_finite
 
 Shapes = dict[str, tuple[int, ...]]  # parameter name -> shape
 Tensors = dict[str, torch.Tensor]

@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 
-from parablock import cli_flower, cli_net
+from parablock.cli import flower as cli_flower
+from parablock.cli import net as cli_net
 from parablock.config import help_text, load
 from parablock.errors import ConfigError, RunFailed, UserError
 
@@ -180,7 +181,7 @@ def _setup_logging(level: str, quiet: bool = False) -> None:
 
 
 def _run(args) -> int:
-    from parablock.runner import RunInterrupted, run
+    from parablock.run.runner import RunInterrupted, run
     from parablock.tools.progress import make_progress
 
     if args.resume:

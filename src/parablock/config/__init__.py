@@ -17,8 +17,8 @@ from typing import Any
 
 import tomli_w
 
+from parablock.data.textfile import read_utf8
 from parablock.errors import ConfigError  # noqa: F401
-from parablock.textfile import read_utf8
 
 
 def opt(
@@ -100,7 +100,7 @@ def _aggregators() -> list[str]:
 
 
 def _compressions() -> list[str]:
-    from parablock.core.compress import CODECS
+    from parablock.wire.compress import CODECS
 
     return CODECS.names()
 
@@ -293,7 +293,7 @@ class FederationConfig:
 
 
 def _precisions() -> tuple[str, ...]:
-    from parablock.core.forward import PRECISIONS
+    from parablock.model.forward import PRECISIONS
 
     return PRECISIONS
 
@@ -573,7 +573,7 @@ class Config:
             )
         _check_algorithm(self)
         if self.run.faults:
-            from parablock.faults import parse
+            from parablock.transport.faults import parse
 
             parse(self.run.faults, self.run.seed)  # a bad spec: one line naming the item
 
@@ -661,8 +661,8 @@ def _check_algorithm(cfg: Config) -> None:
     ``core.algorithms.check_plan``)."""
     from parablock.core.algorithms import ADAPTER_ALGORITHMS, MIN_SELECTED
     from parablock.core.baselines import traits
-    from parablock.core.blocks import BlockError, extra_names, fixed_selection_size
-    from parablock.core.lora import target_names
+    from parablock.model.blocks import BlockError, extra_names, fixed_selection_size
+    from parablock.model.lora import target_names
 
     fed, model = cfg.federation, cfg.model
     if 0 < fed.local_steps_max < fed.local_steps:

@@ -169,7 +169,7 @@ def site_args(p) -> None:
 
 def site_options(args, **transport):
     """``SiteOptions`` from the ``site_args`` options and the transport's own."""
-    from parablock.site import SiteOptions
+    from parablock.run.site import SiteOptions
 
     return SiteOptions(
         client=args.client,
@@ -191,7 +191,7 @@ def site_options(args, **transport):
 
 def server(args, load, setup_logging) -> int:
     from parablock.errors import ConfigError
-    from parablock.runner import RunInterrupted, run
+    from parablock.run.runner import RunInterrupted, run
 
     if args.resume:
         if args.config:
@@ -225,7 +225,7 @@ def server(args, load, setup_logging) -> int:
 
 
 def client(args, setup_logging) -> int:
-    from parablock.site import run_site
+    from parablock.run.site import run_site
 
     setup_logging(args.log_level)
     o = site_options(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from parablock import cli_net
+from parablock.cli import net as cli_net
 
 EXAMPLES = """\
 examples (a local trial; see README "ParaBlock on Flower"):

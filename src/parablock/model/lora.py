@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from parablock.core.blocks import Block, model_blocks
 from parablock.errors import BlockError, ConfigError
+from parablock.model.blocks import Block, model_blocks
 
 if TYPE_CHECKING:
-    from parablock.config import Config
+    pass
 
 ADAPTER = "adapter"  # the one block of an adapter run
 # Attention and MLP projections of Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM).
@@ -97,27 +97,6 @@ class LoraSettings:
         )
 
 
-def settings_for(cfg: Config) -> LoraSettings | None:
-    """The run's adapter, or None when its algorithm trains blocks of the model itself."""
-    from parablock.core.algorithms import ADAPTER_ALGORITHMS
-
-    if cfg.federation.algorithm not in ADAPTER_ALGORITHMS:
-        return None
-    c = cfg.lora
-    return LoraSettings(c.r, c.alpha, c.dropout, c.target_modules)
-
-
-def client_lr(cfg: Config) -> float:
-    """The clients' learning rate: ``federation.lr``, except that an adapter algorithm trains at
-    ``lora.lr`` unless ``federation.lr`` was changed from its default (so ``compare`` gives each
-    method its own default, and one ``--set federation.lr=X`` sets it for all)."""
-    from parablock.config import FederationConfig
-
-    if settings_for(cfg) is not None and cfg.federation.lr == FederationConfig().lr:
-        return cfg.lora.lr
-    return cfg.federation.lr
-
-
 def _check_targets(model: nn.Module, names: tuple[str, ...]) -> None:
     """Every target must name a linear module inside the decoder layers (PEFT alone would
     accept a name that matches nothing as long as another one matches)."""
@@ -177,7 +156,7 @@ def export(
     gets from the base and the saved adapter."""
     from peft import get_peft_model
 
-    from parablock.model import load_model
+    from parablock.model.load import load_model
 
     base_model = load_model(base)
     with _INJECT_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from parablock.core.blocks import Block, block_state, freeze_all_but
-from parablock.core.forward import BlockForward
 from parablock.data.examples import Example
+from parablock.model.blocks import Block, block_state, freeze_all_but
+from parablock.model.forward import BlockForward
 
 
 @dataclass(frozen=True)

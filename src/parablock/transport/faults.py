@@ -21,9 +21,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from parablock.core.messages import BlockUpdate, encode
-from parablock.core.protocol import JoinReply, JoinRequest
 from parablock.errors import ClientCrash, ConfigError, ConnectError, UpdateRejected
+from parablock.wire.messages import BlockUpdate, encode
+from parablock.wire.protocol import JoinReply, JoinRequest
 
 log = logging.getLogger(__name__)
 
