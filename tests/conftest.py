@@ -130,7 +130,22 @@ def slow_run_sets(model_dir: str, out) -> list[str]:
     ]
 
 
-__all__ = ["Record", "make_model", "make_tokenizer", "slow_run_sets", "tiny_config"]
+def build_client(placement, server, **settings):
+    """A client assembled as every backend assembles one (``run/assembly.py``), joined to the
+    in-process ``server``; ``settings``: fields of the ``RunSettings`` the server hands out
+    that this test changes first."""
+    from dataclasses import replace
+
+    from parablock.run.assembly import assemble
+    from parablock.transport.inprocess import InProcessConnection
+
+    if settings:
+        server.settings = replace(server.settings, **settings)
+    link = InProcessConnection(server, placement.client_id, placement.uplink, placement.downlink)
+    return assemble(placement, link)[0]
+
+
+__all__ = ["Record", "build_client", "make_model", "make_tokenizer", "slow_run_sets", "tiny_config"]
 
 
 _LEAKS: list[str] = []

@@ -27,7 +27,7 @@ def _federate(cfg, on_barrier=None):
         if on_barrier:
             on_barrier(fed.server, client, t)
 
-    logs = run_local(fed.specs, fed.server, threads=1, on_barrier=hook)
+    logs = run_local(fed.placements, fed.server, threads=1, on_barrier=hook)
     return fed, sorted(clients, key=lambda c: c.id), logs
 
 
@@ -100,15 +100,15 @@ def test_fedbcd_with_one_client_equals_local_block_training(tiny_model_dir, tmp_
     )
     fed, _, _ = _federate(cfg)
 
-    spec = fed.specs[0]
+    spec = fed.placements[0]
     model = load_model(tiny_model_dir)
     from parablock.data.examples import round_indices
     from parablock.model.blocks import model_blocks
 
     blocks = model_blocks(model)
-    s: TrainSettings = spec.settings
+    s: TrainSettings = fed.server.settings.train_settings()
     for t, b in enumerate(fed.server.plan):
-        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, spec.seed)
+        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, fed.server.settings.seed)
         r = train_block(model, blocks[b], list(spec.data), batches, s, spec.pad_id)
         # x_after expressed as base + delta, the one formula client and server both use
         set_block(model, blocks[b], {n: r.before[n] + r.delta[n] for n in r.before})

@@ -10,8 +10,8 @@ from conftest import make_model, tiny_config
 from parablock.backends.local import run_local
 from parablock.config import ConfigError, load
 from parablock.core.aggregate import apply
-from parablock.core.baselines import WHOLE_MODEL, protocol_blocks, round_turns
 from parablock.core.client import Client
+from parablock.core.schedule import WHOLE_MODEL, protocol_blocks, round_turns
 from parablock.core.server import Server
 from parablock.data.examples import round_indices
 from parablock.model.blocks import block_nbytes, block_state, model_blocks, set_block
@@ -38,7 +38,7 @@ def _federate(cfg, on_barrier=None, **backend):
         if on_barrier:
             on_barrier(client, t)
 
-    logs = run_local(fed.specs, fed.server, threads=1, on_barrier=hook, **backend)
+    logs = run_local(fed.placements, fed.server, threads=1, on_barrier=hook, **backend)
     return fed, [clients[i] for i in sorted(clients)], logs
 
 
@@ -83,12 +83,12 @@ def test_fedavg_full_with_one_client_equals_local_full_training(tiny_model_dir, 
     assert fed.server.plan == [0, 0, 0] and fed.selected == [0]
     assert client.forward().cache is None
 
-    spec = fed.specs[0]
+    spec = fed.placements[0]
     model = load_model(tiny_model_dir)
     (block,) = protocol_blocks(model, "fedavg_full")
-    s = spec.settings
+    s = fed.server.settings.train_settings()
     for t in range(3):
-        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, spec.seed)
+        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, fed.server.settings.seed)
         r = train_block(model, block, list(spec.data), batches, s, spec.pad_id)
         set_block(model, block, apply(r.before, r.delta, 1.0))  # the formula both sides use
     glob = _params(fed.model)
@@ -148,7 +148,7 @@ def test_cyclic_turn_trains_from_the_previous_turns_model(tiny_model_dir, tmp_pa
     monkeypatch.setattr(Client, "compute", spy)
     finished: dict[int, Client] = {}
     logs = run_local(
-        fed.specs, fed.server, threads=1, on_barrier=lambda c, t: finished.__setitem__(c.id, c)
+        fed.placements, fed.server, threads=1, on_barrier=lambda c, t: finished.__setitem__(c.id, c)
     )
 
     assert sorted(starts) == list(range(rounds))

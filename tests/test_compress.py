@@ -225,7 +225,7 @@ def _federate(cfg):
     def hook(client, t):
         clients[client.id] = client
 
-    logs = run_local(fed.specs, fed.server, threads=1, on_barrier=hook)
+    logs = run_local(fed.placements, fed.server, threads=1, on_barrier=hook)
     return fed, [clients[i] for i in sorted(clients)], logs
 
 

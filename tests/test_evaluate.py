@@ -120,7 +120,7 @@ def test_replayed_aggregates_rebuild_the_global_model_of_every_round(tiny_model_
         snapshots[t] = {n: p.detach().clone() for n, p in fed.server.model.named_parameters()}
 
     fed.server.aggregate_listeners.append(hook)
-    run_local(fed.specs, fed.server, threads=1)
+    run_local(fed.placements, fed.server, threads=1)
     replica = load_model(tiny_model_dir)
     seen = []
     for t, time_s in history.replay(replica, fed.server.blocks):

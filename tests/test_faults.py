@@ -29,18 +29,18 @@ def _run(cfg, monkeypatch, participants=None):
     """A local run; returns the federation and the clients that finished."""
     f = prepare(cfg)
     ckpt = str(Path(cfg.run.out) / "checkpoint")  # a crashed client restarts from it
-    f.specs = [replace(s, checkpoint_dir=ckpt) for s in f.specs]
+    f.placements = [replace(s, checkpoint_dir=ckpt) for s in f.placements]
     if participants is not None:
         withhold(f.server, participants)
     finished = []
-    real = local_backend.run_spec
+    real = local_backend.run_placed
 
-    def run_spec(*args, **kwargs):
+    def run_placed(*args, **kwargs):
         finished.append(real(*args, **kwargs))
         return finished[-1]
 
-    monkeypatch.setattr(local_backend, "run_spec", run_spec)
-    run_local(f.specs, f.server, threads=1)
+    monkeypatch.setattr(local_backend, "run_placed", run_placed)
+    run_local(f.placements, f.server, threads=1)
     return f, finished
 
 

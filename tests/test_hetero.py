@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import parablock.core.client as client_module
-from conftest import tiny_config
-from parablock.backends import build_client
+from conftest import build_client, tiny_config
 from parablock.cli import main
 from parablock.config import ConfigError, from_dict, load
 from parablock.core.metrics import RoundRecord
@@ -141,7 +140,7 @@ def test_per_client_settings_round_trip_through_toml(tmp_path):
 # -- every backend hands each client its own -----------------------------------------------------
 
 
-def test_each_local_client_gets_its_own_link_and_slowdown(tiny_model_dir, tmp_path):
+def test_each_local_client_gets_its_own_link_and_slowdown(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(
         tiny_model_dir,
         str(tmp_path),
@@ -150,20 +149,22 @@ def test_each_local_client_gets_its_own_link_and_slowdown(tiny_model_dir, tmp_pa
     )
     f = prepare(cfg)
     chunk = cfg.link.chunk_kb * 1024
-    assert [(s.uplink, s.downlink, s.slowdown) for s in f.specs] == [
+    assert [(s.uplink, s.downlink, s.slowdown) for s in f.placements] == [
         (LinkSpec(200.0, 5.0, chunk), LinkSpec(math.inf, 5.0, chunk), 1.0),
         (LinkSpec(200.0, 0.0, chunk), LinkSpec(100.0, 0.0, chunk), 1.0),
         (LinkSpec(5.0, 40.0, chunk), LinkSpec(100.0, 40.0, chunk), 3.0),
     ]
     # the client the backends build (local threads and Ray actors alike) paces with its own
-    built = build_client(f.specs[2], f.server)
+    built = build_client(f.placements[2], f.server)
     assert built.connection.uplink.spec == LinkSpec(5.0, 40.0, chunk)
     assert built.connection.downlink.spec == LinkSpec(100.0, 40.0, chunk)
     assert built.slowdown == 3.0
     # a Ray client actor (its class, here without a cluster) builds the same client from its spec
-    from parablock.backends.ray import ClientActor
+    import parablock.backends.ray as ray_backend
 
-    actor, threads = ClientActor(f.specs[1], server=None, threads=1), torch.get_num_threads()
+    monkeypatch.setattr(ray_backend, "RemoteServer", lambda handle: handle)  # no cluster here
+    actor = ray_backend.ClientActor(f.placements[1], server=f.server, threads=1)
+    threads = torch.get_num_threads()
     try:
         actor.setup()
     finally:
@@ -224,7 +225,7 @@ def test_compute_slowdown_stretches_the_compute_span(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(client_module, "train_block", timed)
     cfg = tiny_config(tiny_model_dir, str(tmp_path), federation={"compute_slowdown": "1,3"})
     f = prepare(cfg)
-    for spec, factor in zip(f.specs, (1.0, 3.0), strict=True):
+    for spec, factor in zip(f.placements, (1.0, 3.0), strict=True):
         c = build_client(spec, f.server)
         c.plan = list(f.server.plan)
         c.compute(0, RoundRecord(spec.client_id, 0, c.plan[0]))  # a warm-up, then measured

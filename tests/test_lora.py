@@ -156,7 +156,7 @@ def test_only_adapter_tensors_cross_the_link(tiny_model_dir, tmp_path):
         return data
 
     server.receive_update, server.block_payload = receive_update, block_payload
-    logs = run_local(fed.specs, server, threads=1)
+    logs = run_local(fed.placements, server, threads=1)
 
     rounds = len(server.plan)
     assert len(ups) == len(downs) == 2 * rounds  # every round's delta up, its aggregate down
@@ -212,14 +212,14 @@ def test_identical_data_equals_single_client_lora_training_bit_for_bit(tiny_mode
         data={"partition": "replicate"},
     )
     fed = prepare(cfg)
-    run_local(fed.specs, fed.server, threads=1)
+    run_local(fed.placements, fed.server, threads=1)
 
-    spec, s = fed.specs[0], fed.specs[0].settings
+    spec, s = fed.placements[0], fed.server.settings.train_settings()
     assert s.lr == cfg.lora.lr
     model = load_model(tiny_model_dir)
     (block,) = blocks_for(model, "", lora_settings(cfg), cfg.run.seed)
     for t in range(cfg.federation.rounds):
-        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, spec.seed)
+        batches = round_indices(len(spec.data), t, s.steps, s.batch_size, fed.server.settings.seed)
         r = train_block(model, block, list(spec.data), batches, s, spec.pad_id)
         set_block(model, block, {n: r.before[n] + r.delta[n] for n in r.before})
     want, got = _params(model), _params(fed.model)
@@ -241,7 +241,9 @@ def test_clients_share_the_base_weights_and_never_write_them(tiny_model_dir, tmp
     monkeypatch.setattr(local_backend, "FrozenShare", Recording)
     fed = prepare(tiny_config(tiny_model_dir, str(tmp_path), federation=LORA))
     clients = {}
-    run_local(fed.specs, fed.server, threads=1, on_barrier=lambda c, t: clients.update({c.id: c}))
+    run_local(
+        fed.placements, fed.server, threads=1, on_barrier=lambda c, t: clients.update({c.id: c})
+    )
     (base,) = shares[0]._bases.values()
     fresh = _params(load_model(tiny_model_dir))
     assert _params(base).keys() == fresh.keys()  # no adapter injected into the shared base

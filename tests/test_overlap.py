@@ -10,8 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import tiny_config
-from parablock.backends import build_client
+from conftest import build_client, tiny_config
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
 from parablock.core.metrics import overlap_seconds
@@ -63,11 +62,13 @@ def test_client_extra_steps_extend_the_usual_ones(tiny_model_dir, tmp_path):
     and the update carries their examples."""
     cfg = tiny_config(tiny_model_dir, str(tmp_path))
     fed = prepare(cfg)
-    spec = fed.specs[0]
-    k, bs = spec.settings.steps, spec.settings.batch_size
+    spec = fed.placements[0]
+    k, bs = fed.server.settings.local_steps, fed.server.settings.batch_size
 
     def update(overlap: Overlap, busy):
-        client = build_client(replace(spec, overlap=overlap), fed.server)
+        client = build_client(
+            spec, fed.server, local_steps_max=overlap.local_steps_max, duplex=overlap.duplex
+        )
         client.plan = list(fed.server.plan)
         record = client.new_record(0)
         try:
@@ -197,7 +198,7 @@ def slow_runs(tiny_model_dir, tmp_path_factory):
             link=SLOW,
         )
         fed = prepare(cfg)
-        logs = run_local(fed.specs, fed.server, threads=1)
+        logs = run_local(fed.placements, fed.server, threads=1)
         out[duplex] = (fed, logs)
     return out
 
@@ -265,7 +266,7 @@ def test_invariant_against_the_global_model_of_each_round(tiny_model_dir, tmp_pa
                 problems.append((client.id, t, n))
         checked.append((client.id, t))
 
-    run_local(fed.specs, fed.server, threads=1, on_barrier=check)
+    run_local(fed.placements, fed.server, threads=1, on_barrier=check)
     assert not problems, problems[:5]
     assert len(checked) == 2 * 7  # every barrier of both clients, drain included
     assert set(history) == set(range(6))

@@ -169,8 +169,8 @@ def test_prepare_gives_each_client_exactly_its_own_file(tiny_model_dir, tmp_path
         want = encode_all(
             client_records(f"gsm8k:{f}", 32, cfg.run.seed), tiny_tokenizer, 320, "expected"
         )
-        assert fed.specs[i].data == tuple(want)
-        assert {e.group for e in fed.specs[i].data} == {f"site{i}"}
+        assert fed.placements[i].data == tuple(want)
+        assert {e.group for e in fed.placements[i].data} == {f"site{i}"}
     assert [c["examples"] for c in fed.partition_stats] == [12, 12]
     assert [c["labels"] for c in fed.partition_stats] == [{"site0": 12}, {"site1": 12}]
     assert fed.data_stats["train_records"] == 24
@@ -178,7 +178,7 @@ def test_prepare_gives_each_client_exactly_its_own_file(tiny_model_dir, tmp_path
     assert {r.label for r in fed.heldout_records} == {"heldout"}
 
     small = prepare(cfg.replace(data={"train_size": 5}))  # at most train_size per client
-    assert [len(s.data) for s in small.specs] == [5, 5]
+    assert [len(s.data) for s in small.placements] == [5, 5]
 
 
 def test_training_prompts_that_are_held_out_are_kept_with_a_warning(
@@ -188,7 +188,7 @@ def test_training_prompts_that_are_held_out_are_kept_with_a_warning(
     cfg = cfg.replace(eval={"source": f"gsm8k:{files[0]}"})
     with caplog.at_level(logging.WARNING, logger="parablock.run.runner"):
         fed = prepare(cfg)
-    assert len(fed.specs[0].data) == 12  # nothing filtered: a networked client could not
+    assert len(fed.placements[0].data) == 12  # nothing filtered: a networked client could not
     assert any("client 0" in r.message and "also held-out" in r.message for r in caplog.records)
     assert not any("client 1" in r.message for r in caplog.records)
 

@@ -20,7 +20,7 @@ import ray  # installed by scripts/install.sh: CI runs these tests, never skips 
 import torch
 
 from conftest import tiny_config
-from parablock.backends import BACKENDS, client_device
+from parablock.backends import BACKENDS
 from parablock.backends.local import run_local
 from parablock.backends.ray import ray_init
 from parablock.config import ConfigError
@@ -61,11 +61,13 @@ def test_ray_and_local_end_with_the_same_global_model(
         link={"compression": compression},
     )
     local = prepare(cfg)
-    logs_local = {lg.client: lg.rounds for lg in run_local(local.specs, local.server, threads=1)}
+    logs_local = {
+        lg.client: lg.rounds for lg in run_local(local.placements, local.server, threads=1)
+    }
     remote = prepare(cfg)
     seen, phases = [], []
     logs = BACKENDS.get("ray")(
-        remote.specs,
+        remote.placements,
         remote.server,
         threads=1,
         on_barrier=lambda c, t: seen.append((c.id, t)),
@@ -100,11 +102,11 @@ def test_baselines_on_ray_end_with_the_local_backends_model(
         tiny_model_dir, str(tmp_path), federation={"algorithm": algorithm, "rounds": 3}
     )
     local = prepare(cfg)
-    run_local(local.specs, local.server, threads=1)
+    run_local(local.placements, local.server, threads=1)
     remote = prepare(cfg)
     seen = []
     BACKENDS.get("ray")(
-        remote.specs, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
+        remote.placements, remote.server, threads=1, on_barrier=lambda c, t: seen.append((c.id, t))
     )
     want, got = _params(local.model), _params(remote.model)
     for n in want:
@@ -149,10 +151,10 @@ def test_killed_client_restarts_afresh_rejoins_and_ends_with_the_servers_model(
         tiny_model_dir, str(tmp_path), federation={"clients": 3, "rounds": 5}, link=_SLOW
     )
     fed = prepare(cfg)
-    assert all(s.checkpoint_dir is None for s in fed.specs)
+    assert all(s.checkpoint_dir is None for s in fed.placements)
     watch = _KillAndWatch(victim=2, at=1, drain=5)
     caplog.set_level(logging.WARNING, logger="parablock")
-    logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=watch)
+    logs = BACKENDS.get("ray")(fed.placements, fed.server, threads=1, on_barrier=watch)
     stats = fed.server.stats
     assert watch.killed
     assert any(
@@ -225,7 +227,7 @@ def test_killed_client_with_no_restarts_left_is_dropped_and_the_run_finishes(
             ray.kill(client.actor, no_restart=True)
 
     caplog.set_level(logging.WARNING, logger="parablock")
-    logs = BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_2)
+    logs = BACKENDS.get("ray")(fed.placements, fed.server, threads=1, on_barrier=kill_client_2)
     stats = fed.server.stats
     assert stats.dropped == [2]
     assert fed.server.next_round == 5  # every round and the drain aggregated
@@ -260,7 +262,7 @@ def test_frozen_client_stops_answering_and_is_dropped(
 
     caplog.set_level(logging.WARNING, logger="parablock")
     try:
-        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=freeze_client_1)
+        BACKENDS.get("ray")(fed.placements, fed.server, threads=1, on_barrier=freeze_client_1)
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
@@ -287,7 +289,7 @@ def test_a_client_that_keeps_dying_is_dropped_and_too_few_left_fails_clearly(
             ray.kill(client.actor, no_restart=True)
 
     with pytest.raises(RoundFailedError, match=r"only 1 of 2 clients remain .*after 1 restart"):
-        BACKENDS.get("ray")(fed.specs, fed.server, threads=1, on_barrier=kill_client_1)
+        BACKENDS.get("ray")(fed.placements, fed.server, threads=1, on_barrier=kill_client_1)
     assert len(killed) == 2  # the first actor and the one that replaced it
 
 
@@ -295,19 +297,19 @@ def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_session, tiny_model
     cfg = tiny_config(tiny_model_dir, str(tmp_path), run={"client_cpus": 3.0})
     fed = prepare(cfg)
     with pytest.raises(ConfigError, match="run.client_cpus=3 for 2 clients needs 6 CPUs"):
-        BACKENDS.get("ray")(fed.specs, fed.server, threads=1)
+        BACKENDS.get("ray")(fed.placements, fed.server, threads=1)
 
 
 def test_client_device_is_the_cpu_unless_the_client_has_a_gpu(tiny_model_dir, tmp_path):
-    specs = prepare(tiny_config(tiny_model_dir, str(tmp_path), run={"client_gpus": 0.5})).specs
+    specs = prepare(tiny_config(tiny_model_dir, str(tmp_path), run={"client_gpus": 0.5})).placements
     assert specs[0].gpus == 0.5
-    cpu_spec = prepare(tiny_config(tiny_model_dir, str(tmp_path))).specs[0]
-    assert client_device(cpu_spec) == torch.device("cpu")
+    cpu_spec = prepare(tiny_config(tiny_model_dir, str(tmp_path))).placements[0]
+    assert cpu_spec.train_device() == torch.device("cpu")
     if torch.cuda.is_available():
-        assert client_device(specs[0]).type == "cuda"
+        assert specs[0].train_device().type == "cuda"
     else:
-        with pytest.raises(ConfigError, match="client_gpus=0.5 but no CUDA device"):
-            client_device(specs[0])
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            specs[0].train_device()
 
 
 def test_ray_is_imported_only_when_the_ray_backend_runs():
@@ -490,7 +492,7 @@ def test_faults_on_ray_end_with_the_local_backends_model(ray_session, tiny_model
         )
         f = prepare(cfg)
         ckpt = str(tmp_path / name / "checkpoint")
-        specs = [replace(s, checkpoint_dir=ckpt) for s in f.specs]
+        specs = [replace(s, checkpoint_dir=ckpt) for s in f.placements]
         BACKENDS.get(name)(specs, f.server, threads=1)
         assert f.server.next_round == cfg.federation.rounds
         assert f.server.stats.participants[0] == [0] and f.server.stats.participants[2] == [0]

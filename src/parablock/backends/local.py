@@ -17,11 +17,13 @@ import threading
 
 import torch
 
-from parablock.backends import ClientSpec, build_client, run_spec
 from parablock.backends.shared import BlockStore, FrozenShare
 from parablock.core.metrics import ClientLog
-from parablock.core.server import Server
 from parablock.errors import RunStopped
+from parablock.run.assembly import Host, Placement, assemble, run_placed, trained_blocks
+from parablock.transport.inprocess import InProcessConnection
+from parablock.wire.protocol import RunSettings
+from parablock.wire.seams import ServerEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,8 @@ class ComputeGate:
 
 
 def run_local(
-    specs: list[ClientSpec],
-    server: Server,
+    placements: list[Placement],
+    server: ServerEndpoint,
     *,
     threads: int = 0,
     on_barrier=None,
@@ -64,59 +66,50 @@ def run_local(
 ) -> list[ClientLog]:
     """``compute_slots``: ``run.compute_slots`` (0 = auto); ``share_blocks``: CPU clients share
     the trained blocks that equal the global model (``run.share_blocks``)."""
-    n_threads = torch_threads(len(specs), threads)
+    n_threads = torch_threads(len(placements), threads)
     torch.set_num_threads(n_threads)
     slots = step_slots(n_threads, compute_slots)
-    cpu_clients = sum(s.gpus <= 0 for s in specs)
+    cpu_clients = sum(p.train_device().type == "cpu" for p in placements)
     gate = ComputeGate(slots) if slots < cpu_clients else None  # else it never waits
     share = FrozenShare()
     store = BlockStore() if share_blocks else None
 
-    def build(spec: ClientSpec):
-        model, cow = None, None
-        if spec.gpus <= 0 and spec.lora is not None:  # an adapter run trains no base weight
-            model = share.model(spec.model, spec.extra_blocks, ())
-        elif spec.trained and spec.gpus <= 0:
-            cow = store
-            if cow is not None:  # a rebuilt client starts from the base: drop what it held
-                cow.release_all(spec.client_id)
-            model = share.model(
-                spec.model,
-                spec.extra_blocks,
-                spec.trained,
-                spec.algorithm,
-                cow,
-                frozen_dtype=spec.frozen_dtype,
-            )
-        return build_client(
-            spec,
-            server,
-            on_barrier,
-            stop,
-            on_phase,
-            model,
-            store=cow,
-            gate=gate if spec.gpus <= 0 else None,
-        )
+    def model(s: RunSettings, p: Placement):
+        """A CPU client's copy of the base, on the frozen weights every client shares."""
+        if p.train_device().type != "cpu":
+            return None  # it loads its own onto its device
+        if s.lora_r:  # an adapter run trains no base weight
+            return share.model(p.model, s.extra_blocks, ())
+        if store is not None:  # a rebuilt client starts from the base: drop what it held
+            store.release_all(p.client_id)
+        trained = trained_blocks(s)
+        return share.model(p.model, s.extra_blocks, trained, s.algorithm, store, p.frozen_dtype)
 
-    clients = [build(s) for s in specs]
+    host = Host(model, store, gate, on_barrier, on_phase, stop)
+
+    def build(p: Placement):
+        link = InProcessConnection(server, p.client_id, p.uplink, p.downlink)
+        return assemble(p, link, host)
+
+    built = [build(p) for p in placements]
+    clients = [c for c, _ in built]
     errors: list[BaseException] = []
 
-    def work(i: int, spec: ClientSpec) -> None:
+    def work(i: int, p: Placement) -> None:
         def current(client) -> None:  # a client that restarted is a new object
             clients[i] = client
 
         try:
-            run_spec(spec, build, clients[i], current)
+            run_placed(p, build, built[i], current)
         except RunStopped:
-            log.info("client %d stopped; its last barrier is saved", spec.client_id)
+            log.info("client %d stopped; its last barrier is saved", p.client_id)
         except BaseException as e:  # reported after every thread has stopped
-            log.error("client %d failed: %s", spec.client_id, e)
+            log.error("client %d failed: %s", p.client_id, e)
             errors.append(e)
 
     threads_ = [
-        threading.Thread(target=work, args=(i, s), name=f"client{s.client_id}-compute")
-        for i, s in enumerate(specs)
+        threading.Thread(target=work, args=(i, p), name=f"client{p.client_id}-compute")
+        for i, p in enumerate(placements)
     ]
     for t in threads_:
         t.start()

@@ -1,6 +1,6 @@
 """The Ray backend: every client a Ray actor in its own process, on one machine or a cluster.
 
-Each client actor builds its client with ``build_client`` and runs it with ``run_spec``: the same code,
+Each client actor builds its client with ``assemble`` and runs it with ``run_placed``: the same code,
 computation thread and communication thread as the local backend. Blocks cross as serialized bytes
 through Ray, with the same emulated link pacing on top (``Connection`` paces in the client process
 before an upload and after a download, so constrained links can be studied on a fast cluster).
@@ -52,11 +52,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import parablock
-from parablock.backends import MAX_RESTARTS, ClientSpec, build_client, client_device, run_spec
 from parablock.core.checkpoint import CheckpointStore
 from parablock.core.metrics import ClientLog, RoundRecord, Span
 from parablock.core.server import Server
 from parablock.errors import ConfigError, RoundFailedError, RunStopped
+from parablock.run.assembly import MAX_RESTARTS, Host, Placement, assemble, run_placed
+from parablock.transport.inprocess import InProcessConnection
 from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 
 log = logging.getLogger(__name__)
@@ -154,43 +155,44 @@ class RemoteServer:
 class ClientActor:
     """One client in its own process; ``progress`` answers from a second actor thread."""
 
-    def __init__(self, spec: ClientSpec, server: Any, threads: int) -> None:
+    def __init__(self, spec: Placement, server: Any, threads: int) -> None:
         self.spec = spec
         self.server = server
         self.threads = threads
         self.client = None
+        self.built = None  # (client, join reply) once set up
         self._stop = threading.Event()
         self._phases: list[tuple[int, int, str, bool]] = []  # every span start and end, in order
         self._news = threading.Condition()
         # The log ``progress`` reads, with a generation that changes when a restarted client
         # brings a new one (one tuple, so a poll never pairs one log with another's generation).
         self._log: tuple[int, ClientLog] = (0, ClientLog(spec.client_id))
+        self._host = Host(stop=self._stop, on_phase=self._on_phase)  # kept across restarts
+
+    def _build(self, p: Placement):
+        link = InProcessConnection(RemoteServer(self.server), p.client_id, p.uplink, p.downlink)
+        return assemble(p, link, self._host)
 
     def setup(self) -> str:
-        """Load the model and build the client (errors surface here, not as a dead actor)."""
+        """Load the model, join and build the client (errors surface here, not as a dead
+        actor)."""
         torch.set_num_threads(self.threads)
-        self.client = build_client(
-            self.spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
-        )
+        self.built = self._build(self.spec)
+        self.client = self.built[0]
         self._log = (self._log[0], self.client.log)
         return (
-            f"{os.uname().nodename} pid {os.getpid()} on {client_device(self.spec)}, "
+            f"{os.uname().nodename} pid {os.getpid()} on {self.spec.train_device()}, "
             f"{peak_rss_mb():.0f} MB resident after loading its model"
         )
 
     def run(self) -> str:
-        def build(spec: ClientSpec):
-            return build_client(
-                spec, RemoteServer(self.server), stop=self._stop, on_phase=self._on_phase
-            )
-
         def current(client) -> None:  # a client that restarted is a new object, with a new log
             if client is not self.client:
                 self._log = (self._log[0] + 1, client.log)
             self.client = client
 
         try:
-            run_spec(self.spec, build, self.client, current)
+            run_placed(self.spec, self._build, self.built, current)
         except RunStopped:
             pass  # its last barrier is saved; the driver knows why it stopped
         finally:
@@ -254,7 +256,7 @@ class ClientView:
 
 
 def run_ray(
-    specs: list[ClientSpec],
+    specs: list[Placement],
     server: Server,
     *,
     threads: int = 0,
@@ -285,7 +287,7 @@ class _Fleet:
 
     def __init__(
         self,
-        specs: list[ClientSpec],
+        specs: list[Placement],
         server: Server,
         threads: int,
         on_barrier,
@@ -333,7 +335,7 @@ class _Fleet:
         self.last_progress: dict[int, float] = {}
         self.relay = None  # the driver's long poll for the server actor's aggregations
 
-    def _actor(self, spec: ClientSpec):
+    def _actor(self, spec: Placement):
         return (
             ray.remote(ClientActor)
             .options(
@@ -510,7 +512,7 @@ class _Fleet:
     def _restart(self, c: int, reason: str) -> None:
         """Start a new actor for client ``c`` from its latest checkpoint (afresh without one);
         it rejoins the server, which sends it every block that moved (``Server.join``). The
-        server is not told to drop it: like a client restarted in-process (``run_spec``), it
+        server is not told to drop it: like a client restarted in-process (``run_placed``), it
         is late at most, and a round whose deadline passes without it drops it there, until it
         sends again. Its phase and log cursors start over with the new actor."""
         view = self.views[c]
@@ -613,7 +615,7 @@ def ray_init(address: str = "", **kwargs: Any) -> None:
 _INHERITING_NODE = ""  # the node of a local instance started by ray_init (workers inherit env)
 
 
-def _connect(address: str, specs: list[ClientSpec]) -> bool:
+def _connect(address: str, specs: list[Placement]) -> bool:
     """Join ``address`` or start a local Ray instance; True when this call started Ray."""
     if ray.is_initialized():
         return False  # a caller (a test, a notebook, a benchmark) owns the Ray session
@@ -627,7 +629,7 @@ def _connect(address: str, specs: list[ClientSpec]) -> bool:
     return True
 
 
-def _check_resources(specs: list[ClientSpec]) -> None:
+def _check_resources(specs: list[Placement]) -> None:
     """Fail now, not hang, when the cluster cannot place every client."""
     have = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]

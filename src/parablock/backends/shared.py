@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from parablock.core.baselines import protocol_blocks
+from parablock.core.schedule import protocol_blocks
 from parablock.errors import SharedBlockError
 from parablock.model.frozen import hold_frozen
 from parablock.model.load import load_model

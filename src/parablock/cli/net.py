@@ -164,6 +164,14 @@ def site_args(p) -> None:
         help="fault injection for tests and benchmarks (run.faults syntax, e.g. 'nan@0:3,"
         "crash~0.05'): this client's uploads go wrong on purpose",
     )
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --faults: how long an injected stall lasts (default: 30; make it outlast "
+        "the server's federation.round_timeout_s)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
 
 
@@ -185,6 +193,7 @@ def site_options(args, **transport):
         recompute=args.recompute,
         reconnect_s=args.reconnect_s,
         faults=args.faults,
+        stall_s=args.stall_s,
         **transport,
     )
 

@@ -19,6 +19,7 @@ import tomli_w
 
 from parablock.data.textfile import read_utf8
 from parablock.errors import ConfigError  # noqa: F401
+from parablock.transport.link import MAX_LATENCY_MS
 
 
 def opt(
@@ -72,7 +73,6 @@ def _per_client_plain(values: tuple[float, ...]) -> float | str:
 # torch.manual_seed takes at most 2**64 - 1 and numpy any size; a signed 64-bit bound also keeps
 # the seed a TOML integer in config.toml (TOML integers are signed 64-bit), so --resume reads it.
 MAX_SEED = 2**63 - 1
-MAX_LATENCY_MS = 60_000.0  # a minute each way: longer is a typo, not a link
 
 
 def _algorithms() -> list[str]:
@@ -659,8 +659,7 @@ def _bound_text(b: float) -> str:
 def _check_algorithm(cfg: Config) -> None:
     """Algorithm combinations the config alone shows cannot run (the model shows the rest:
     ``core.algorithms.check_plan``)."""
-    from parablock.core.algorithms import ADAPTER_ALGORITHMS, MIN_SELECTED
-    from parablock.core.baselines import traits
+    from parablock.core.algorithms import ALGORITHMS
     from parablock.model.blocks import BlockError, extra_names, fixed_selection_size
     from parablock.model.lora import target_names
 
@@ -680,13 +679,14 @@ def _check_algorithm(cfg: Config) -> None:
     except BlockError as e:
         raise ConfigError(str(e)) from None
     target_names(cfg.lora.target_modules)
-    if fed.algorithm in ADAPTER_ALGORITHMS and model.extra_blocks:
+    entry = ALGORITHMS.get(fed.algorithm)
+    if entry.adapter and model.extra_blocks:
         raise ConfigError(
             f"federation.algorithm={fed.algorithm} trains a LoRA adapter only; model.extra_blocks"
             f"={model.extra_blocks!r} must be empty"
         )
     if model.frozen_dtype != "fp32":
-        if fed.algorithm in ADAPTER_ALGORITHMS:
+        if entry.adapter:
             raise ConfigError(
                 f"model.frozen_dtype={model.frozen_dtype} is not supported for federation."
                 f"algorithm={fed.algorithm} (adapter runs keep the base in fp32); use fp32"
@@ -696,7 +696,7 @@ def _check_algorithm(cfg: Config) -> None:
                 f"model.frozen_dtype={model.frozen_dtype} needs a bf16 forward; train.precision"
                 "=fp32 multiplies in fp32 (set train.precision=auto or bf16, or frozen_dtype=fp32)"
             )
-    if fed.correction == "none" and not traits(fed.algorithm).ablation:
+    if fed.correction == "none" and not entry.ablation:
         # FedBCD (and the baselines) train the next block only after downloading the aggregate;
         # with 'none' they would never write that aggregate into the model yet claim its version.
         raise ConfigError(
@@ -704,14 +704,14 @@ def _check_algorithm(cfg: Config) -> None:
             f"{fed.algorithm} always applies the aggregate it downloads (use "
             "federation.correction=replace)"
         )
-    if traits(fed.algorithm).in_turn and fed.clients > fed.rounds:
+    if entry.in_turn and fed.clients > fed.rounds:
         raise ConfigError(
             f"federation.algorithm={fed.algorithm} gives round t to client t mod "
             f"federation.clients: with {fed.clients} clients and {fed.rounds} round(s) clients "
             f"{fed.rounds}..{fed.clients - 1} never train; set federation.rounds >= "
             "federation.clients"
         )
-    need = MIN_SELECTED.get(fed.algorithm, 1)
+    need = entry.min_blocks
     n = fixed_selection_size(model.blocks, model.extra_blocks)
     if n is not None and n < need:
         raise ConfigError(

@@ -9,11 +9,9 @@ from typing import Any
 
 import torch
 
-from parablock.backends import ClientSpec
-from parablock.config import Config, per_client_text, per_client_value
+from parablock.config import Config, per_client_text
 from parablock.core.algorithms import check_plan
-from parablock.core.baselines import layout
-from parablock.core.schedule import make_plan
+from parablock.core.schedule import layout, make_plan
 from parablock.core.server import Server
 from parablock.data.examples import DataStats, Example, Record, encode_all
 from parablock.data.partition import client_stats, partition
@@ -22,9 +20,8 @@ from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F
 from parablock.model.blocks import block_nbytes
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
-from parablock.run.settings import client_links, lora_settings, run_settings, train_settings
-from parablock.transport.faults import stall_seconds
-from parablock.wire.protocol import Overlap
+from parablock.run.assembly import Placement
+from parablock.run.settings import lora_settings, placement, run_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ class Federation:
 
     cfg: Config
     server: Server
-    specs: list[ClientSpec]
+    placements: list[Placement]
     tokenizer: Any
     heldout: list[Example]
     selected: list[int]
@@ -88,7 +85,7 @@ def _per_client_train(
 
 
 def prepare(cfg: Config, serve: bool = False) -> Federation:
-    """Load the model, build blocks, plan, data, partition, server and client specs.
+    """Load the model, build blocks, plan, data, partition, server and client placements.
 
     ``serve``: the clients are remote (``parablock server``): no training data here, only the
     server's own held-out data (``eval.source``, if any), and the server checks each joining
@@ -197,31 +194,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     if client_sources:
         data_stats["client_sources"] = client_sources
 
-    specs = [
-        ClientSpec(
-            i,
-            cfg.model.name_or_path,
-            cfg.model.extra_blocks,
-            tuple(train[j] for j in parts[i]),
-            train_settings(cfg),
-            *client_links(cfg, i),
-            fed.algorithm,
-            fed.correction,
-            seed,
-            pad_id,
-            cpus=cfg.run.client_cpus,
-            gpus=cfg.run.client_gpus,
-            faults=cfg.run.faults,
-            stall_s=stall_seconds(fed.round_timeout_s),
-            trained=tuple(selected),
-            slowdown=per_client_value(fed.compute_slowdown, i),
-            compression=cfg.link.compression,
-            server_lr=fed.server_lr,
-            lora=lora,
-            overlap=Overlap(fed.local_steps_max, fed.duplex),
-            frozen_dtype=cfg.model.frozen_dtype,
-        )
-        for i in range(fed.clients)
+    placements = [
+        placement(cfg, i, tuple(train[j] for j in parts[i]), pad_id) for i in range(fed.clients)
     ]
     log.info(
         "%s: %d clients, %d rounds over blocks %s (%.1f MB per block), links up %s / down %s "
@@ -241,7 +215,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     return Federation(
         cfg,
         server,
-        specs,
+        placements,
         tokenizer,
         heldout,
         selected,

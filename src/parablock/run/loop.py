@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from parablock.backends import BACKENDS, ClientSpec
+from parablock.backends import BACKENDS
 from parablock.config import Config
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.metrics import describe, summarize
@@ -30,6 +30,7 @@ from parablock.model.blocks import set_block
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, model_fingerprint
 from parablock.model.lora import blocks_for, export
+from parablock.run.assembly import Placement
 from parablock.run.build import Federation
 from parablock.run.memory import peak_rss_mb
 from parablock.run.runfiles import RunFiles
@@ -59,7 +60,7 @@ def train(
     out: Path,
     f: Federation,
     server: Server,
-    specs: list[ClientSpec],
+    placements: list[Placement],
     store: CheckpointStore | None,
     point: ResumePoint | None,
     files: RunFiles,
@@ -82,7 +83,7 @@ def train(
     server.aggregate_listeners.append(files.aggregated)
     if store is not None:
         server.aggregate_listeners.append(saving(store, server))
-        specs = [replace(s, checkpoint_dir=str(store.dir)) for s in specs]
+        placements = [replace(p, checkpoint_dir=str(store.dir)) for p in placements]
     lines = RoundLines(fed.rounds, point.round if point is not None and not serve else -1)
 
     def progress(client, t: int) -> None:
@@ -103,7 +104,7 @@ def train(
             logs = run_remote(server, where, stop=stop, on_listening=on_listening)
         else:
             logs = BACKENDS.get(cfg.run.backend)(
-                specs,
+                placements,
                 server,
                 threads=cfg.run.threads,
                 compute_slots=cfg.run.compute_slots,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from parablock.config import Config
-from parablock.core.baselines import traits
+from parablock.core.algorithms import ALGORITHMS
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.schedule import make_plan
 from parablock.core.server import Rejections, Server
@@ -83,7 +83,7 @@ def run(
         from parablock.backends.remote import listener
 
         where = listener(cfg)  # bad certificates or clients file: fail before loading anything
-    if resume and not traits(cfg.federation.algorithm).resumable:
+    if resume and not ALGORITHMS.get(cfg.federation.algorithm).resumable:
         raise ConfigError(
             f"federation.algorithm={cfg.federation.algorithm} runs cannot be resumed (its "
             "clients pass barriers only at their own turns); start a new run"
@@ -126,7 +126,7 @@ def _run(
     fed = cfg.federation
     f = prepare(cfg, serve=serve)
     model, server, tokenizer = f.model, f.server, f.tokenizer
-    plan, selected, specs = server.plan, f.selected, f.specs
+    plan, selected, placements = server.plan, f.selected, f.placements
     (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
     if not serve:
         save_partition(out, f.partition_stats, cfg.data.partition, cfg.data.alpha)
@@ -151,7 +151,7 @@ def _run(
             point.round, point.blocks, point.aggregate_s, point.participants, point.residuals
         )
         _restore_counts(server, point)
-        specs = [replace(s, resume=point.clients[s.client_id]) for s in specs]
+        placements = [replace(p, resume=point.clients[p.client_id]) for p in placements]
         started_at = point.started_at
         evals = [EvalResult.from_json(point.initial_eval)] if point.initial_eval else []
         done = point.round if serve else point.round + 1  # rounds finished, counted from 1
@@ -180,7 +180,7 @@ def _run(
             out,
             f,
             server,
-            specs,
+            placements,
             store,
             point,
             files,

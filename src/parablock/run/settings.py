@@ -5,22 +5,19 @@ learning rate of an adapter algorithm."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
-from parablock.config import Config
-from parablock.core.baselines import round_turns
+from parablock.config import Config, per_client_value
+from parablock.core.algorithms import ALGORITHMS
+from parablock.core.schedule import round_turns
+from parablock.data.examples import Example
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.model.lora import LoraSettings
-from parablock.model.train import TrainSettings
+from parablock.run.assembly import Placement
+from parablock.transport.faults import stall_seconds
 from parablock.transport.link import LinkSpec
 from parablock.wire.protocol import RunSettings
 
 log = logging.getLogger(__name__)
-
-
-def train_settings(cfg: Config) -> TrainSettings:
-    # recompute is a client's own memory choice, not a setting the server hands out
-    return replace(run_settings(cfg, []).train_settings(), recompute=cfg.train.recompute)
 
 
 def client_links(cfg: Config, client: int) -> tuple[LinkSpec, LinkSpec]:
@@ -65,9 +62,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
 
 def lora_settings(cfg: Config) -> LoraSettings | None:
     """The run's adapter, or None when its algorithm trains blocks of the model itself."""
-    from parablock.core.algorithms import ADAPTER_ALGORITHMS
-
-    if cfg.federation.algorithm not in ADAPTER_ALGORITHMS:
+    if not ALGORITHMS.get(cfg.federation.algorithm).adapter:
         return None
     c = cfg.lora
     return LoraSettings(c.r, c.alpha, c.dropout, c.target_modules)
@@ -82,3 +77,24 @@ def client_lr(cfg: Config) -> float:
     if lora_settings(cfg) is not None and cfg.federation.lr == FederationConfig().lr:
         return cfg.lora.lr
     return cfg.federation.lr
+
+
+def placement(cfg: Config, client: int, data: tuple[Example, ...], pad_id: int) -> Placement:
+    """Where simulated client ``client`` runs and with what (``run/assembly.py``): its share of
+    the data, its links and slow-down, its resources, its memory choices and its faults."""
+    return Placement(
+        client,
+        cfg.model.name_or_path,
+        data,
+        pad_id,
+        cpus=cfg.run.client_cpus,
+        gpus=cfg.run.client_gpus,
+        uplink=client_links(cfg, client)[0],
+        downlink=client_links(cfg, client)[1],
+        frozen_dtype=cfg.model.frozen_dtype,
+        recompute=cfg.train.recompute,
+        slowdown=per_client_value(cfg.federation.compute_slowdown, client),
+        faults=cfg.run.faults,
+        fault_seed=cfg.run.seed,
+        stall_s=stall_seconds(cfg.federation.round_timeout_s),
+    )

@@ -15,33 +15,26 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from parablock.backends import MAX_RESTARTS
-from parablock.config import MAX_LATENCY_MS
-from parablock.core.algorithms import ADAPTER_ALGORITHMS, ALGORITHMS, run_client
-from parablock.core.baselines import protocol_blocks
+from parablock.core.algorithms import run_client
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
-from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import describe
-from parablock.data.examples import DataStats, encode_all
+from parablock.data.examples import DataStats
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
-from parablock.model.forward import resolve_precision
-from parablock.model.frozen import base_fingerprint, hold_frozen
-from parablock.model.load import load_model, load_tokenizer, model_fingerprint
+from parablock.model.load import model_fingerprint
+from parablock.run.assembly import MAX_RESTARTS, Host, Placement, assemble
 from parablock.run.memory import peak_rss_mb, trim
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
-from parablock.transport.faults import faulty
 from parablock.transport.faults import parse as parse_faults
 from parablock.transport.grpc_client import GrpcConnection
-from parablock.transport.link import LinkSpec
-from parablock.wire.protocol import PROTOCOL, JoinRequest
+from parablock.transport.link import MAX_LATENCY_MS, LinkSpec
 from parablock.wire.seams import ServerConnection
 
 log = logging.getLogger(__name__)
@@ -74,6 +67,7 @@ class SiteOptions:
     recompute: bool = False  # recompute each layer's activations in backward (less memory)
     reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
     faults: str = ""  # run.faults syntax: this client's uploads go wrong on purpose (tests)
+    stall_s: float = STALL_S  # how long an injected stall lasts
 
     def out_dir(self) -> Path:
         return Path(self.out or f"site-{self.client}")
@@ -96,22 +90,6 @@ def _links(o: SiteOptions) -> tuple[LinkSpec | None, LinkSpec | None]:
         return LinkSpec(mbps if mbps is not None else float("inf"), o.latency_ms)
 
     return spec(o.up_mbps), spec(o.down_mbps)
-
-
-def request_from(client: int, fingerprint: str, state: ClientState | None) -> JoinRequest:
-    """The join request of a fresh client, or of one restarting from its checkpoint ``state``
-    (the dirty blocks it restores are the only ones it holds beyond the base model)."""
-    if state is None:
-        return JoinRequest(PROTOCOL, client, fingerprint)
-    return JoinRequest(
-        PROTOCOL,
-        client,
-        fingerprint,
-        {b: state.versions.get(b, -1) for b in state.dirty},
-        state.round + 1,
-        -1 if state.pending is None else state.pending.round,
-        sorted(state.dirty),
-    )
 
 
 Connect = Callable[[LinkSpec | None, LinkSpec | None], ServerConnection]
@@ -175,50 +153,62 @@ def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
             time.sleep(RETRY_S)
 
 
-def _hold_frozen(o: SiteOptions, model, blocks, s) -> None:
-    """``--frozen-dtype bf16``: the weights no block of the plan trains, in bf16, where the
-    forward runs in bf16 (an fp32 forward cannot multiply bf16 weights)."""
-    if o.frozen_dtype == "fp32":
-        return
-    if s.algorithm in ADAPTER_ALGORITHMS:
-        raise ConfigError(
-            f"--frozen-dtype {o.frozen_dtype}: not supported for {s.algorithm} (adapter runs "
-            "keep the base model in fp32); use --frozen-dtype fp32"
-        )
-    device = next(model.parameters()).device
-    if resolve_precision(s.train_settings().precision, device) != "bf16":
-        raise ConfigError(
-            f"--frozen-dtype {o.frozen_dtype} needs a bf16 forward, but this run's train.precision"
-            f"={s.train_settings().precision} resolves to fp32 on {device}; use --frozen-dtype fp32"
-        )
-    trained = {n for b in set(s.plan) for n in blocks[b].param_names}
-    hold_frozen(model, o.model, trained, o.frozen_dtype)
-
-
 def _first(e: BaseException) -> str:
     return str(e).split(";")[0]
+
+
+def placement(o: SiteOptions, state: ClientState | None) -> Placement:
+    """Where this site's client runs and with what: everything but the settings, which the
+    server hands out at join."""
+    up, down = _links(o)
+    return Placement(
+        o.client,
+        o.model,
+        o.data,  # read here, with the run's settings: no training data crosses the network
+        threads=o.threads,
+        uplink=up,
+        downlink=down,
+        checkpoint_dir=str(o.out_dir() / "checkpoint"),
+        resume=state,
+        prove_base=True,
+        frozen_dtype=o.frozen_dtype,
+        recompute=o.recompute,
+        slowdown=o.slowdown,
+        faults=o.faults,
+        fault_seed=o.client,  # the server's seed is not known before the join
+        stall_s=o.stall_s,
+    )
 
 
 def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
     """One connection to the server, from (re)joining to the end of the run."""
     out = o.out_dir()
-    model = load_model(o.model)  # mapped from its file: pages are read as they are used
-    fingerprint = base_fingerprint(model, o.model)
     store = CheckpointStore(out / "checkpoint")
     state = store.latest_client(o.client)
     if state is not None:
         log.info("client %d: rejoining from its checkpoint after round %d", o.client, state.round)
-    up, down = _links(o)
-    # The plan's seed is the client id (the server's seed is not known before the join).
-    conn = faulty(connect(up, down), o.client, o.faults, o.client, STALL_S, _PLANS)
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def on_barrier(c: Client, t: int) -> None:
+        r = c.log.rounds[-1]
+        metrics.write(json.dumps(r.to_json()) + "\n")
+        metrics.flush()
+        log.info("client %d %s", c.id, describe(r, len(c.plan)))
+        trim()  # give back what the round freed (run/memory.py)
+
+    stats = DataStats()
+    p = placement(o, state)
     try:
-        reply = conn.join(request_from(o.client, fingerprint, state))
+        client, reply = assemble(
+            p,
+            connect(p.uplink, p.downlink),
+            Host(on_barrier=on_barrier, data_stats=stats, fault_plans=_PLANS),
+        )
     except BaseException:
-        conn.close()
+        metrics.close()
         raise
     on_joined()
     s = reply.settings
-    ALGORITHMS.get(s.algorithm)  # a server newer than this client: a clear error
     log.info(
         "client %d joined %s: %s, %d rounds, starting at round %d",
         o.client,
@@ -227,47 +217,13 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         len(s.plan),
         reply.start_round,
     )
-    blocks = protocol_blocks(model, s.algorithm, s.extra_blocks, s.lora(), s.seed)
-    _hold_frozen(o, model, blocks, s)
-    tokenizer = load_tokenizer(o.model)
-    stats = DataStats()
-    records = client_records(o.data, s.train_size, s.seed, s.label_field)
-    data = encode_all(records, tokenizer, s.max_length, f"client {o.client} data", stats)
-    metrics = open(out / "metrics.jsonl", "a")
-
-    def on_barrier(c: Client, t: int) -> None:
-        r = c.log.rounds[-1]
-        metrics.write(json.dumps(r.to_json()) + "\n")
-        metrics.flush()
-        log.info("client %d %s", c.id, describe(r, len(c.plan)))
-        trim()  # give back what the round freed (memory.py)
-
-    client = Client(
-        o.client,
-        model,
-        blocks,
-        data,
-        replace(s.train_settings(), recompute=o.recompute),  # the site's own memory choice
-        conn,
-        CORRECTIONS.get(s.correction),
-        seed=s.seed,
-        pad_id=tokenizer.pad_token_id,
-        on_barrier=on_barrier,
-        checkpoint=store,
-        resume=state,
-        fingerprint=fingerprint,
-        slowdown=o.slowdown,
-        compression=s.compression,
-        server_lr=s.server_lr,
-        overlap=s.overlap(),
-    )
     started = time.time()
     try:
-        client.restore()  # the checkpoint's dirty blocks, pending delta and records
-        run_client(client, s.algorithm, reply)
+        run_client(client, reply)
     finally:
         metrics.close()
         store.flush()
+    trained = {n for b in set(s.plan) for n in client.blocks[b].param_names}
     summary = {
         "client": o.client,
         "server": o.server,
@@ -275,19 +231,17 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         "rounds": len(s.plan),
         "start_round": reply.start_round,
         "wall_time_s": time.time() - started,
-        "examples": len(data),
+        "examples": len(client.data),
         "data": {"source": o.data, **stats.to_json()},
         "bytes_up": sum(r.bytes_up for r in client.log.rounds),
         "bytes_down": sum(r.bytes_down for r in client.log.rounds),
-        "final_model_fingerprint": model_fingerprint(model),
+        "final_model_fingerprint": model_fingerprint(client.model),
         # the blocks the run trains: equal to the server's even when the frozen rest is bf16
-        "trained_blocks_fingerprint": model_fingerprint(
-            model, {n for b in set(s.plan) for n in blocks[b].param_names}
-        ),
+        "trained_blocks_fingerprint": model_fingerprint(client.model, trained),
         "precision": client.forward().precision if client.plan else None,
         "frozen_dtype": o.frozen_dtype,
         "recompute": o.recompute,
-        "peak_rss_mb": peak_rss_mb(),  # this process: the model, data, training (memory.py)
+        "peak_rss_mb": peak_rss_mb(),  # this process: the model, data, training (run/memory.py)
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

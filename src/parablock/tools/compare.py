@@ -30,8 +30,14 @@ from parablock.tools.report import (
     time_to_target,
 )
 
-BASELINE = "fedbcd"
-DEFAULT_ALGORITHMS = ("parablock", "fedbcd")
+# each algorithm's role here is its entry's (core/algorithms.py)
+BASELINE = next(a for a in ALGORITHMS.names() if ALGORITHMS.get(a).compare == "baseline")
+DEFAULT_ALGORITHMS = tuple(  # the default ones first, then the baseline
+    sorted(
+        (a for a in ALGORITHMS.names() if ALGORITHMS.get(a).compare in ("default", "baseline")),
+        key=lambda a: ALGORITHMS.get(a).compare != "default",
+    )
+)
 
 # (column key, header, format)
 COLUMNS = (

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from parablock.config import Config, ConfigError, _coerce, _validate, from_dict, opt
-from parablock.core.baselines import layout, protocol_blocks, traits
-from parablock.core.schedule import make_plan
+from parablock.core.algorithms import ALGORITHMS
+from parablock.core.schedule import layout, make_plan, protocol_blocks
 from parablock.errors import EstimateError  # noqa: F401
 from parablock.model.blocks import model_blocks, select_blocks
 from parablock.registry import Registry
@@ -252,18 +252,30 @@ def _in_turn(x: RoundInputs, t: int) -> float:
     return x.catch_up_s(t) + x.compute_s + up.seconds(int(x.block_bytes[x.plan[t]])) + x.aggregate_s
 
 
-# How round t's time follows from the run's inputs, per algorithm.
-ROUND_MODELS: Registry[Callable[[RoundInputs, int], float]] = Registry("round model")
-ROUND_MODELS.add("fedbcd", _sequential)
-ROUND_MODELS.add("parablock", _parallel)
-ROUND_MODELS.add("fedavg_full", _sequential)
-ROUND_MODELS.add("cyclic", _in_turn)
+# How round t's time follows from the run's inputs, per shape (each algorithm names its own,
+# ``Algorithm.round_model``).
+SHAPES: Registry[Callable[[RoundInputs, int], float]] = Registry("round model")
+SHAPES.add("sequential", _sequential)
+SHAPES.add("parallel", _parallel)
+SHAPES.add("in_turn", _in_turn)
+
+
+def modelled() -> list[str]:
+    """The algorithms with a round-time model, by name."""
+    return [a for a in ALGORITHMS.names() if ALGORITHMS.get(a).round_model is not None]
+
+
+def round_model(algorithm: str) -> Callable[[RoundInputs, int], float]:
+    shape = ALGORITHMS.get(algorithm).round_model
+    if shape is None:
+        raise ConfigError(f"federation.algorithm={algorithm} has no round-time model")
+    return SHAPES.get(shape)
 
 
 def drain_s(algorithm: str, x: RoundInputs) -> float:
     """After round T-1: the last delta's upload, aggregate and download, or for an in-turn
     algorithm the longest catch-up of a client on the last rounds."""
-    if traits(algorithm).in_turn:
+    if ALGORITHMS.get(algorithm).in_turn:
         return x.catch_up_s(len(x.plan))
     return x.comm_s(x.plan[-1])
 
@@ -286,7 +298,7 @@ def comm_seconds(nbytes: float, cfg: Config, aggregate_s: float) -> float:
 
 def mean_round_s(algorithm: str, x: RoundInputs) -> float:
     """Mean over rounds 0..T-1 of ``algorithm``'s round time."""
-    model = ROUND_MODELS.get(algorithm)
+    model = round_model(algorithm)
     return sum(model(x, t) for t in range(len(x.plan))) / len(x.plan)
 
 
@@ -355,9 +367,9 @@ def estimate(
     full, full_source = resolve_full_compute_s(est, compute, measured_full_s)
     inputs = {
         alg: round_inputs(
-            cfg, alg, width, full if traits(alg).whole_model else compute, est.aggregate_s
+            cfg, alg, width, full if ALGORITHMS.get(alg).whole_model else compute, est.aggregate_s
         )
-        for alg in ROUND_MODELS
+        for alg in modelled()
     }
     plan, block_bytes = inputs["fedbcd"].plan, inputs["fedbcd"].block_bytes
     mean_bytes = sum(block_bytes[b] for b in plan) / len(plan)
@@ -433,7 +445,7 @@ def format_estimate(r: dict) -> str:
         f"cyclic: one client per round, catch-up + T_comp + T_up + T_agg: mean round "
         f"{r['mean_round_s']['cyclic']:.3f} s",
         f"whole run ({r['rounds']} rounds + drain): "
-        + ", ".join(f"{alg} {r['total_s'][alg]:,.1f} s" for alg in ROUND_MODELS.names()),
+        + ", ".join(f"{alg} {r['total_s'][alg]:,.1f} s" for alg in modelled()),
     ]
     c = r["crossover_mbps"]
     if c is None:
@@ -525,7 +537,7 @@ def from_run(path: str | Path) -> list[dict]:
 
     out = []
     for run in find_runs(path):
-        if run.summary["algorithm"] not in ROUND_MODELS:  # e.g. fedit_lora: its own blocks
+        if run.summary["algorithm"] not in modelled():  # e.g. fedit_lora: its own blocks
             log.warning(
                 "%s: no timing model for %s yet; skipped", run.path, run.summary["algorithm"]
             )
@@ -545,7 +557,8 @@ def from_run(path: str | Path) -> list[dict]:
         compute = float(run.summary["mean_compute_s"])
         x = RoundInputs(plan, block_bytes, compute, cfg, agg)
         # the algorithms over the same blocks and compute time as this run's
-        same = [a for a in ROUND_MODELS if traits(a).whole_model == traits(alg).whole_model]
+        whole = ALGORITHMS.get(alg).whole_model
+        same = [a for a in modelled() if ALGORITHMS.get(a).whole_model == whole]
         predicted = {a: mean_round_s(a, x) for a in same}
         measured = float(run.summary["mean_round_s"])
         ups = [r["bytes_up"] for r in run.client_rounds if r.get("bytes_up")]

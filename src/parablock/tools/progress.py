@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from parablock.config import Config
-from parablock.core.baselines import traits
+from parablock.core.algorithms import ALGORITHMS
 
 # What a client is doing while a span of each phase is open.
 PHASE_WORDS = {
@@ -242,7 +242,7 @@ class LiveProgress:
 
 def _state(cfg: Config) -> ProgressState:
     f = cfg.federation
-    return ProgressState(f.clients, f.rounds, in_turn=traits(f.algorithm).in_turn)
+    return ProgressState(f.clients, f.rounds, in_turn=ALGORITHMS.get(f.algorithm).in_turn)
 
 
 def make_progress(cfg: Config, quiet: bool = False, stream: IO[str] | None = None):

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+MAX_LATENCY_MS = 60_000.0  # a minute each way: longer is a typo, not a link
+
 
 @dataclass(frozen=True)
 class LinkSpec:
