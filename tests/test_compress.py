@@ -9,7 +9,8 @@ import torch
 from conftest import make_model, tiny_config
 from parablock.backends.local import run_local
 from parablock.config import ConfigError
-from parablock.core.server import KEEP_AGGREGATES, Server
+from parablock.core.aggregation import KEEP_AGGREGATES
+from parablock.core.server import Server
 from parablock.model.blocks import block_state, model_blocks
 from parablock.run.rundir import _free
 from parablock.run.runner import prepare

@@ -14,10 +14,10 @@ from parablock.tools.estimate import (
     EstimateError,
     EstimateSettings,
     estimate,
-    from_run,
     load,
     model_sizes,
 )
+from parablock.tools.estimate_runs import from_run
 
 # One tiny-Llama layer (hidden 64, intermediate 128, 4 heads of 16, 2 KV heads), by hand:
 # q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate/up/down 3 x 64x128 + two RMSNorms of 64.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_config
-from parablock.core import forward as fw
 from parablock.data.examples import collate
+from parablock.model import forward as fw
 from parablock.model.blocks import block_state, freeze_all_but, model_blocks, set_block
 from parablock.model.forward import BlockForward, first_trained_layer, resolve_precision
 from parablock.model.train import TrainSettings, train_block

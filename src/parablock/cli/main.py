@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _architectures() -> list[str]:
-    from parablock.tools.estimate import ARCHITECTURES
+    from parablock.model.architectures import ARCHITECTURES
 
     return list(ARCHITECTURES)
 
@@ -248,10 +248,11 @@ def _report(args) -> int:
 
 def _estimate(args) -> int:
     from parablock.tools import estimate as est
+    from parablock.tools.estimate_runs import format_from_run, from_run
 
     if args.from_run:
-        rows = est.from_run(args.from_run)
-        print(est.to_json(rows) if args.json else est.format_from_run(rows))
+        rows = from_run(args.from_run)
+        print(est.to_json(rows) if args.json else format_from_run(rows))
         return 0
     cfg, settings = est.load(args.config, args.overrides)
     measured = est.measure_compute_s(cfg, settings) if args.measure else None

@@ -1,8 +1,9 @@
 """Server-side aggregation of block deltas: x[b] <- x[b] + server_lr * combine(deltas).
 
-An aggregator is called as ``fn(updates, weights, trim_fraction)``: the round's validated updates
-(one block, one round), each update's weight (its ``num_examples`` after the server's caps,
-normalised to sum to 1) and ``federation.trim_fraction``. It returns the combined delta in float32.
+An aggregator is called as ``fn(updates, weights, trim_fraction, at)``: the round's validated
+updates (one block, one round), each update's weight (its ``num_examples`` after the server's
+caps, normalised to sum to 1), ``federation.trim_fraction`` and where it runs (``core/pipeline.py``'s
+``At``: the round, the block and a seeded generator; the aggregators here need none of them). It returns the combined delta in float32.
 Every aggregator works in client order, so a result is reproducible bit for bit.
 
 - ``weighted_mean``: sum_i w_i delta_i (FedAvg).
@@ -25,7 +26,7 @@ from parablock.errors import AggregationError  # noqa: F401
 from parablock.registry import Registry
 from parablock.wire.messages import BlockUpdate
 
-Aggregator = Callable[[list[BlockUpdate], list[float], float], dict[str, torch.Tensor]]
+Aggregator = Callable[..., dict[str, torch.Tensor]]  # (updates, weights, trim_fraction, at)
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 
@@ -57,13 +58,13 @@ def _weighted(pairs, scale=None) -> dict[str, torch.Tensor]:
 
 
 @AGGREGATORS.register("weighted_mean")
-def weighted_mean(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
+def weighted_mean(updates, weights, trim_fraction=0.0, at=None) -> dict[str, torch.Tensor]:
     """Sum_i w_i delta_i, summed in client order."""
     return _weighted(_ordered(updates, weights))
 
 
 @AGGREGATORS.register("mean")
-def mean(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
+def mean(updates, weights, trim_fraction=0.0, at=None) -> dict[str, torch.Tensor]:
     """Unweighted mean over clients."""
     pairs = _ordered(updates, weights)
     return {
@@ -73,7 +74,7 @@ def mean(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
 
 
 @AGGREGATORS.register("median")
-def median(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
+def median(updates, weights, trim_fraction=0.0, at=None) -> dict[str, torch.Tensor]:
     """Coordinate-wise median; with an even count, the mean of the two middle values."""
     pairs = _ordered(updates, weights)
     n = len(pairs)
@@ -86,7 +87,7 @@ def median(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
 
 
 @AGGREGATORS.register("trimmed_mean")
-def trimmed_mean(updates, weights, trim_fraction=0.1) -> dict[str, torch.Tensor]:
+def trimmed_mean(updates, weights, trim_fraction=0.1, at=None) -> dict[str, torch.Tensor]:
     """Per coordinate, the mean of the values left after dropping k = floor(trim_fraction * n)
     from each end (k = 0: the plain mean)."""
     pairs = _ordered(updates, weights)
@@ -107,7 +108,7 @@ def delta_norm(tensors: dict[str, torch.Tensor]) -> float:
 
 
 @AGGREGATORS.register("norm_clipped_mean")
-def norm_clipped_mean(updates, weights, trim_fraction=0.0) -> dict[str, torch.Tensor]:
+def norm_clipped_mean(updates, weights, trim_fraction=0.0, at=None) -> dict[str, torch.Tensor]:
     """Deltas longer than the round's median norm are scaled down to it, then weighted-averaged."""
     pairs = _ordered(updates, weights)
     norms = [delta_norm(u.tensors) for u, _ in pairs]

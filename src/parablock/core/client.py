@@ -33,6 +33,7 @@ from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.correction import Correction
 from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight
+from parablock.core.pipeline import client_pipeline
 from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.model.blocks import Block, block_state, set_block
@@ -79,6 +80,7 @@ class Client:
         slowdown: float = 1.0,
         compression: str = "none",
         server_lr: float = 1.0,
+        clip_norm: float = 0.0,
         overlap: Overlap | None = None,
         store: SharedBlocks | None = None,
         gate: AbstractContextManager | None = None,
@@ -111,6 +113,8 @@ class Client:
         self.codec = CODECS.get(compression)  # the server's link.compression
         self.server_lr = server_lr
         self.feedback = ErrorFeedback(self.codec)  # residuals of this client's uploads
+        # what a trained delta passes through before it leaves (core/pipeline.py)
+        self.pipeline = client_pipeline(self.feedback, clip_norm, seed, client_id)
         self.bases: dict[int, dict] = {}  # round -> the global block value its delta is from
         self._sent: dict[int, BlockUpdate] = {}  # round -> the update ``send`` uploaded
         self.overlap = overlap or Overlap()  # off: exactly local_steps, half duplex
@@ -253,9 +257,9 @@ class Client:
         record.train_loss = result.loss
         record.examples = result.num_examples
         record.steps = batches.taken if isinstance(batches, ElasticBatches) else len(batches)
-        delta = {n: t.cpu() for n, t in result.delta.items()}  # messages carry CPU tensors
-        if self.codec.lossy:  # quantised once, here: a re-sent update is the same bytes
-            delta = self.feedback.encode(block.index, delta)
+        # the client's stages (core/pipeline.py: clipping, then the codec); messages carry CPU
+        delta = self.pipeline({n: t.cpu() for n, t in result.delta.items()}, round, block.index)
+        if self.codec.lossy:  # the aggregate will come as a change from the value it trained from
             self.bases[round] = {n: t.cpu() for n, t in result.before.items()}
         return BlockUpdate(
             self.id,

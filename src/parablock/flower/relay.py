@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from parablock.core.server import Server
 from parablock.errors import (
     ConnectError,
     MessageError,
@@ -51,6 +50,7 @@ from parablock.flower.bundle import (
     Item,
 )
 from parablock.wire.protocol import JoinRequest, RoundReport, UploadReply
+from parablock.wire.seams import ServerEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Wire(Protocol):
 @dataclass
 class NodeSession:
     node: int
-    server: Server
+    server: ServerEndpoint
     lossy: bool  # link.compression is lossy: a download is asked with the client's base
     client: int | None = None
     out: Bundle = field(default_factory=Bundle)
@@ -249,7 +249,7 @@ _ERROR_NAMES = ("RunStopped", "RoundFailedError", "MessageError", "ConnectError"
 
 
 def relay(
-    server: Server,
+    server: ServerEndpoint,
     wire: Wire,
     *,
     lossy: bool,
@@ -305,7 +305,7 @@ def relay(
     return sessions
 
 
-def _started(server: Server, claims: dict[int, int], opened: float, timeout: float) -> bool:
+def _started(server: ServerEndpoint, claims: dict[int, int], opened: float, timeout: float) -> bool:
     if len(claims) >= server.clients:
         log.info("all %d clients joined", server.clients)
         return True

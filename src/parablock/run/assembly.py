@@ -145,6 +145,7 @@ def assemble(
         slowdown=p.slowdown,
         compression=s.compression,
         server_lr=s.server_lr,
+        clip_norm=s.client_clip_norm,
         overlap=s.overlap(),
         store=host.store,
         gate=host.gate if device.type == "cpu" else None,

@@ -40,60 +40,13 @@ from parablock.config import Config, ConfigError, _coerce, _validate, from_dict,
 from parablock.core.algorithms import ALGORITHMS
 from parablock.core.schedule import layout, make_plan, protocol_blocks
 from parablock.errors import EstimateError  # noqa: F401
+from parablock.model.architectures import ARCH_PREFIX, ARCHITECTURES, build_meta_model  # noqa: F401
 from parablock.model.blocks import model_blocks, select_blocks
 from parablock.registry import Registry
 from parablock.transport.link import LinkSpec
 
 log = logging.getLogger(__name__)
 
-ARCH_PREFIX = "arch:"
-# Architecture presets (public config.json values); built without weights on the meta device.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "llama-3-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        max_position_embeddings=8192,
-    ),
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    ),
-    "qwen2.5-7b": dict(
-        model_type="qwen2",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        max_position_embeddings=32768,
-    ),
-    "smollm2-135m": dict(
-        model_type="llama",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    ),
-}
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEASURE_MAX_PARAMS = 2_000_000_000  # --measure builds real weights, AdamW state and activations
 FULL_COMPUTE_FACTOR = 3.0  # fedavg_full's round over a block round's, when neither is measured
@@ -160,31 +113,6 @@ def load(
 
 
 # -- block sizes -----------------------------------------------------------------------------
-
-
-def build_meta_model(name_or_path: str):
-    """The model's modules with shapes but no storage (``torch.device('meta')``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if name_or_path.startswith(ARCH_PREFIX):
-        name = name_or_path[len(ARCH_PREFIX) :]
-        if name not in ARCHITECTURES:
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: unknown architecture; valid: "
-                + ", ".join(ARCH_PREFIX + a for a in ARCHITECTURES)
-            )
-        spec = dict(ARCHITECTURES[name])
-        hf_config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    else:
-        from parablock.model.load import ModelError, resolve
-
-        path = resolve(name_or_path)
-        try:
-            hf_config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"cannot read the model config in {path}: {e}") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
 
 
 @dataclass(frozen=True)
@@ -528,76 +456,6 @@ def measure_compute_s(
 
 
 # -- checking against a finished run ---------------------------------------------------------
-
-
-def from_run(path: str | Path) -> list[dict]:
-    """Predict each run's mean round time from its measured compute, aggregation and links."""
-    from parablock.config import load as load_config
-    from parablock.tools.report import find_runs
-
-    out = []
-    for run in find_runs(path):
-        if run.summary["algorithm"] not in modelled():  # e.g. fedit_lora: its own blocks
-            log.warning(
-                "%s: no timing model for %s yet; skipped", run.path, run.summary["algorithm"]
-            )
-            continue
-        cfg = load_config(run.path / "config.toml")
-        model_dir = run.path / "model"
-        if (model_dir / "config.json").is_file():  # the run's own architecture, weights unread
-            cfg = cfg.replace(model={"name_or_path": str(model_dir)})
-        alg = run.summary["algorithm"]
-        sizes = model_sizes(cfg, alg)
-        block_bytes = {i: n * DTYPES["float32"] for i, n in sizes.block_params.items()}
-        plan = run.summary.get("plan") or make_plan(
-            cfg.federation.schedule, sorted(block_bytes), cfg.federation.rounds, cfg.run.seed
-        )
-        aggs = [float(r.get("aggregate_s", 0.0)) for r in run.rounds]
-        agg = sum(aggs) / len(aggs) if aggs else 0.0
-        compute = float(run.summary["mean_compute_s"])
-        x = RoundInputs(plan, block_bytes, compute, cfg, agg)
-        # the algorithms over the same blocks and compute time as this run's
-        whole = ALGORITHMS.get(alg).whole_model
-        same = [a for a in modelled() if ALGORITHMS.get(a).whole_model == whole]
-        predicted = {a: mean_round_s(a, x) for a in same}
-        measured = float(run.summary["mean_round_s"])
-        ups = [r["bytes_up"] for r in run.client_rounds if r.get("bytes_up")]
-        out.append(
-            {
-                "run_dir": str(run.path),
-                "algorithm": alg,
-                "compute_s": compute,
-                "aggregate_s": agg,
-                "predicted_block_bytes": sum(block_bytes[b] for b in plan) / len(plan),
-                "measured_upload_bytes": sum(ups) / len(ups) if ups else None,
-                "predicted_mean_round_s": predicted[alg],
-                "measured_mean_round_s": measured,
-                "error": predicted[alg] / measured - 1 if measured > 0 else math.nan,
-                "predicted_by_algorithm": predicted,
-            }
-        )
-    return out
-
-
-def format_from_run(rows: list[dict]) -> str:
-    lines = ["run                              algorithm  T_comp s  predicted s  measured s  error"]
-    for r in rows:
-        lines.append(
-            f"{r['run_dir'][-32:]:32} {r['algorithm']:10} {r['compute_s']:8.3f} "
-            f"{r['predicted_mean_round_s']:12.3f} {r['measured_mean_round_s']:11.3f} "
-            f"{r['error'] * 100:+6.1f}%"
-        )
-    for r in rows:
-        if r["measured_upload_bytes"]:
-            lines.append(
-                f"{r['algorithm']}: block bytes from parameter counts {r['predicted_block_bytes']:,.0f}"
-                f", measured upload payload {r['measured_upload_bytes']:,.0f} (+ message header)"
-            )
-    ok = all(abs(r["error"]) <= 0.15 for r in rows)
-    lines.append(
-        f"all predictions within 15% of the measured mean round time: {'yes' if ok else 'no'}"
-    )
-    return "\n".join(lines)
 
 
 def to_json(obj: Any) -> str:

@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from parablock.core.server import Server
 from parablock.errors import MessageError, RoundFailedError, RunStopped
 from parablock.transport.auth import ClientsFile
 from parablock.transport.guard import Refusals, Watch, Watchdog
 from parablock.wire.messages import CHUNK_BYTES, parse_json
 from parablock.wire.protocol import JoinRequest, RoundReport, UploadReply
+from parablock.wire.seams import ServerEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class FederationService:
 
     def __init__(
         self,
-        server: Server,
+        server: ServerEndpoint,
         clients: ClientsFile,
         hold_joins: bool = False,
         request_timeout_s: float = REQUEST_TIMEOUT_S,

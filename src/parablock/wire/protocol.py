@@ -20,9 +20,9 @@ from parablock.model.lora import LoraSettings
 from parablock.model.train import TrainSettings
 from parablock.wire.messages import parse_json
 
-PROTOCOL = (
-    2  # 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
-)
+# 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
+# 3: RunSettings.client_clip_norm
+PROTOCOL = 3
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -161,6 +161,7 @@ class RunSettings(Message):
 
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
+    client_clip_norm: float = 0.0  # > 0: each client clips its delta's L2 norm to this
 
     # the one client that trains each round, for an algorithm whose clients take turns
     # (``baselines.round_turns``); empty: every client trains every round

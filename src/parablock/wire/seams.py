@@ -52,6 +52,10 @@ class ServerConnection(Protocol):
 
 
 class ServerEndpoint(Protocol):
+    clients: int  # how many clients the run has (ids 0..clients-1)
+    min_clients: int  # how many a round needs after its deadline
+    next_round: int  # the round open now
+
     def join(self, request: JoinRequest, client: int) -> JoinReply:
         """Admit ``client`` (again): the settings, its start round, the blocks it must fetch."""
         ...
@@ -85,4 +89,24 @@ class ServerEndpoint(Protocol):
 
     def drop_client(self, client: int, reason: str) -> None:
         """Stop waiting for ``client`` (it is gone, as the transport knows)."""
+        ...
+
+    def poll_aggregate(self, round: int) -> AggregateReady | None:
+        """``wait_aggregate`` without waiting: None while the round is still open."""
+        ...
+
+    def check_deadline(self) -> None:
+        """Close the open round if its deadline passed (the server's own clock)."""
+        ...
+
+    def wait_done(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the last round's aggregate (a failed round raises)."""
+        ...
+
+    def dropped(self) -> set[int]:
+        """The clients dropped (and not back) so far."""
+        ...
+
+    def stop(self) -> None:
+        """Wake every waiting caller with ``RunStopped``."""
         ...
