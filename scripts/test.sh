@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests benchmarks docs/hooks
 .venv/bin/ruff format --check src tests benchmarks docs/hooks
-NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet -d "$(mktemp -d)"
+site="$(mktemp -d)" && trap 'rm -rf "$site"' EXIT
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet -d "$site"
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"

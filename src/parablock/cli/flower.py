@@ -8,7 +8,7 @@ import argparse
 from parablock.cli import net as cli_net
 
 EXAMPLES = """\
-examples (a local trial; see README "ParaBlock on Flower"):
+examples (a local trial; see docs/flower.md):
   parablock flower new app --set federation.rounds=8 --set run.out=$PWD/runs/flower
   parablock flower-worker --id 0 --data gsm8k:client0.jsonl --out site-0 &
   flower-supernode --insecure --superlink 127.0.0.1:9092 --clientappio-api-address \\

@@ -78,7 +78,7 @@ def add_parsers(sub, config_args) -> None:
         help="make a test CA, a server certificate, client tokens and the clients file",
         description="Write DIR/ca.pem, DIR/ca.key, DIR/server.pem, DIR/server.key, one "
         "DIR/client-<id>.token per client and DIR/clients.toml (the tokens' hashes, for "
-        "server.clients_file). For trials; bring your own CA in production (see README).",
+        "server.clients_file). For trials; bring your own CA in production (see docs/deploying.md).",
     )
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--clients", type=int, required=True, help="how many clients (ids 0..N-1)")

@@ -154,7 +154,7 @@ class FederationConfig:
     )
     clients: int = opt(2, "number of clients", ge=1, le=1024)
     rounds: int = opt(16, "rounds T; each round trains one block on every client", ge=1)
-    # defaults by measurement (benchmarks/tune.py, README "Defaults by measurement")
+    # defaults by measurement (benchmarks/tune.py; docs/performance.md, "Defaults by measurement")
     local_steps: int = opt(4, "optimizer steps K per client per round", ge=1)
     local_steps_max: int = opt(
         0,
@@ -390,7 +390,7 @@ class RunConfig:
         "fault injection, for tests and benchmarks (off when empty): comma-separated "
         "KIND@CLIENT:ROUND (one fault) or KIND~P (each client's round, probability P, seeded "
         "by run.seed); KIND: crash, stall, cut, nan, shape, block, stale, future, truncate, "
-        "forge, scale, token, replay (README: Fault injection)",
+        "forge, scale, token, replay (docs/robustness.md: Fault injection)",
     )
 
 

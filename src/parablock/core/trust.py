@@ -16,7 +16,7 @@ that does was not made by the announced training: a poisoned, scaled or buggy on
 
 The server checks every coordinate against ``MARGIN`` times the bound (the margin covers float32
 rounding and what lossy link compression and its error feedback add, under 1% in practice).
-``benchmarks/faults.py`` reports the largest ratio honest SmolLM2 updates reach.
+``benchmarks/update_bound.py`` reports the largest ratio honest SmolLM2 updates reach.
 """
 
 from __future__ import annotations
