@@ -150,4 +150,6 @@ def test_the_core_neither_configures_nor_transports():
     """The issue's own wording, checked on its own: core -> config and core -> transport."""
     for mod, targets in imports().items():
         if mod.startswith("parablock.core"):
-            assert not any(t.startswith(("parablock.config", "parablock.transport")) for t in targets)
+            assert not any(
+                t.startswith(("parablock.config", "parablock.transport")) for t in targets
+            )
