@@ -131,12 +131,12 @@ def slow_run_sets(model_dir: str, out) -> list[str]:
 
 
 def build_client(placement, server, **settings):
-    """A client assembled as every backend assembles one (``run/assembly.py``), joined to the
+    """A client assembled as every backend assembles one (``backends/assembly.py``), joined to the
     in-process ``server``; ``settings``: fields of the ``RunSettings`` the server hands out
     that this test changes first."""
     from dataclasses import replace
 
-    from parablock.run.assembly import assemble
+    from parablock.backends.assembly import assemble
     from parablock.transport.inprocess import InProcessConnection
 
     if settings:

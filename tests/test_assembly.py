@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from conftest import tiny_config
-from parablock.run.assembly import assemble
+from parablock.backends.assembly import assemble
 from parablock.run.build import prepare
 from parablock.run.site import SiteOptions, placement
 from parablock.transport.inprocess import InProcessConnection

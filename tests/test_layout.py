@@ -23,7 +23,7 @@ FORBIDDEN = {
     "model": ("core", "wire", "config", "transport", "run", "backends", "flower", "tools", "cli"),
     "data": ("core", "wire", "model", "config", "transport", "run", "backends", "flower", "cli"),
     "transport": ("config", "run", "backends", "flower", "tools", "cli"),
-    "backends": ("config", "cli", "tools", "flower"),
+    "backends": ("config", "run", "cli", "tools", "flower"),
 }
 
 

@@ -1,12 +1,12 @@
 """Backends decide where clients run; the algorithm and the server never know which one is used.
 
 A backend is called as ``backend(placements, server, *, threads, on_barrier, address,
-compute_slots, share_blocks)``: one ``Placement`` per client (``run/assembly.py``: everything a
+compute_slots, share_blocks)``: one ``Placement`` per client (``backends/assembly.py``: everything a
 client is given besides the settings it gets at join, picklable), the server (a
 ``ServerEndpoint``), torch threads per client, a progress callback ``on_barrier(client,
 round)``, a cluster address (only the Ray backend uses one), and how many clients step at once
 and whether they share blocks (only the local backend, whose clients share a process, uses
-these). Every client is built by the one assembly (``run.assembly.assemble``) and joins the
+these). Every client is built by the one assembly (``backends.assembly.assemble``) and joins the
 server like any other. A backend runs every client to the end, leaves the final global model in
 ``server.model``, and returns each client's ``ClientLog``.
 """

@@ -17,10 +17,10 @@ import threading
 
 import torch
 
+from parablock.backends.assembly import Host, Placement, assemble, run_placed, trained_blocks
 from parablock.backends.shared import BlockStore, FrozenShare
 from parablock.core.metrics import ClientLog
 from parablock.errors import RunStopped
-from parablock.run.assembly import Host, Placement, assemble, run_placed, trained_blocks
 from parablock.transport.inprocess import InProcessConnection
 from parablock.wire.protocol import RunSettings
 from parablock.wire.seams import ServerEndpoint

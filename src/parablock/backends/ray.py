@@ -45,6 +45,7 @@ from typing import Any
 import ray
 import torch
 
+from parablock.backends.assembly import Placement
 from parablock.backends.ray_actors import (  # noqa: F401  (what tests and tools reach here)
     ClientActor,
     RemoteServer,
@@ -56,7 +57,6 @@ from parablock.backends.ray_driver import _Fleet
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import ConfigError
-from parablock.run.assembly import Placement
 
 log = logging.getLogger(__name__)
 

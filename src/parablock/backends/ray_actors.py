@@ -16,10 +16,10 @@ import torch
 from ray.exceptions import RayTaskError
 
 import parablock
+from parablock.backends.assembly import Host, Placement, assemble, run_placed
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import RoundFailedError, RunStopped
-from parablock.run.assembly import Host, Placement, assemble, run_placed
 from parablock.transport.inprocess import InProcessConnection
 from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
 

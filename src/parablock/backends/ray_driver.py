@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from parablock.backends.assembly import MAX_RESTARTS, Placement
 from parablock.backends.ray_actors import (
     LONG_POLL_S,
     MIN_ANSWER_S,
@@ -27,7 +28,6 @@ from parablock.core.checkpoint import CheckpointStore
 from parablock.core.metrics import ClientLog, RoundRecord, Span
 from parablock.core.server import Server
 from parablock.errors import RoundFailedError
-from parablock.run.assembly import MAX_RESTARTS, Placement
 
 log = logging.getLogger(__name__)
 

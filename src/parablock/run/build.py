@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from parablock.backends.assembly import Placement
 from parablock.config import Config, per_client_text
 from parablock.core.algorithms import check_plan
 from parablock.core.schedule import layout, make_plan
@@ -20,7 +21,6 @@ from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F
 from parablock.model.blocks import block_nbytes
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
-from parablock.run.assembly import Placement
 from parablock.run.settings import lora_settings, placement, run_settings
 
 log = logging.getLogger(__name__)

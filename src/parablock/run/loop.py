@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from parablock.backends import BACKENDS
+from parablock.backends.assembly import Placement
 from parablock.config import Config
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
 from parablock.core.metrics import describe, summarize
@@ -30,7 +31,6 @@ from parablock.model.blocks import set_block
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, model_fingerprint
 from parablock.model.lora import blocks_for, export
-from parablock.run.assembly import Placement
 from parablock.run.build import Federation
 from parablock.run.memory import peak_rss_mb
 from parablock.run.runfiles import RunFiles

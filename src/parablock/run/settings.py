@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 
+from parablock.backends.assembly import Placement
 from parablock.config import Config, per_client_value
 from parablock.core.algorithms import ALGORITHMS
 from parablock.core.schedule import round_turns
 from parablock.data.examples import Example
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.model.lora import LoraSettings
-from parablock.run.assembly import Placement
 from parablock.transport.faults import stall_seconds
 from parablock.transport.link import LinkSpec
 from parablock.wire.protocol import RunSettings
@@ -81,7 +81,7 @@ def client_lr(cfg: Config) -> float:
 
 
 def placement(cfg: Config, client: int, data: tuple[Example, ...], pad_id: int) -> Placement:
-    """Where simulated client ``client`` runs and with what (``run/assembly.py``): its share of
+    """Where simulated client ``client`` runs and with what (``backends/assembly.py``): its share of
     the data, its links and slow-down, its resources, its memory choices and its faults."""
     return Placement(
         client,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from parablock.backends.assembly import MAX_RESTARTS, Host, Placement, assemble
 from parablock.core.algorithms import run_client
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
@@ -28,7 +29,6 @@ from parablock.data.examples import DataStats
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
 from parablock.model.load import model_fingerprint
-from parablock.run.assembly import MAX_RESTARTS, Host, Placement, assemble
 from parablock.run.memory import peak_rss_mb, trim
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
