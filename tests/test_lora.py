@@ -30,7 +30,7 @@ from parablock.model.train import train_block
 from parablock.run.runner import prepare, run
 from parablock.run.settings import client_lr, lora_settings, run_settings
 from parablock.tools.compare import compare
-from parablock.tools.estimate import from_run
+from parablock.tools.estimate_runs import from_run
 from parablock.wire.messages import BlockUpdate, BlockValue
 from parablock.wire.protocol import JoinReply, RunSettings
 
