@@ -146,6 +146,16 @@ def test_the_file_map_names_every_folder_and_top_level_module():
         assert missing == [], (folder.name, missing)
 
 
+def test_the_readme_names_every_folder_and_top_level_module():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The code") :]
+    section = section[: section.index("\n## ", 1)]
+    named = set(re.findall(r"`([a-z_]+(?:/|\.py))`", section))
+    present = {p.name + "/" for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    present |= {p.name for p in PKG.glob("*.py")} - {"__init__.py"}
+    assert present <= named, sorted(present - named)
+
+
 def test_the_core_neither_configures_nor_transports():
     """The issue's own wording, checked on its own: core -> config and core -> transport."""
     for mod, targets in imports().items():
