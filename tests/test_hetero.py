@@ -160,10 +160,10 @@ def test_each_local_client_gets_its_own_link_and_slowdown(tiny_model_dir, tmp_pa
     assert built.connection.downlink.spec == LinkSpec(100.0, 40.0, chunk)
     assert built.slowdown == 3.0
     # a Ray client actor (its class, here without a cluster) builds the same client from its spec
-    import parablock.backends.ray as ray_backend
+    import parablock.backends.ray_actors as ray_actors
 
-    monkeypatch.setattr(ray_backend, "RemoteServer", lambda handle: handle)  # no cluster here
-    actor = ray_backend.ClientActor(f.placements[1], server=f.server, threads=1)
+    monkeypatch.setattr(ray_actors, "RemoteServer", lambda handle: handle)  # no cluster here
+    actor = ray_actors.ClientActor(f.placements[1], server=f.server, threads=1)
     threads = torch.get_num_threads()
     try:
         actor.setup()

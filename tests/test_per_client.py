@@ -186,7 +186,7 @@ def test_training_prompts_that_are_held_out_are_kept_with_a_warning(
 ):
     cfg, files = _per_client_config(tiny_model_dir, tmp_path)
     cfg = cfg.replace(eval={"source": f"gsm8k:{files[0]}"})
-    with caplog.at_level(logging.WARNING, logger="parablock.run.runner"):
+    with caplog.at_level(logging.WARNING, logger="parablock.run.build"):
         fed = prepare(cfg)
     assert len(fed.placements[0].data) == 12  # nothing filtered: a networked client could not
     assert any("client 0" in r.message and "also held-out" in r.message for r in caplog.records)

@@ -210,7 +210,7 @@ def test_killed_client_restarts_from_its_checkpoint_and_the_run_files_stay_whole
 def test_killed_client_with_no_restarts_left_is_dropped_and_the_run_finishes(
     ray_session, tiny_model_dir, tmp_path, caplog, monkeypatch
 ):
-    import parablock.backends.ray as ray_backend
+    import parablock.backends.ray_driver as ray_backend
 
     monkeypatch.setattr(ray_backend, "MAX_RESTARTS", 0)
     cfg = tiny_config(
@@ -242,7 +242,7 @@ def test_killed_client_with_no_restarts_left_is_dropped_and_the_run_finishes(
 def test_frozen_client_stops_answering_and_is_dropped(
     ray_session, tiny_model_dir, tmp_path, caplog, monkeypatch
 ):
-    import parablock.backends.ray as ray_backend
+    import parablock.backends.ray_driver as ray_backend
 
     monkeypatch.setattr(ray_backend, "MIN_ANSWER_S", 1.0)  # answer within the round timeout, 2 s
     cfg = tiny_config(
@@ -275,7 +275,7 @@ def test_frozen_client_stops_answering_and_is_dropped(
 def test_a_client_that_keeps_dying_is_dropped_and_too_few_left_fails_clearly(
     ray_session, tiny_model_dir, tmp_path, monkeypatch
 ):
-    import parablock.backends.ray as ray_backend
+    import parablock.backends.ray_driver as ray_backend
     from parablock.core.server import RoundFailedError
 
     monkeypatch.setattr(ray_backend, "MAX_RESTARTS", 1)
@@ -438,7 +438,7 @@ def test_the_drivers_log_of_a_client_goes_on_across_its_actors():
     holds, adds what it never saw, and a round run again replaces its record, so the log (and
     the metrics written from it) keeps one record per round; ``on_barrier`` hears each new or
     replaced record once. The fleet's merge alone, without Ray."""
-    from parablock.backends.ray import ClientView, _Fleet
+    from parablock.backends.ray_driver import ClientView, _Fleet
     from parablock.core.metrics import ClientLog, RoundRecord, Span
 
     heard: list[tuple[int, int]] = []

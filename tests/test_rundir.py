@@ -352,7 +352,7 @@ def test_round_lines_go_on_when_client_0_is_not_heard(
 
     monkeypatch.setitem(BACKENDS._items, "deaf0", deaf_to_0)
     cfg = tiny_config(tiny_model_dir, str(tmp_path / "run"), run={"backend": "deaf0"})
-    with caplog.at_level(logging.INFO, logger="parablock.run.runner"):
+    with caplog.at_level(logging.INFO, logger="parablock.run.loop"):
         run(cfg)
     lines = [m for m in caplog.messages if m.startswith(("round ", "drain:"))]
     assert [m.split(" block")[0] for m in lines[:4]] == [f"round {i}/4" for i in range(1, 5)]
