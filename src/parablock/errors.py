@@ -115,3 +115,8 @@ class ClientCrash(ClientRestart):
 class ClientBehind(ClientRestart):
     """The client's round closed without it (it stalled past the deadline): rejoining skips it
     to the open round instead of replaying every round it missed."""
+
+
+class BudgetSpent(RunStopped):
+    """A site's privacy budget (``privacy.max_epsilon``) would be exceeded by its next round: it
+    stops cleanly, its checkpoint kept."""

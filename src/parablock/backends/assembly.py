@@ -33,6 +33,7 @@ from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
 from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import PhaseListener
+from parablock.core.privacy import Ledger, SitePrivacy
 from parablock.core.schedule import protocol_blocks
 from parablock.data.examples import DataStats, Example, encode_all
 from parablock.data.sources import client_records
@@ -127,6 +128,12 @@ def assemble(
     if own:  # a shared base is converted once by the host; an adapter is injected on the CPU
         _hold_frozen(p, model, blocks, s, device)
         model = model.to(device)
+    privacy = None
+    if s.privacy.private:  # its mechanism, and (record mode) its ledger from its checkpoint
+        ledger = Ledger.from_json(s.privacy.accountant, p.resume.privacy if p.resume else [])
+        privacy = SitePrivacy(
+            s.privacy, p.client_id, s.seed, s.local_steps, s.batch_size, s.privacy.shares, ledger
+        )
     client = Client(
         p.client_id,
         model,
@@ -146,6 +153,7 @@ def assemble(
         compression=s.compression,
         server_lr=s.server_lr,
         clip_norm=s.client_clip_norm,
+        privacy=privacy,
         overlap=s.overlap(),
         store=host.store,
         gate=host.gate if device.type == "cpu" else None,

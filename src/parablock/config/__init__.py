@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from parablock.config.features import LoraConfig, PrivacyConfig, ServerConfig  # noqa: F401
 from parablock.config.fields import (  # noqa: F401  (the config's public face)
     MAX_SEED,
     PER_CLIENT,
@@ -34,10 +35,8 @@ from parablock.config.sections import (  # noqa: F401
     EvalConfig,
     FederationConfig,
     LinkConfig,
-    LoraConfig,
     ModelConfig,
     RunConfig,
-    ServerConfig,
     TrainConfig,
 )
 from parablock.data.textfile import read_utf8
@@ -55,6 +54,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
@@ -191,6 +191,7 @@ def _check_algorithm(cfg: Config) -> None:
             f"{fed.rounds}..{fed.clients - 1} never train; set federation.rounds >= "
             "federation.clients"
         )
+    _check_privacy(cfg)
     need = entry.min_blocks
     n = fixed_selection_size(model.blocks, model.extra_blocks)
     if n is not None and n < need:
@@ -198,6 +199,46 @@ def _check_algorithm(cfg: Config) -> None:
             f"model.blocks={model.blocks!r} selects {n} block(s) but federation.algorithm="
             f"{fed.algorithm} needs at least {need} (it trains the next block while the previous "
             "one is in flight); select more blocks or use federation.algorithm=fedbcd"
+        )
+
+
+def _check_privacy(cfg: Config) -> None:
+    """Privacy settings that could not keep their promise, refused naming both settings."""
+    from parablock.core.algorithms import ALGORITHMS
+
+    priv, fed = cfg.privacy, cfg.federation
+    if priv.mode == "none":
+        return
+    if priv.mode == "record" and fed.local_steps_max:
+        raise ConfigError(
+            f"privacy.mode=record accounts a fixed number of steps per round; federation."
+            f"local_steps_max={fed.local_steps_max} makes it vary (set it to 0)"
+        )
+    if priv.mode == "client" and fed.aggregator != "mean":
+        raise ConfigError(
+            f"privacy.mode=client bounds each client's share of the aggregate by clip_norm / n; "
+            f"federation.aggregator={fed.aggregator} breaks that bound (use "
+            "federation.aggregator=mean)"
+        )
+    if priv.mode == "client" and fed.server_lr != 1.0:
+        raise ConfigError(
+            f"privacy.mode=client: federation.server_lr={fed.server_lr:g} scales the noise with "
+            "the aggregate; the accounting assumes 1 (set federation.server_lr=1)"
+        )
+    if priv.mode == "record" and ALGORITHMS.get(fed.algorithm).adapter:
+        raise ConfigError(
+            f"privacy.mode=record trains blocks of the model; federation.algorithm="
+            f"{fed.algorithm} trains an adapter (use privacy.mode=client with it)"
+        )
+    if priv.noise_at == "client" and priv.mode != "client":
+        raise ConfigError(
+            f"privacy.noise_at=client applies to privacy.mode=client only (got privacy.mode="
+            f"{priv.mode})"
+        )
+    if priv.target_epsilon and priv.max_epsilon and priv.max_epsilon < priv.target_epsilon:
+        raise ConfigError(
+            f"privacy.max_epsilon={priv.max_epsilon:g} is below privacy.target_epsilon="
+            f"{priv.target_epsilon:g}: the run would stop before its planned rounds"
         )
 
 

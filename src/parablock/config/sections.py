@@ -394,64 +394,7 @@ class RunConfig:
     )
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    address: str = opt(
-        "127.0.0.1:8470",
-        "parablock server: host:port to listen on (0.0.0.0:PORT for every interface; port 0 = any)",
-    )
-    tls_cert: str = opt("", "parablock server: PEM certificate chain of the server")
-    tls_key: str = opt("", "parablock server: PEM private key of the server")
-    client_ca: str = opt(
-        "", "parablock server: PEM CA of client certificates; set = mutual TLS is required"
-    )
-    insecure: bool = opt(
-        False, "parablock server: plain text instead of TLS (trusted test networks only)"
-    )
-    clients_file: str = opt(
-        "", "parablock server: TOML file of client ids and token hashes (parablock certs makes one)"
-    )
-    join_timeout_s: float = opt(
-        600.0,
-        "parablock server: seconds to wait for all clients to join; then it starts with "
-        "federation.min_clients if that many joined",
-        gt=0.0,
-    )
-    request_timeout_s: float = opt(
-        30.0,
-        "parablock server: the longest a client may stay silent within a call (its request, an "
-        "upload's next chunk, taking a download's next chunk); then the call is ended, logged "
-        "and counted, and its worker and call slot are free again",
-        gt=0.0,
-    )
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """The LoRA adapter of federation.algorithm=fedit_lora (PEFT; unused by block algorithms)."""
-
-    r: int = opt(16, "adapter rank", ge=1, le=4096)
-    alpha: float = opt(32.0, "LoRA alpha: the adapter's output is scaled by alpha / r", gt=0.0)
-    dropout: float = opt(
-        0.0,
-        "dropout on the adapter's input while training; > 0 draws masks from torch's shared "
-        "generator, so runs are no longer reproducible bit for bit",
-        ge=0.0,
-        le=0.9,
-    )
-    target_modules: str = opt(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        "comma-separated linear modules of every decoder layer that get an adapter (default: "
-        "all of attention and MLP)",
-    )
-    lr: float = opt(
-        3e-3,
-        "client AdamW learning rate of fedit_lora, used unless federation.lr is changed from "
-        "its default",
-        gt=0.0,
-        le=1.0,
-    )
-
+from parablock.config.features import LoraConfig, PrivacyConfig, ServerConfig  # noqa: E402
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -463,4 +406,5 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "server": ServerConfig,
     "lora": LoraConfig,
+    "privacy": PrivacyConfig,
 }

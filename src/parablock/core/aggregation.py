@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 
 from parablock.core.aggregate import apply, capped_weights, delta_norm
+from parablock.core.privacy import Ledger
 from parablock.core.trust import MARGIN
 from parablock.errors import AggregationError
 from parablock.model.blocks import block_state, set_block
@@ -233,6 +234,9 @@ class Aggregation:
         self._opened = time.monotonic()
         self.stats.aggregate_s[round] = time.perf_counter() - start
         self.stats.participants[round] = sorted(u.client for u in updates)
+        if self.privacy.mode == "client":  # one Gaussian release of the whole aggregate
+            self.ledger.add(self.privacy.noise_multiplier, 1.0, 1)
+            self.stats.epsilon[round] = self.ledger.epsilon(self.privacy.delta)
         for listener in self.aggregate_listeners:
             listener(
                 round,
@@ -272,5 +276,8 @@ class Aggregation:
             for b, residual in (residuals or {}).items():
                 self.feedback.keep(b, residual)
             self.next_round = round
+            if self.privacy.mode == "client":  # one release per aggregated round
+                self.ledger = Ledger(self.privacy.accountant)
+                self.ledger.add(self.privacy.noise_multiplier, 1.0, round)
             self.stats.aggregate_s.update(aggregate_s)
             self.stats.participants.update(participants)

@@ -62,6 +62,8 @@ class ClientState:
     # delta's block at its base version (None: no compression, or nothing pending)
     residuals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     base: dict[str, torch.Tensor] | None = None
+    # privacy.mode=record: the site's ledger, (noise multiplier, sample rate, steps) entries
+    privacy: list = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         tensors = {f"dirty.{b}.{n}": t for b, ts in self.dirty.items() for n, t in ts.items()}
@@ -76,6 +78,7 @@ class ClientState:
             "records": [asdict(r) for r in self.records],
             "spans": [asdict(s) for s in self.spans],
             "pending": None,
+            "privacy": self.privacy,
         }
         if self.pending is not None:
             p = self.pending
@@ -112,6 +115,7 @@ class ClientState:
             [Span(**s) for s in meta["spans"]],
             residuals,
             base or None,
+            meta.get("privacy", []),  # absent from checkpoints written before privacy
         )
 
 

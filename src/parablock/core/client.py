@@ -34,6 +34,7 @@ from parablock.core.correction import Correction
 from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight
 from parablock.core.pipeline import client_pipeline
+from parablock.core.privacy import SitePrivacy
 from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.model.blocks import Block, block_state, set_block
@@ -81,6 +82,7 @@ class Client:
         compression: str = "none",
         server_lr: float = 1.0,
         clip_norm: float = 0.0,
+        privacy: SitePrivacy | None = None,
         overlap: Overlap | None = None,
         store: SharedBlocks | None = None,
         gate: AbstractContextManager | None = None,
@@ -113,8 +115,16 @@ class Client:
         self.codec = CODECS.get(compression)  # the server's link.compression
         self.server_lr = server_lr
         self.feedback = ErrorFeedback(self.codec)  # residuals of this client's uploads
+        # privacy.mode other than none: its mechanism and this site's ledger (core/privacy.py)
+        self.privacy = privacy
         # what a trained delta passes through before it leaves (core/pipeline.py)
-        self.pipeline = client_pipeline(self.feedback, clip_norm, seed, client_id)
+        self.pipeline = client_pipeline(
+            self.feedback,
+            clip_norm,
+            seed,
+            client_id,
+            privacy.stages() if privacy is not None else [],
+        )
         self.bases: dict[int, dict] = {}  # round -> the global block value its delta is from
         self._sent: dict[int, BlockUpdate] = {}  # round -> the update ``send`` uploaded
         self.overlap = overlap or Overlap()  # off: exactly local_steps, half duplex
@@ -208,6 +218,7 @@ class Client:
             [s for s in list(self.log.spans) if s.round <= round],
             dict(self.feedback.residuals),
             self.bases.get(self.pending.round) if self.pending is not None else None,
+            self.privacy.ledger.to_json() if self.privacy is not None else [],
         )
 
     def stopping(self) -> bool:
@@ -229,7 +240,10 @@ class Client:
         to ``local_steps_max``) while it says the link is still busy."""
         block = self.blocks[self.plan[round]]
         s = self.settings
-        if busy is not None and self.overlap.local_steps_max > s.steps:
+        dp = self.privacy.dp_step(round, len(self.data)) if self.privacy is not None else None
+        if dp is not None:  # DP-SGD: Poisson batches, as the accountant assumes
+            batches = self.privacy.batches(round, len(self.data))
+        elif busy is not None and self.overlap.local_steps_max > s.steps:
             stream = round_batches(len(self.data), round, s.steps, s.batch_size, self.seed)
             batches = ElasticBatches(stream, s.steps, self.overlap.local_steps_max, busy)
         else:
@@ -247,6 +261,7 @@ class Client:
                 self.forward(),
                 self.gate,
                 before=shared,
+                dp=dp,
             )
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
@@ -257,18 +272,16 @@ class Client:
         record.train_loss = result.loss
         record.examples = result.num_examples
         record.steps = batches.taken if isinstance(batches, ElasticBatches) else len(batches)
-        # the client's stages (core/pipeline.py: clipping, then the codec); messages carry CPU
+        # the client's stages (core/pipeline.py: clipping, noise, then the codec); CPU tensors
         delta = self.pipeline({n: t.cpu() for n, t in result.delta.items()}, round, block.index)
         if self.codec.lossy:  # the aggregate will come as a change from the value it trained from
             self.bases[round] = {n: t.cpu() for n, t in result.before.items()}
+        examples, loss = result.num_examples, result.loss
+        if self.privacy is not None:  # what leaves the site: public numbers only
+            record.epsilon = self.privacy.spent(round, len(self.data))
+            examples, loss = s.steps * s.batch_size, 0.0
         return BlockUpdate(
-            self.id,
-            round,
-            block.index,
-            self.versions[block.index],
-            result.num_examples,
-            result.loss,
-            delta,
+            self.id, round, block.index, self.versions[block.index], examples, loss, delta
         )
 
     def forward(self) -> BlockForward:
@@ -400,8 +413,8 @@ class Client:
             spans = self.log.spans[self._reported_spans :]
             self._reported_spans = len(self.log.spans)
         fields = {k: getattr(record, k) for k in RecordReport.__dataclass_fields__}
-        if fields["train_loss"] != fields["train_loss"]:  # NaN (drain rounds): JSON has none
-            fields["train_loss"] = None
+        if fields["train_loss"] != fields["train_loss"] or self.privacy is not None:
+            fields["train_loss"] = None  # NaN (drain rounds): JSON has none; private: not told
         report = RoundReport(
             RecordReport(**fields),
             [SpanReport(s.round, s.phase, s.start, s.end) for s in spans[-MAX_REPORT_SPANS:]],

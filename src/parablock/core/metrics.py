@@ -52,6 +52,7 @@ class RoundRecord:
     end: float = 0.0
     drain: bool = False
     steps: int = 0  # optimizer steps taken (more than local_steps with local_steps_max)
+    epsilon: float | None = None  # privacy.mode=record: the site's epsilon after this round
 
     def to_json(self) -> dict:
         return {"kind": "client_round", **asdict(self)}
@@ -90,9 +91,10 @@ def describe(r: RoundRecord, rounds: int) -> str:
     """One log line for a client's round."""
     what = "drain" if r.drain else f"round {r.round + 1}/{rounds} block {r.block}"
     loss = "" if r.drain else f", {r.steps} steps, train loss {r.train_loss:.4f}"
+    eps = "" if r.epsilon is None else f", epsilon {r.epsilon:.3g}"
     return (
         f"{what}: compute {r.compute_s:.2f}s, upload {r.upload_s:.2f}s, wait {r.wait_s:.2f}s, "
-        f"download {r.download_s:.2f}s, idle {r.idle_s:.2f}s{loss}"
+        f"download {r.download_s:.2f}s, idle {r.idle_s:.2f}s{loss}{eps}"
     )
 
 

@@ -61,6 +61,13 @@ class Participation:
                 f"{request.fingerprint[:12] or 'none'} != {self.fingerprint[:12]}); "
                 "load the same model on both (--model)"
             )
+        mode = self.settings.privacy.mode if self.settings else "none"
+        if mode not in request.privacy_modes:
+            raise MessageError(
+                f"this run needs privacy.mode={mode}, which client {client} cannot follow (it "
+                f"follows {', '.join(request.privacy_modes) or 'none'}); install a ParaBlock with "
+                "privacy support (opacus) at the site"
+            )
         with self._cond:
             open_round = self.next_round
             p = request.pending_round

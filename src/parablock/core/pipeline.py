@@ -106,10 +106,17 @@ class Encode:
         return self.feedback.encode(at.block, delta)
 
 
-def client_pipeline(feedback: ErrorFeedback, clip_norm: float, seed: int, client: int):
-    """A client's stages, in order: clipping (when set), then the codec."""
+def client_pipeline(
+    feedback: ErrorFeedback,
+    clip_norm: float,
+    seed: int,
+    client: int,
+    privacy: Sequence[Stage] = (),
+) -> Pipeline:
+    """A client's stages, in order: clipping (when set), the privacy mechanism's (clipping to
+    C, a noise share), then the codec."""
     stages: list[Stage] = [ClipNorm(clip_norm)] if clip_norm > 0 else []
-    return Pipeline([*stages, Encode(feedback)], seed, client)
+    return Pipeline([*stages, *privacy, Encode(feedback)], seed, client)
 
 
 # -- server stages ---------------------------------------------------------------------------
@@ -146,7 +153,7 @@ class ServerPipeline:
     def __call__(
         self, updates: list[BlockUpdate], weights: list[float], round: int, block: int
     ) -> tuple[Tensors, dict]:
-        notes: dict = {}
+        notes: dict = {"participants": len(updates)}
         at = At(round, block, generator(self.stages.seed, SERVER, round, block, -1), notes)
         delta = self.aggregate_fn(updates, weights, self.trim_fraction, at)
         return self.stages(delta, round, block, notes), notes
@@ -161,6 +168,10 @@ def server_pipeline(
     feedback: ErrorFeedback,
     shapes: Callable[[int], Shapes],
     seed: int,
+    privacy: Sequence[Stage] = (),
 ) -> ServerPipeline:
-    """The server's pipeline: the aggregator, then the codec the aggregate travels back in."""
-    return ServerPipeline(aggregator, trim_fraction, [EncodeAside(feedback, shapes)], seed)
+    """The server's pipeline: the aggregator, the privacy mechanism's stages (noise on the
+    aggregate), then the codec the aggregate travels back in (noise comes before it)."""
+    return ServerPipeline(
+        aggregator, trim_fraction, [*privacy, EncodeAside(feedback, shapes)], seed
+    )

@@ -18,10 +18,11 @@ the copy a Ray actor hosts.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -29,6 +30,7 @@ from parablock.core.aggregation import Aggregation
 from parablock.core.metrics import ClientLog
 from parablock.core.participation import Participation
 from parablock.core.pipeline import server_pipeline
+from parablock.core.privacy import Ledger, server_privacy
 from parablock.core.service import BlockService
 from parablock.core.trust import UpdateBound
 from parablock.errors import RoundFailedError, RunStopped
@@ -36,7 +38,7 @@ from parablock.model.blocks import Block
 from parablock.model.train import lr_factor
 from parablock.wire.compress import CODECS, ErrorFeedback
 from parablock.wire.messages import BlockUpdate, BlockValue, MessageError
-from parablock.wire.protocol import AggregateReady, RunSettings
+from parablock.wire.protocol import AggregateReady, PrivacySettings, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class ServerStats:
     rejected: Rejections = field(default_factory=Rejections)
     clipped: int = 0  # updates scaled down to federation.max_update_norm
     bound_ratio: float = 0.0  # the largest |delta| / honest bound of an accepted update
+    epsilon: dict[int, float] = field(default_factory=dict)  # privacy.mode=client: per round
     aggregate_s: dict[int, float] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
@@ -125,8 +128,17 @@ class Server(Participation, Aggregation, BlockService):
         self.codec = CODECS.get(compression)
         self.feedback = ErrorFeedback(self.codec)
         # the aggregator, then the server's stages (core/pipeline.py), seeded by the run's seed
+        # privacy.mode=client: the noise on the aggregate (at the server unless the clients add
+        # it in shares) and the server's ledger, one release per round (core/privacy.py)
+        self.privacy = settings.privacy if settings else PrivacySettings()
+        self.ledger = Ledger(self.privacy.accountant)
         self.pipeline = server_pipeline(
-            aggregator, trim_fraction, self.feedback, self._shapes, settings.seed if settings else 0
+            aggregator,
+            trim_fraction,
+            self.feedback,
+            self._shapes,
+            settings.seed if settings else 0,
+            server_privacy(self.privacy),
         )
         self.versions = {b.index: -1 for b in blocks}  # -1: the pretrained value
         self.next_round = 0  # the next round to aggregate
@@ -228,4 +240,9 @@ def _honest_bound(s: RunSettings) -> UpdateBound:
     """The bound of the training ``s`` announces: its most steps, each at its scheduled lr."""
     train = s.train_settings()
     steps = s.overlap().most_steps(s.local_steps)
-    return UpdateBound.of([s.lr * lr_factor(k, train) for k in range(steps)], s.weight_decay)
+    bound = UpdateBound.of([s.lr * lr_factor(k, train) for k in range(steps)], s.weight_decay)
+    p = s.privacy
+    if p.mode == "client" and p.noise_at == "client":  # a noise share: 12 standard deviations
+        std = p.noise_multiplier * p.clip_norm / math.sqrt(max(p.shares, 1))
+        bound = replace(bound, noise=12.0 * std)  # (a coordinate passes it with p < 1e-32)
+    return bound

@@ -85,6 +85,7 @@ class BlockService:
             r.end,
             r.drain,
             r.steps,
+            r.epsilon,
         )
         spans = [Span(client, s.round, s.phase, s.start, s.end) for s in report.spans]
         with self._cond:

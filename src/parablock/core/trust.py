@@ -51,6 +51,7 @@ class UpdateBound:
 
     reach: float  # A: what the steps themselves can move a coordinate by
     decay: float  # B * wd: the share of |p| weight decay can take off it
+    noise: float = 0.0  # what noise added to the delta (a DP noise share) may add to it
 
     @classmethod
     def of(cls, lrs: list[float], weight_decay: float) -> UpdateBound:
@@ -73,7 +74,7 @@ class UpdateBound:
             flat, base = d.detach().reshape(-1), value[n].detach().reshape(-1)
             for i in range(0, flat.numel(), step):
                 p = base[i : i + step].abs()
-                allowed = self.reach + self.decay * p
+                allowed = self.reach + self.noise + self.decay * p
                 over = (flat[i : i + step].abs() - eps * p).clamp_min(0) / allowed
                 worst = max(worst, float(over.max()))
         return worst

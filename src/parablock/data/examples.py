@@ -199,6 +199,14 @@ def round_batches(
         yield rng.choice(n, size=batch_size, replace=batch_size > n).tolist()
 
 
+def poisson_indices(n: int, round: int, steps: int, rate: float, seed: int) -> list[list[int]]:
+    """A round's ``steps`` batches by Poisson sampling, as DP-SGD's accountant assumes: every
+    example joins each batch on its own with probability ``rate`` (a batch may come out empty);
+    a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, 13, round])
+    return [np.flatnonzero(rng.random(n) < rate).tolist() for _ in range(steps)]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

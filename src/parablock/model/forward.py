@@ -188,37 +188,47 @@ def response_loss(
     *,
     response_only: bool = True,
     chunk: int = 0,
+    per_example: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the response tokens, and their count.
 
     ``hidden`` is the final (normed) hidden state; position p predicts ``labels[p + 1]``. With
     ``response_only`` the head sees only the positions that have a label; ``chunk`` > 0 splits
-    them into pieces whose logits are recomputed in backward rather than kept.
+    them into pieces whose logits are recomputed in backward rather than kept. With
+    ``per_example`` each token counts 1 / its example's response tokens, so the sum is the sum of
+    the examples' own mean losses (what per-example gradients of DP-SGD differentiate).
     """
     h = hidden[:, :-1]
     y = labels[:, 1:]
+    mask = y != IGNORE
+    per_row = mask.sum(dim=1, keepdim=True).clamp_min(1)
+    w = (1.0 / per_row).expand_as(y).to(torch.float32)
     if response_only:
-        keep = y != IGNORE
-        h, y = h[keep], y[keep]
+        h, y, w = h[mask], y[mask], w[mask]
     else:
-        h, y = h.reshape(-1, h.size(-1)), y.reshape(-1)
+        h, y, w = h.reshape(-1, h.size(-1)), y.reshape(-1), w.reshape(-1)
     count = int((y != IGNORE).sum())
     if h.size(0) == 0:
         return hidden.sum() * 0.0, 0
 
-    def piece(hp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(
-            head(hp).float(), yp, ignore_index=IGNORE, reduction="sum"
+    def piece(hp: torch.Tensor, yp: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
+        if not per_example:
+            return nn.functional.cross_entropy(
+                head(hp).float(), yp, ignore_index=IGNORE, reduction="sum"
+            )
+        ce = nn.functional.cross_entropy(
+            head(hp).float(), yp, ignore_index=IGNORE, reduction="none"
         )
+        return (ce * wp).sum()
 
     if chunk <= 0 or h.size(0) <= chunk:
-        return piece(h, y), count
+        return piece(h, y, w), count
     total = hidden.new_zeros((), dtype=torch.float32)
-    for hp, yp in zip(h.split(chunk), y.split(chunk), strict=True):
+    for hp, yp, wp in zip(h.split(chunk), y.split(chunk), w.split(chunk), strict=True):
         if hp.requires_grad:
-            total = total + checkpoint(piece, hp, yp, use_reentrant=False)
+            total = total + checkpoint(piece, hp, yp, wp, use_reentrant=False)
         else:
-            total = total + piece(hp, yp)
+            total = total + piece(hp, yp, wp)
     return total, count
 
 
@@ -259,8 +269,11 @@ class BlockForward:
             else model.model
         )
 
-    def loss(self, data: list[Example], idx: list[int], pad_id: int) -> torch.Tensor:
-        """Mean response-token loss of the batch ``idx`` (indices into ``data``)."""
+    def loss(
+        self, data: list[Example], idx: list[int], pad_id: int, per_example: bool = False
+    ) -> torch.Tensor:
+        """Mean response-token loss of the batch ``idx`` (indices into ``data``); with
+        ``per_example``, the sum over the batch of each example's own mean loss."""
         batch = {k: v.to(self.device) for k, v in collate([data[i] for i in idx], pad_id).items()}
         with autocast(self.precision, self.device):
             if self.plain:
@@ -284,8 +297,9 @@ class BlockForward:
                 self.head,
                 response_only=self.response_logits,
                 chunk=self.loss_chunk,
+                per_example=per_example,
             )
-        return total / max(count, 1)
+        return total if per_example else total / max(count, 1)
 
     @property
     def cache_mb(self) -> float:

@@ -51,6 +51,22 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class DPStep:
+    """DP-SGD on the trained block (``privacy.mode=record``): each step's batch is Poisson
+    sampled (expected size ``expected_batch``), every example's gradient of the block clipped to
+    ``clip_norm`` (per-example gradients by Opacus's ``GradSampleModule``), Gaussian noise of
+    ``noise_multiplier x clip_norm`` added to their sum, divided by ``expected_batch`` (Opacus's
+    ``DPOptimizer`` around the round's AdamW). ``physical_batch`` bounds the examples per
+    forward/backward pass; the noise comes from a generator seeded with ``seed``."""
+
+    clip_norm: float
+    noise_multiplier: float
+    expected_batch: int
+    physical_batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class TrainResult:
     before: dict[str, torch.Tensor]
     delta: dict[str, torch.Tensor]  # after - before
@@ -77,6 +93,7 @@ def train_block(
     forward: BlockForward | None = None,
     gate: AbstractContextManager | None = None,
     before: dict[str, torch.Tensor] | None = None,
+    dp: DPStep | None = None,
 ) -> TrainResult:
     """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``), read once
     and in order: a lazy stream may decide while training how many steps there are.
@@ -85,31 +102,90 @@ def train_block(
     default one built from ``settings`` that starts at the embeddings. ``gate``: held around
     each step (forward, backward, optimizer step), e.g. to bound how many clients of one
     process step at once; the batches are drawn outside it. ``before``: the block's current
-    value on tensors that nobody writes, when the caller has one (else it is copied here)."""
+    value on tensors that nobody writes, when the caller has one (else it is copied here).
+    ``dp``: DP-SGD instead of plain steps (``DPStep``); the loss it reports is the mean of the
+    examples' own losses (nan for a step whose Poisson batch came out empty)."""
     if forward is None:
         forward = settings.forward(model)
     if before is None:
         before = block_state(model, block)
     params = freeze_all_but(model, block)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    private = _Private(model, params, opt, dp) if dp is not None else None
     model.train()
     losses = []
     num_examples = 0
     step_gate = gate if gate is not None else nullcontext()
-    for step, idx in enumerate(batches):
-        with step_gate:
-            for g in opt.param_groups:
-                g["lr"] = settings.lr * lr_factor(step, settings)
-            loss = forward.loss(data, idx, pad_id)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        num_examples += len(idx)
-    for p in params:
-        p.requires_grad_(False)
+    try:
+        for step, idx in enumerate(batches):
+            with step_gate:
+                for g in opt.param_groups:
+                    g["lr"] = settings.lr * lr_factor(step, settings)
+                if private is not None:
+                    losses.append(private.step(forward, data, idx, pad_id))
+                else:
+                    loss = forward.loss(data, idx, pad_id)
+                    loss.backward()
+                    if settings.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+            num_examples += len(idx)
+    finally:
+        if private is not None:
+            private.close()
+        for p in params:
+            p.requires_grad_(False)
     after = block_state(model, block)
     delta = {n: after[n] - before[n] for n in before}
-    return TrainResult(before, delta, num_examples, sum(losses) / len(losses))
+    seen = [x for x in losses if x == x]  # a DP step on an empty batch has no loss
+    return TrainResult(before, delta, num_examples, sum(seen) / len(seen) if seen else float("nan"))
+
+
+class _Private:
+    """The round's DP-SGD: hooks for per-example gradients of the block, and the optimizer that
+    clips them, adds the noise and steps."""
+
+    def __init__(self, model: nn.Module, params: list, opt, dp: DPStep) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        self.dp, self.params = dp, params
+        self.hooks = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+        self.opt = DPOptimizer(
+            opt,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.clip_norm,
+            expected_batch_size=dp.expected_batch,
+            loss_reduction="mean",
+            generator=torch.Generator(device=params[0].device).manual_seed(dp.seed),
+        )
+
+    def step(self, forward: BlockForward, data: list[Example], idx: list[int], pad_id) -> float:
+        """One DP-SGD step on the Poisson batch ``idx``, in physical pieces; its mean loss."""
+        pieces = [
+            idx[i : i + self.dp.physical_batch] for i in range(0, len(idx), self.dp.physical_batch)
+        ]
+        total = 0.0
+        if not pieces:  # an empty batch: the step is noise alone, as the accountant assumes
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            pieces = [[]]
+        for k, piece in enumerate(pieces):
+            if piece:
+                loss = forward.loss(data, piece, pad_id, per_example=True)
+                loss.backward()
+                total += float(loss)
+            if k < len(pieces) - 1:
+                self.opt.signal_skip_step(do_skip=True)  # clip and keep; noise at the last
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return total / len(idx) if idx else float("nan")
+
+    def close(self) -> None:
+        self.hooks._close()
+        for p in self.params:
+            for name in ("grad_sample", "summed_grad"):
+                if hasattr(p, name):
+                    delattr(p, name)

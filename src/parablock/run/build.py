@@ -4,7 +4,7 @@ the server, and each client's spec (or, for a served run, the server and its hel
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F
 from parablock.model.blocks import block_nbytes
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
-from parablock.run.settings import lora_settings, placement, run_settings
+from parablock.run.settings import lora_settings, placement, privacy_plan, run_settings
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +116,12 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
         model, fed.algorithm, cfg.model.extra_blocks, cfg.model.blocks, lora, seed
     )
     check_plan(fed.algorithm, selected)
-    plan = make_plan(fed.schedule, selected, fed.rounds, seed)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pad_id = tokenizer.pad_token_id
-    server = Server(
-        model,
-        blocks,
-        plan,
-        clients=fed.clients,
-        min_clients=fed.min_clients,
-        aggregator=fed.aggregator,
-        server_lr=fed.server_lr,
-        trim_fraction=fed.trim_fraction,
-        max_client_weight=fed.max_client_weight,
-        max_update_norm=fed.max_update_norm,
-        update_norm_action=fed.update_norm_action,
-        update_bound=fed.update_bound,
-        round_timeout_s=fed.round_timeout_s,
-        settings=run_settings(cfg, plan),
-        fingerprint=fingerprint,
-        compression=cfg.link.compression,
-    )
     if serve:
+        cfg, plan = _private(cfg, selected, None)
+        server = _server(cfg, model, blocks, plan, fingerprint)
         return _serving(cfg, server, tokenizer, selected)
     train_stats, heldout_stats = DataStats(), DataStats()
     train_records, heldout_records = train_and_heldout(
@@ -194,6 +177,9 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     if client_sources:
         data_stats["client_sources"] = client_sources
 
+    cfg, plan = _private(cfg, selected, [len(part) for part in parts])
+    fed = cfg.federation
+    server = _server(cfg, model, blocks, plan, fingerprint)
     placements = [
         placement(cfg, i, tuple(train[j] for j in parts[i]), pad_id) for i in range(fed.clients)
     ]
@@ -256,3 +242,39 @@ def _serving(cfg: Config, server: Server, tokenizer, selected: list[int]) -> Fed
         "training_data": "stays with the clients",
     }
     return Federation(cfg, server, [], tokenizer, heldout, selected, records, [], data_stats)
+
+
+def _private(cfg: Config, selected: list[int], records: list[int] | None):
+    """The config the run goes by once ``[privacy]`` is resolved (the noise multiplier
+    calibrated to ``privacy.target_epsilon``, the rounds ``privacy.max_epsilon`` allows), and its
+    block plan. ``records``: each client's training records (None: remote clients)."""
+    privacy, rounds = privacy_plan(cfg, records)
+    if privacy.private:
+        cfg = replace(
+            cfg,
+            federation=replace(cfg.federation, rounds=rounds),
+            privacy=replace(cfg.privacy, noise_multiplier=privacy.noise_multiplier),
+        )
+    return cfg, make_plan(cfg.federation.schedule, selected, rounds, cfg.run.seed)
+
+
+def _server(cfg: Config, model, blocks, plan: list[int], fingerprint: str) -> Server:
+    fed = cfg.federation
+    return Server(
+        model,
+        blocks,
+        plan,
+        clients=fed.clients,
+        min_clients=fed.min_clients,
+        aggregator=fed.aggregator,
+        server_lr=fed.server_lr,
+        trim_fraction=fed.trim_fraction,
+        max_client_weight=fed.max_client_weight,
+        max_update_norm=fed.max_update_norm,
+        update_norm_action=fed.update_norm_action,
+        update_bound=fed.update_bound,
+        round_timeout_s=fed.round_timeout_s,
+        settings=run_settings(cfg, plan),
+        fingerprint=fingerprint,
+        compression=cfg.link.compression,
+    )

@@ -144,6 +144,7 @@ def train(
         wall_time_s=wall,
         aggregate_s=sum(agg.values()) / len(agg) if agg else 0.0,
     )
+    summary.update(privacy_summary(cfg, server, records))
     summary.update(
         initial_eval_loss=initial and initial.loss,
         final_eval_loss=final and final.loss,
@@ -305,3 +306,31 @@ def _stop_on_signals(stop: threading.Event, server: Server, resumable: bool = Tr
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+def privacy_summary(cfg: Config, server: Server, records: list) -> dict:
+    """What the run's privacy guarantee is: the settings, and epsilon at delta (record mode:
+    each site's own, and the largest; client mode: the server's, one release per round)."""
+    p = cfg.privacy
+    out: dict = {"privacy_mode": p.mode}
+    if p.mode == "none":
+        return out
+    out.update(
+        privacy_delta=p.delta,
+        privacy_clip_norm=p.clip_norm,
+        privacy_noise_multiplier=p.noise_multiplier,
+        privacy_accountant=p.accountant,
+        privacy_noise_at=p.noise_at if p.mode == "client" else None,
+        privacy_max_epsilon=p.max_epsilon or None,
+    )
+    if p.mode == "client":
+        eps = server.stats.epsilon
+        out["privacy_epsilon"] = eps[max(eps)] if eps else 0.0
+        return out
+    by_site: dict[int, float] = {}
+    for r in records:  # in round order: each site's last epsilon
+        if r.epsilon is not None:
+            by_site[r.client] = r.epsilon
+    out["privacy_epsilon_by_client"] = {str(c): e for c, e in sorted(by_site.items())}
+    out["privacy_epsilon"] = max(by_site.values(), default=0.0)
+    return out

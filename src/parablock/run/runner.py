@@ -123,8 +123,10 @@ def _run(
     resume = saved is not None
     reset_peak()  # peak memory is this run's, also when compare runs several in one process
     torch.set_num_threads(os.cpu_count() or 1)
-    fed = cfg.federation
+    asked = cfg  # what the user asked for: a resume is checked against it
     f = prepare(cfg, serve=serve)
+    cfg = f.cfg  # with [privacy] resolved: the noise multiplier, the rounds the budget allows
+    fed = cfg.federation
     model, server, tokenizer = f.model, f.server, f.tokenizer
     plan, selected, placements = server.plan, f.selected, f.placements
     (out / "data.json").write_text(json.dumps(f.data_stats, indent=2) + "\n")
@@ -146,7 +148,7 @@ def _run(
     store = CheckpointStore(out / "checkpoint") if cfg.run.checkpoint or resume else None
     point = None
     if resume:
-        point = _resume_point(cfg, saved, store, selected, serve, out)
+        point = _resume_point(asked, saved, store, selected, serve, out)
         server.restore(
             point.round, point.blocks, point.aggregate_s, point.participants, point.residuals
         )

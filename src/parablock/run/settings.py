@@ -5,17 +5,19 @@ learning rate of an adapter algorithm."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from parablock.backends.assembly import Placement
 from parablock.config import Config, per_client_value
 from parablock.core.algorithms import ALGORITHMS
+from parablock.core.privacy import calibrate, rounds_within
 from parablock.core.schedule import round_turns
 from parablock.data.examples import Example
-from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
+from parablock.errors import ConfigError
 from parablock.model.lora import LoraSettings
 from parablock.transport.faults import stall_seconds
 from parablock.transport.link import LinkSpec
-from parablock.wire.protocol import RunSettings
+from parablock.wire.protocol import PrivacySettings, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,81 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         local_steps_max=f.local_steps_max,
         duplex=f.duplex,
         client_clip_norm=f.client_clip_norm,
+        privacy=privacy_settings(cfg),
         turns=round_turns(f.algorithm, f.rounds, f.clients),
     )
+
+
+def privacy_settings(cfg: Config) -> PrivacySettings:
+    """``[privacy]`` as clients must follow it (its noise multiplier already resolved)."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return PrivacySettings()
+    return PrivacySettings(
+        p.mode,
+        p.clip_norm,
+        p.noise_multiplier,
+        p.delta,
+        p.noise_at,
+        p.accountant,
+        p.physical_batch,
+        p.max_epsilon,
+        shares=cfg.federation.clients,
+    )
+
+
+def privacy_plan(cfg: Config, records: list[int] | None) -> tuple[PrivacySettings, int]:
+    """The run's privacy settings and rounds: ``privacy.target_epsilon`` turned into the noise
+    multiplier the planned rounds end at, and ``privacy.max_epsilon`` into the rounds that stay
+    within it (the run then ends there, cleanly). Record mode accounts the site with the fewest
+    records (the largest sampling rate: the largest epsilon); ``records`` None (remote sites):
+    each site accounts for itself and stops at ``max_epsilon`` on its own."""
+    p, f = cfg.privacy, cfg.federation
+    if p.mode == "none":
+        return PrivacySettings(), f.rounds
+    if p.mode == "client":
+        rate, steps = 1.0, 1  # one release per round, every client taking part
+    elif records is None:
+        if p.target_epsilon:
+            raise ConfigError(
+                "privacy.target_epsilon with privacy.mode=record needs each site's record count, "
+                "which a parablock server does not know; set privacy.noise_multiplier (each site "
+                "accounts for itself, and stops at privacy.max_epsilon)"
+            )
+        return privacy_settings(cfg), f.rounds
+    else:
+        rate, steps = min(1.0, f.batch_size / max(1, min(records))), f.local_steps
+    sigma = p.noise_multiplier
+    if p.target_epsilon:
+        sigma = calibrate(p.target_epsilon, p.delta, rate, steps * f.rounds, p.accountant)
+        log.info(
+            "privacy.target_epsilon=%g: noise multiplier %.4g for %d rounds (sampling rate %.4g)",
+            p.target_epsilon,
+            sigma,
+            f.rounds,
+            rate,
+        )
+    rounds = f.rounds
+    if p.max_epsilon:
+        rounds, eps = rounds_within(
+            p.max_epsilon, p.delta, sigma, rate, steps, f.rounds, p.accountant
+        )
+        if rounds == 0:
+            raise ConfigError(
+                f"privacy.max_epsilon={p.max_epsilon:g} is spent before the first round ends; "
+                "raise it, or raise privacy.noise_multiplier"
+            )
+        if rounds < f.rounds:
+            log.warning(
+                "privacy.max_epsilon=%g: the run stops after round %d of %d, at epsilon %.3g "
+                "(another round would pass the budget)",
+                p.max_epsilon,
+                rounds,
+                f.rounds,
+                eps,
+            )
+    cfg = replace(cfg, privacy=replace(p, noise_multiplier=sigma))
+    return privacy_settings(cfg), rounds
 
 
 def lora_settings(cfg: Config) -> LoraSettings | None:

@@ -22,7 +22,8 @@ from parablock.wire.messages import parse_json
 
 # 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
 # 3: RunSettings.client_clip_norm
-PROTOCOL = 3
+# 4: RunSettings.privacy, JoinRequest.privacy_modes, RecordReport.epsilon
+PROTOCOL = 4
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -127,6 +128,37 @@ class Overlap:
         return max(local_steps, self.local_steps_max)
 
 
+PRIVACY_MODES = ("none", "record", "client")
+
+
+@dataclass(frozen=True)
+class PrivacySettings(Message):
+    """``[privacy]`` as every client must follow it (``core/privacy.py``); the noise multiplier
+    is the one the run uses (``privacy.target_epsilon`` has been turned into it already)."""
+
+    mode: str = "none"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    noise_at: str = "server"
+    accountant: str = "rdp"
+    physical_batch: int = 8
+    max_epsilon: float = 0.0  # 0: no hard stop
+    shares: int = 1  # noise_at=client: the clients whose noise shares make up the whole
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES or self.noise_at not in ("server", "client"):
+            raise ValueError(f"privacy mode {self.mode!r} / noise_at {self.noise_at!r}")
+        if self.accountant not in ("rdp", "prv") or self.physical_batch < 1:
+            raise ValueError(f"privacy accountant {self.accountant!r}")
+        if self.clip_norm <= 0 or self.noise_multiplier < 0 or not 0 < self.delta < 1:
+            raise ValueError("privacy clip_norm, noise_multiplier or delta out of range")
+
+    @property
+    def private(self) -> bool:
+        return self.mode != "none"
+
+
 @dataclass(frozen=True)
 class RunSettings(Message):
     """What the server decides for every client, handed out at join."""
@@ -162,6 +194,7 @@ class RunSettings(Message):
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
     client_clip_norm: float = 0.0  # > 0: each client clips its delta's L2 norm to this
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     # the one client that trains each round, for an algorithm whose clients take turns
     # (``baselines.round_turns``); empty: every client trains every round
@@ -211,6 +244,8 @@ class JoinRequest(Message):
     next_round: int = 0  # the round it would train next (0 on a fresh start)
     pending_round: int = -1  # the round of the trained delta it has not uploaded yet, or -1
     dirty: list[int] = field(default_factory=list)  # blocks where its copy differs from global
+    # the privacy modes this client can follow; a server whose run needs another refuses it
+    privacy_modes: list[str] = field(default_factory=lambda: list(PRIVACY_MODES))
 
     def __post_init__(self) -> None:
         if self.client < 0 or self.next_round < 0 or self.pending_round < -1:
@@ -272,6 +307,7 @@ class RecordReport(Message):
     end: float
     drain: bool
     steps: int = 0
+    epsilon: float | None = None  # privacy.mode=record: this site's epsilon after the round
 
 
 # An honest report holds one barrier record and the handful of phase spans (compute, upload,
