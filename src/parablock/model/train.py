@@ -10,6 +10,7 @@ logits); the parameters, their gradients, the optimizer state and the delta stay
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -175,7 +176,9 @@ class _Private:
         for k, piece in enumerate(pieces):
             if piece:
                 loss = forward.loss(data, piece, pad_id, per_example=True)
-                loss.backward()
+                with warnings.catch_warnings():  # Opacus's hooks on a block whose input needs
+                    warnings.filterwarnings("ignore", "Full backward hook")  # no gradient
+                    loss.backward()
                 total += float(loss)
             if k < len(pieces) - 1:
                 self.opt.signal_skip_step(do_skip=True)  # clip and keep; noise at the last
