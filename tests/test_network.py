@@ -163,23 +163,33 @@ def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra=((), ())
 
 
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
+RECORD_DP = {"mode": "record", "noise_multiplier": 0.8, "clip_norm": 0.5}
+CLIENT_DP = {"mode": "client", "noise_multiplier": 0.8, "clip_norm": 0.05, "noise_at": "client"}
+
+
 @pytest.mark.parametrize(
-    "algorithm,compression",
+    "algorithm,compression,privacy",
     [
-        ("parablock", "none"),
-        ("fedbcd", "none"),
-        ("parablock", "int8"),
-        ("fedit_lora", "none"),
-        ("fedavg_full", "none"),
-        ("cyclic", "none"),
+        ("parablock", "none", {}),
+        ("fedbcd", "none", {}),
+        ("parablock", "int8", {}),
+        ("fedit_lora", "none", {}),
+        ("fedavg_full", "none", {}),
+        ("cyclic", "none", {}),
+        ("parablock", "none", RECORD_DP),
+        ("fedbcd", "none", CLIENT_DP),
     ],
 )
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
-    site, tiny_model_dir, tmp_path, algorithm, compression
+    site, tiny_model_dir, tmp_path, algorithm, compression, privacy
 ):
     fed = {"algorithm": algorithm, "rounds": 4, "round_timeout_s": 60.0}
+    if privacy.get("mode") == "client":
+        fed["aggregator"] = "mean"
     link = {"compression": compression}  # the clients take it from the server at join
-    config = _config_file(tmp_path, tiny_model_dir, "fed", federation=fed, link=link)
+    config = _config_file(
+        tmp_path, tiny_model_dir, "fed", federation=fed, link=link, privacy=privacy
+    )
     sources = ";".join(f"gsm8k:{site / f'd{i}.jsonl'}" for i in range(2))
     local = run(
         tiny_config(
@@ -189,6 +199,7 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
             link=link,
             data={"partition": "per_client", "client_sources": sources},
             eval={"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0},
+            privacy=privacy,
         )
     )
     _federate(site, config, tiny_model_dir, tmp_path)
@@ -208,6 +219,9 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     # four rounds and the drain; with cyclic, client 0's turns (rounds 0 and 2) and its catch-up
     barriers = 3 if algorithm == "cyclic" else 5
     assert (tmp_path / "site0" / "metrics.jsonl").read_text().count("client_round") == barriers
+    if privacy:  # each site's noise and ledger, as the simulator's; epsilon reported to the server
+        assert summary["privacy_epsilon"] == pytest.approx(local["privacy_epsilon"], rel=1e-9)
+        assert summary["privacy_epsilon"] > 0
 
 
 def test_a_site_that_holds_its_frozen_weights_in_bf16_still_ends_equal_on_the_trained_blocks(

@@ -48,17 +48,24 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "algorithm,compression",
-    [("parablock", "none"), ("fedbcd", "none"), ("parablock", "int8"), ("fedit_lora", "none")],
+    "algorithm,compression,privacy",
+    [
+        ("parablock", "none", "none"),
+        ("fedbcd", "none", "none"),
+        ("parablock", "int8", "none"),
+        ("fedit_lora", "none", "none"),
+        ("parablock", "none", "record"),
+    ],
 )
 def test_ray_and_local_end_with_the_same_global_model(
-    ray_session, tiny_model_dir, tmp_path, algorithm, compression
+    ray_session, tiny_model_dir, tmp_path, algorithm, compression, privacy
 ):
     cfg = tiny_config(
         tiny_model_dir,
         str(tmp_path),
         federation={"algorithm": algorithm},
         link={"compression": compression},
+        privacy={"mode": privacy, "noise_multiplier": 0.8, "clip_norm": 0.5},
     )
     local = prepare(cfg)
     logs_local = {

@@ -251,10 +251,13 @@ def client(args, setup_logging) -> int:
 
 def run_and_say(go, o) -> int:
     """Run a site to its end (``client`` or ``flower-worker``) and say how it ended."""
-    from parablock.errors import RunStopped
+    from parablock.errors import BudgetSpent, RunStopped
 
     try:
         summary = go()
+    except BudgetSpent as e:  # the site's own privacy budget: a clean end, its checkpoint kept
+        print(f"stopped: {e}")
+        return 0
     except RunStopped as e:
         print(f"parablock: error: the server stopped the run ({e})", file=sys.stderr)
         return 1
