@@ -179,7 +179,7 @@ class _Private:
                 with warnings.catch_warnings():  # Opacus's hooks on a block whose input needs
                     warnings.filterwarnings("ignore", "Full backward hook")  # no gradient
                     loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             if k < len(pieces) - 1:
                 self.opt.signal_skip_step(do_skip=True)  # clip and keep; noise at the last
             self.opt.step()
