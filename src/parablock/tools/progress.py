@@ -50,6 +50,7 @@ class RoundDone:
     train_loss: float
     examples: int  # summed over clients
     clients: int = 0  # how many took part
+    epsilon: float | None = None  # privacy.mode=record: the largest site's epsilon so far
 
 
 @dataclass
@@ -104,6 +105,7 @@ class ProgressState:
                 sum(r.train_loss for r in train) / len(train) if train else float("nan"),
                 sum(r.examples for r in got),
                 n,
+                max((r.epsilon for r in got if r.epsilon is not None), default=None),
             )
             self.done.append(done)
             return done
@@ -165,6 +167,7 @@ class PlainProgress:
         return (
             f"round {d.round + 1}/{T} block {d.block}: {d.seconds:.2f}s, {parts}, "
             f"train loss {d.train_loss:.4f}, {s.examples_per_s():.1f} examples/s, "
+            f"{'' if d.epsilon is None else f'epsilon {d.epsilon:.3g}, '}"
             f"elapsed {_clock(time.time() - s.start)}, ETA {_clock(eta) if eta is not None else '?'}"
         )
 
@@ -229,6 +232,8 @@ class LiveProgress:
         )
         if last is not None and last.round < s.rounds:
             title += f" · last round {last.seconds:.2f}s, train loss {last.train_loss:.4f}"
+            if last.epsilon is not None:
+                title += f" · epsilon {last.epsilon:.3g}"
         table = Table()
         table.add_column("client", justify="right")
         table.add_column("round", justify="right")
