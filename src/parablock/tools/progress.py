@@ -105,7 +105,9 @@ class ProgressState:
                 sum(r.train_loss for r in train) / len(train) if train else float("nan"),
                 sum(r.examples for r in got),
                 n,
-                max((r.epsilon for r in got if r.epsilon is not None), default=None),
+                max(
+                    (e for r in got if (e := getattr(r, "epsilon", None)) is not None), default=None
+                ),
             )
             self.done.append(done)
             return done
