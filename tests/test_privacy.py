@@ -4,6 +4,7 @@ same epsilon and model, and a client that cannot follow the run's privacy is ref
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 
@@ -158,6 +159,9 @@ def test_reported_epsilon_is_the_accountant_librarys(tiny_model_dir, tmp_path):
     acc.history = [(1.5, 1.0, 3)]
     assert summary["privacy_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert summary["updates_rejected"] == 0
+    rows = [json.loads(x) for x in open(f"{summary['run_dir']}/metrics.jsonl")]
+    per_round = [r["epsilon"] for r in rows if r.get("kind") == "round"]
+    assert per_round == sorted(per_round) and per_round[-1] == summary["privacy_epsilon"]
 
 
 def test_target_epsilon_sets_the_noise_and_max_epsilon_stops_before_it_is_passed(

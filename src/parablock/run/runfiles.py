@@ -47,9 +47,11 @@ class RunFiles:
         point: ResumePoint | None = None,
         serve: bool = False,
         initial: EvalResult | None = None,
+        epsilon: Callable[[int], float] | None = None,
     ) -> None:
         self.out, self.start, self.plan, self.clients = out, started_at, plan, clients
         self._dropped = dropped  # the clients the server dropped so far
+        self.epsilon = epsilon  # privacy.mode=client: epsilon after round t (the server's)
         self._reports = reports  # served runs: the clients' reports (no barrier hook there)
         self._logs: dict[int, ClientLog] = {}  # registered at barriers (and at the end)
         self._seen: dict[int, ClientLog] = {}  # those and the reports, as of the last pass
@@ -235,6 +237,7 @@ class RunFiles:
         round_s = round_times(near).get(t)
         if round_s is None:
             return
+        extra = {} if self.epsilon is None else {"epsilon": self.epsilon(t)}
         self._metric(
             {
                 "kind": "round",
@@ -243,6 +246,7 @@ class RunFiles:
                 "round_s": round_s,
                 "aggregate_s": secs,
                 "participants": who,
+                **extra,
             }
         )
         self._rows_done.add(t)

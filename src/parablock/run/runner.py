@@ -29,6 +29,7 @@ import torch
 from parablock.config import Config
 from parablock.core.algorithms import ALGORITHMS
 from parablock.core.checkpoint import CheckpointStore, ResumePoint
+from parablock.core.privacy import Ledger
 from parablock.core.schedule import make_plan
 from parablock.core.server import Rejections, Server
 from parablock.data.partition import save as save_partition
@@ -175,6 +176,7 @@ def _run(
         point=point,
         serve=serve,
         initial=None if resume or not evals else evals[0],
+        epsilon=_client_epsilon(cfg),
     )
     try:
         return train(
@@ -232,3 +234,12 @@ def _restore_counts(server: Server, point: ResumePoint) -> None:
         accepted = sum(len(p) for p in point.participants.values())
     server.stats.accepted = accepted
     server.stats.rejected = Rejections(point.rejected or 0)
+
+
+def _client_epsilon(cfg: Config):
+    """privacy.mode=client: epsilon after round t, as the server's ledger counts it (one release
+    per round, whatever backend hosts the server), for the round rows of metrics.jsonl."""
+    p = cfg.privacy
+    if p.mode != "client":
+        return None
+    return lambda t: Ledger(p.accountant, [(p.noise_multiplier, 1.0, t + 1)]).epsilon(p.delta)
