@@ -74,6 +74,16 @@ class MessageError(ValueError):
     """A malformed, corrupt or inconsistent message; it is rejected, never applied."""
 
 
+class Refused(MessageError):
+    """A message refused for a reason of kind ``kind``, one short word (the server counts
+    rejected updates by kind: ``ServerStats.rejected.by_kind``, the metrics endpoint); any other
+    ``MessageError`` about an update is of kind ``malformed``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class UpdateRejected(RuntimeError):
     """The server refused this client's update (the reason is in the message)."""
 

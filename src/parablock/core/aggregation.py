@@ -31,7 +31,7 @@ import torch
 from parablock.core.aggregate import apply, capped_weights, delta_norm
 from parablock.core.privacy import Ledger
 from parablock.core.trust import MARGIN
-from parablock.errors import AggregationError
+from parablock.errors import AggregationError, Refused
 from parablock.model.blocks import block_state, set_block
 from parablock.wire.compress import Shapes
 from parablock.wire.messages import BlockUpdate, BlockValue, Expected, MessageError, all_finite
@@ -53,14 +53,16 @@ class Aggregation:
             chunks = [payload] if isinstance(payload, bytes | bytearray) else payload
             update = BlockUpdate.from_chunks(chunks, self._expected)
         except MessageError as e:
-            return self._reject(client, None, f"update from client {client}: {e}")
+            kind = getattr(e, "kind", "malformed")
+            return self._reject(client, None, f"update from client {client}: {e}", kind)
         if self.codec.lossy:  # to float32 before any other check (those see what is applied)
             try:
                 tensors = self.codec.decode(update.tensors, self._shapes(update.block))
                 update = replace(update, tensors=tensors)
             except MessageError as e:
                 where = f"update from client {client} for round {update.round}"
-                return self._reject(client, update.round, f"{where}: {e}")
+                kind = getattr(e, "kind", "malformed")
+                return self._reject(client, update.round, f"{where}: {e}", kind)
         return self.submit(update, client)
 
     def _shapes(self, block: int) -> Shapes:
@@ -88,16 +90,17 @@ class Aggregation:
                 self._cond.notify_all()
             return True, "accepted"
         except MessageError as e:
-            return self._reject(client, update.round, str(e))
+            return self._reject(client, update.round, str(e), getattr(e, "kind", "malformed"))
 
-    def _reject(self, client: int, round: int | None, reason: str) -> tuple[bool, str]:
+    def _reject(self, client: int, round: int | None, reason: str, kind: str) -> tuple[bool, str]:
         """Count and log a rejection. If it was ``client``'s update for the open round or a later
         one (or one too broken to say which), the client forfeits the open round: the round stops
         waiting for it and aggregates (or fails, below min_clients) as soon as the others are in.
         A late update (a straggler's, a replay) forfeits nothing."""
         with self._cond:
-            self.stats.rejected.add(client, reason)
             open_round = self.next_round
+            claimed = round if round is not None and 0 <= round < len(self.plan) else open_round
+            self.stats.rejected.add(client, reason, kind, claimed)
             if (
                 (round is None or round >= open_round)
                 and open_round < len(self.plan)
@@ -129,22 +132,25 @@ class Aggregation:
     def _validate(self, u: BlockUpdate, client: int) -> None:
         where = f"update from client {client} for round {u.round}"
         if u.round < self.next_round or u.round in self._failed:
-            raise MessageError(f"{where}: late, round {u.round} is already closed {BEHIND}")
+            raise Refused("late", f"{where}: late, round {u.round} is already closed {BEHIND}")
         if u.round >= len(self.plan) or u.block != self.plan[u.round]:
-            raise MessageError(f"{where}: block {u.block} is not the round's block")
+            raise Refused("wrong_block", f"{where}: block {u.block} is not the round's block")
         if u.round > self.next_round:
-            raise MessageError(f"{where}: round {self.next_round} is the open round")
+            raise Refused("future", f"{where}: round {self.next_round} is the open round")
         if client not in self._members(u.round):
-            raise MessageError(f"{where}: round {u.round} is client {self.turns[u.round]}'s turn")
+            raise Refused(
+                "not_its_turn", f"{where}: round {u.round} is client {self.turns[u.round]}'s turn"
+            )
         if client in self._pending.get(u.round, {}):
-            raise MessageError(f"{where}: duplicate")
+            raise Refused("duplicate", f"{where}: duplicate")
         if u.base_version != self.versions[u.block]:
-            raise MessageError(
+            raise Refused(
+                "stale",
                 f"{where}: trained from version {u.base_version} of block {u.block}, "
-                f"but the block has moved on to version {self.versions[u.block]}"
+                f"but the block has moved on to version {self.versions[u.block]}",
             )
         if client in self._forfeit.get(u.round, ()):
-            raise MessageError(f"{where}: an earlier update of this round was rejected")
+            raise Refused("forfeited", f"{where}: an earlier update of this round was rejected")
 
     def _bounded(self, u: BlockUpdate, client: int) -> BlockUpdate:
         """What a client cannot claim, whatever the server's state: another identity, tensors
@@ -152,32 +158,34 @@ class Aggregation:
         ``max_update_norm`` (scaled down to it, or rejected, per ``update_norm_action``)."""
         where = f"update from client {client} for round {u.round}"
         if u.client != client:
-            raise MessageError(f"{where}: it claims to come from client {u.client}")
+            raise Refused("impersonation", f"{where}: it claims to come from client {u.client}")
         if not 0 <= client < self.clients:
-            raise MessageError(f"{where}: unknown client")
+            raise Refused("unknown_client", f"{where}: unknown client")
         if not 0 <= u.block < len(self.blocks):
-            raise MessageError(f"{where}: no block {u.block}")
+            raise Refused("shape", f"{where}: no block {u.block}")
         block = self.blocks[u.block]
         if set(u.tensors) != set(block.param_names):
-            raise MessageError(f"{where}: tensor names do not match block {u.block}")
+            raise Refused("shape", f"{where}: tensor names do not match block {u.block}")
         for n, t in u.tensors.items():
             if tuple(t.shape) != tuple(self._params[n].shape) or t.dtype != torch.float32:
-                raise MessageError(f"{where}: {n} has shape {tuple(t.shape)} dtype {t.dtype}")
+                raise Refused("shape", f"{where}: {n} has shape {tuple(t.shape)} dtype {t.dtype}")
             if not all_finite(t):
-                raise MessageError(f"{where}: {n} is not finite")
+                raise Refused("not_finite", f"{where}: {n} is not finite")
         if self.max_examples and u.num_examples > self.max_examples:
-            raise MessageError(
+            raise Refused(
+                "too_many_examples",
                 f"{where}: num_examples={u.num_examples} exceeds what a round uses "
-                f"({self._steps_name()} x batch_size = {self.max_examples})"
+                f"({self._steps_name()} x batch_size = {self.max_examples})",
             )
         if self.bound is not None:
             ratio = self.bound.excess(u.tensors, {n: self._params[n] for n in u.tensors})
             if not ratio <= MARGIN:
-                raise MessageError(
+                raise Refused(
+                    "over_bound",
                     f"{where}: it moves a coordinate {ratio:.3g}x as far as the announced "
                     f"training can ({self._steps_name()} AdamW steps at lr "
                     f"{self.settings.lr:g}); an honest update stays within 1x "
-                    "(federation.update_bound)"
+                    "(federation.update_bound)",
                 )
             with self._cond:
                 self.stats.bound_ratio = max(self.stats.bound_ratio, ratio)
@@ -185,9 +193,10 @@ class Aggregation:
             norm = delta_norm(u.tensors)
             if norm > self.max_update_norm:
                 if self.update_norm_action == "reject":
-                    raise MessageError(
+                    raise Refused(
+                        "over_norm",
                         f"{where}: delta norm {norm:.4g} exceeds federation.max_update_norm="
-                        f"{self.max_update_norm:g}"
+                        f"{self.max_update_norm:g}",
                     )
                 scale = self.max_update_norm / norm
                 u = replace(u, tensors={n: t * scale for n, t in u.tensors.items()})
@@ -233,6 +242,7 @@ class Aggregation:
         self.next_round = round + 1
         self._opened = time.monotonic()
         self.stats.aggregate_s[round] = time.perf_counter() - start
+        self.stats.aggregated_at[round] = time.time()
         self.stats.participants[round] = sorted(u.client for u in updates)
         if self.privacy.mode == "client":  # one Gaussian release of the whole aggregate
             self.ledger.add(self.privacy.noise_multiplier, 1.0, 1)

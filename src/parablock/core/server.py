@@ -46,17 +46,23 @@ log = logging.getLogger(__name__)
 class Rejections:
     """Rejected updates: ``len()`` counts them all, ``recent`` keeps the last reasons (a client
     that floods the server with bad payloads cannot grow this without bound), ``by_client``
-    counts per client."""
+    counts per client, ``by_kind`` per kind of reason (``aggregation.Refused``) and
+    ``by_round`` per round the update was for (the open round when it named none that exists),
+    all since the server started (a resume restores only ``len()``)."""
 
     def __init__(self, count: int = 0) -> None:
         self.count = count
         self.recent: deque[str] = deque(maxlen=100)
         self.by_client: Counter[int] = Counter()
+        self.by_kind: Counter[str] = Counter()
+        self.by_round: Counter[int] = Counter()
 
-    def add(self, client: int, reason: str) -> None:
+    def add(self, client: int, reason: str, kind: str = "other", round: int = -1) -> None:
         self.count += 1
         self.recent.append(reason)
         self.by_client[client] += 1
+        self.by_kind[kind] += 1
+        self.by_round[round] += 1
 
     def __len__(self) -> int:
         return self.count
@@ -70,6 +76,7 @@ class ServerStats:
     bound_ratio: float = 0.0  # the largest |delta| / honest bound of an accepted update
     epsilon: dict[int, float] = field(default_factory=dict)  # privacy.mode=client: per round
     aggregate_s: dict[int, float] = field(default_factory=dict)
+    aggregated_at: dict[int, float] = field(default_factory=dict)  # round -> time.time()
     participants: dict[int, list[int]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     joins: list[tuple[int, int]] = field(default_factory=list)  # (client, start round)
@@ -228,6 +235,32 @@ class Server(Participation, Aggregation, BlockService):
             if self._failed:
                 raise RoundFailedError(self._failed[min(self._failed)])
             return self.next_round >= len(self.plan)
+
+    def snapshot(self) -> dict:
+        """What a metrics endpoint shows, read at once under the lock: counts and seconds,
+        never a payload, a token or an address. ``wait_s``: client -> the wait seconds of each
+        round it reported; ``epsilon``: the run's epsilon so far (client mode: the server's
+        ledger; record mode: the largest a site reported), None without privacy."""
+        with self._cond:
+            s = self.stats
+            joined = {c for c, _ in s.joins}
+            wait = {c: [r.wait_s for r in lg.rounds] for c, lg in self.reports.items()}
+            sites = [lg.rounds[-1].epsilon for lg in self.reports.values() if lg.rounds]
+            sites = [e for e in sites if e is not None]
+            epsilon = s.epsilon[max(s.epsilon)] if s.epsilon else max(sites, default=None)
+            return {
+                "rounds_done": self.next_round,
+                "rounds": len(self.plan),
+                "clients": self.clients,
+                "joins": len(s.joins),
+                "drops": len(s.dropped),
+                "active": len(joined - self._dropped),
+                "accepted": s.accepted,
+                "rejected": dict(s.rejected.by_kind),
+                "aggregated_at": dict(s.aggregated_at),
+                "wait_s": wait,
+                "epsilon": epsilon,
+            }
 
     def stop(self) -> None:
         """Wake every waiting client with RunStopped (their last barrier state is saved)."""

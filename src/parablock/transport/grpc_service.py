@@ -95,6 +95,8 @@ class AuthStats:
     ended: Refusals = field(default_factory=Refusals)  # calls refused or ended for what they did
     calls: dict[int, int] = field(default_factory=dict)  # client -> authenticated calls
     busy: dict[int, int] = field(default_factory=dict)  # client -> calls in progress
+    bytes_in: int = 0  # the authenticated calls' request messages and upload chunks
+    bytes_out: int = 0  # their replies and download chunks
 
 
 class _Ended(Exception):
@@ -209,6 +211,7 @@ class FederationService:
                 self._refuse(context, client, what, "malformed", "expected one request message")
             raise self._ended(watch, client, what, "its request") from None
         watch.pause()
+        self._count(into=len(payload))
         if len(payload) > max_bytes:
             self._refuse(
                 context,
@@ -227,6 +230,15 @@ class FederationService:
                 f"{watch.limit_s:g}s",
             )
         return _Ended()
+
+    def _count(self, into: int = 0, out: int = 0) -> None:
+        with self._lock:
+            self.stats.bytes_in += into
+            self.stats.bytes_out += out
+
+    def _sent(self, reply: bytes) -> bytes:
+        self._count(out=len(reply))
+        return reply
 
     def _refuse(self, context, client: int, what: str, kind: str, why: str) -> None:
         self.stats.ended.add(kind, f"{what} from client {client}: {why}")
@@ -251,6 +263,7 @@ class FederationService:
                     if watch.expired
                     else "upload ended by the client"
                 ) from None
+            self._count(into=len(chunk))
             yield chunk
 
     # -- handlers ------------------------------------------------------------------------------
@@ -277,18 +290,19 @@ class FederationService:
             self.stats.ended.add("join", f"Join from client {client}: {e}")
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         log.info("client %d joined from %s", client, context.peer())
+        reply_bytes = self._sent(reply.to_bytes())
         if reply.start_round == 0 and not reply.keep_pending:
             waited = 0.0
             while not self.started.wait(1.0) and context.is_active():
                 waited += 1.0
                 if waited >= self.start_wait_s:
                     break
-        return reply.to_bytes()
+        return reply_bytes
 
     def upload(self, requests, context: grpc.ServicerContext, *, client: int) -> bytes:
         with self._session(context, "Upload", client) as watch:
             ok, reason = self.server.receive_update(self._chunks(requests, watch, client), client)
-            return UploadReply(ok, reason).to_bytes()
+            return self._sent(UploadReply(ok, reason).to_bytes())
         return b""
 
     def wait_aggregate(self, requests, context: grpc.ServicerContext, *, client: int) -> bytes:
@@ -298,7 +312,8 @@ class FederationService:
             )
             round = _field(payload, "round", context)
             try:
-                return self.server.wait_aggregate(round, alive=context.is_active).to_bytes()
+                ready = self.server.wait_aggregate(round, alive=context.is_active)
+                return self._sent(ready.to_bytes())
             except RunStopped as e:
                 context.abort(grpc.StatusCode.ABORTED, f"{ABORT_STOPPING} {e}")
             except RoundFailedError as e:
@@ -319,6 +334,7 @@ class FederationService:
             try:
                 for chunk in chunks:
                     watch.touch()  # the peer took the chunk before: a new deadline for this one
+                    self._count(out=len(chunk))
                     yield chunk
             finally:
                 if watch.expired:
@@ -334,7 +350,7 @@ class FederationService:
             except MessageError as e:
                 self.stats.ended.add("report", f"Report from client {client}: {e}")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            return b"{}"
+            return self._sent(b"{}")
         return b""
 
     def interceptor(self) -> grpc.ServerInterceptor:

@@ -52,6 +52,11 @@ class Refusals:
         with self._lock:
             return sum(self.by_kind.values())
 
+    def counts(self) -> dict[str, int]:
+        """kind -> how many, as of now (a copy: the metrics endpoint reads it while calls add)."""
+        with self._lock:
+            return dict(self.by_kind)
+
 
 class Watch:
     """One call's deadline on its peer; ``touch`` on progress, ``pause`` while the server itself

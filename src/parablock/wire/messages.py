@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from parablock.errors import MessageError  # noqa: F401
+from parablock.errors import MessageError, Refused  # noqa: F401
 
 _FORMAT = "parablock/1"
 
@@ -41,7 +41,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
         if not isinstance(t, torch.Tensor):
             raise MessageError(f"{what}: {name} is not a tensor")
         if t.is_floating_point() and not all_finite(t):
-            raise MessageError(f"{what}: {name} holds NaN or Inf")
+            raise Refused("not_finite", f"{what}: {name} holds NaN or Inf")
 
 
 def parse_json(text: bytes | str, what: str) -> Any:
