@@ -97,6 +97,8 @@ class Config:
             from parablock.transport.faults import parse
 
             parse(self.run.faults, self.run.seed)  # a bad spec: one line naming the item
+        if self.run.tensorboard_dir and not self.run.tensorboard:
+            raise ConfigError("run.tensorboard_dir is set but run.tensorboard=false: set both")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain TOML values: a per-client setting is a number, or a comma list in a string."""

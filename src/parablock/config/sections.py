@@ -385,6 +385,15 @@ class RunConfig:
         True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
     )
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning"))
+    tensorboard: bool = opt(
+        False,
+        "write TensorBoard event files round by round (held-out loss and accuracy, each "
+        "client's train loss, phase seconds and bytes, updates, epsilon): tensorboard "
+        "--logdir RUN_DIR shows them (docs/observability.md)",
+    )
+    tensorboard_dir: str = opt(
+        "", "with run.tensorboard: where the event files go (default: RUN_DIR/tb)"
+    )
     faults: str = opt(
         "",
         "fault injection, for tests and benchmarks (off when empty): comma-separated "

@@ -35,6 +35,7 @@ from parablock.run.build import Federation
 from parablock.run.memory import peak_rss_mb
 from parablock.run.runfiles import RunFiles
 from parablock.run.settings import client_lr, lora_settings
+from parablock.run.tensorboard import log_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def train(
         plan=plan,
         lr=client_lr(cfg),
         run_dir=str(out),
+        tensorboard_dir=str(tb) if (tb := log_dir(cfg, out)) is not None else None,
         backend=getattr(where, "name", "remote") if serve else cfg.run.backend,
         duplex=fed.duplex,  # parablock only: fedbcd has nothing to overlap
         local_steps_max=fed.local_steps_max,

@@ -118,6 +118,8 @@ RESUME_FREE = (
     "run.client_cpus",
     "run.client_gpus",
     "run.checkpoint",
+    "run.tensorboard",
+    "run.tensorboard_dir",
     "eval.every",
     "eval.batch_size",
     "federation.round_timeout_s",

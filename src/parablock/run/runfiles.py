@@ -33,6 +33,10 @@ class RunFiles:
     After a hard kill a round may have been written but not checkpointed; the resume runs it
     again and writes it twice: readers keep the last row of each round
     (``tools.report.latest_rows``).
+
+    ``observer`` (``run.tensorboard``'s ``TensorBoardLog``) sees every metrics row as it is
+    written (``row``), a ``flush`` after each batch and a ``close``. ``counts(t)``: what the
+    server knows of round t when its row is written (``updates_rejected``, ``clients_dropped``).
     """
 
     def __init__(
@@ -48,10 +52,14 @@ class RunFiles:
         serve: bool = False,
         initial: EvalResult | None = None,
         epsilon: Callable[[int], float] | None = None,
+        counts: Callable[[int], dict] | None = None,
+        observer=None,
     ) -> None:
         self.out, self.start, self.plan, self.clients = out, started_at, plan, clients
         self._dropped = dropped  # the clients the server dropped so far
         self.epsilon = epsilon  # privacy.mode=client: epsilon after round t (the server's)
+        self.counts = counts
+        self.observer = observer
         self._reports = reports  # served runs: the clients' reports (no barrier hook there)
         self._logs: dict[int, ClientLog] = {}  # registered at barriers (and at the end)
         self._seen: dict[int, ClientLog] = {}  # those and the reports, as of the last pass
@@ -121,6 +129,8 @@ class RunFiles:
         with self._io:
             self.metrics.close()
             self.timeline.close()
+            if self.observer is not None:
+                self.observer.close()
 
     def _stop(self) -> None:
         with self._cond:
@@ -237,7 +247,9 @@ class RunFiles:
         round_s = round_times(near).get(t)
         if round_s is None:
             return
-        extra = {} if self.epsilon is None else {"epsilon": self.epsilon(t)}
+        extra = {} if self.counts is None else self.counts(t)
+        if self.epsilon is not None:
+            extra["epsilon"] = self.epsilon(t)
         self._metric(
             {
                 "kind": "round",
@@ -255,9 +267,13 @@ class RunFiles:
         row = _row(r)
         self.metrics.write(row + "\n")
         self._written[r.client, r.round] = row
+        if self.observer is not None:
+            self.observer.row(r.to_json())
 
     def _metric(self, row: dict) -> None:
         self.metrics.write(json.dumps(row) + "\n")
+        if self.observer is not None:
+            self.observer.row(row)
 
     def _span(self, s: Span) -> None:
         row = asdict(s)
@@ -268,6 +284,8 @@ class RunFiles:
     def _flush(self) -> None:
         self.metrics.flush()
         self.timeline.flush()
+        if self.observer is not None:
+            self.observer.flush()
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, point: ResumePoint, serve: bool) -> None:

@@ -6,7 +6,8 @@ round, eval), ``timeline.jsonl`` (compute/upload/wait/download/idle spans, secon
 ``partition.png`` (per client: examples, tokens, examples per label), ``eval_items.jsonl`` (what the
 model answered on each accuracy item at each evaluation), ``model/`` (the final global model and
 tokenizer, ``save_pretrained`` format; with a LoRA adapter the merged model, and the adapter alone
-in ``model-adapter/``), ``checkpoint/`` and ``lock``.
+in ``model-adapter/``), ``checkpoint/``, ``lock``, and with ``run.tensorboard`` ``tb/`` (TensorBoard
+event files, ``run/tensorboard.py``).
 
 A run holds ``lock`` (flock) from start to end, so a second run into the same directory fails at
 once instead of overwriting it. ``metrics.jsonl`` and ``timeline.jsonl`` grow round by round
@@ -51,6 +52,7 @@ from parablock.run.rundir import (
     run_dir,
 )
 from parablock.run.runfiles import RunFiles
+from parablock.run.tensorboard import TensorBoardLog, check_available, log_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ def run(
     """
     where = None
     serve = serve or serve_with is not None
+    check_available(cfg)  # run.tensorboard without TensorBoard: fail before loading anything
     if serve and serve_with is None:
         from parablock.backends.remote import listener
 
@@ -166,6 +169,11 @@ def _run(
         started_at = time.time()
         if store is not None:
             store.save_run(started_at, evals[0].to_json() if evals else None)
+    board = None
+    if (where_tb := log_dir(cfg, out)) is not None:
+        # a resume runs its first round again: the steps from there on are replaced
+        purge = None if point is None else (point.round if serve else point.round + 1) + 1
+        board = TensorBoardLog(where_tb, started_at, purge)
     files = RunFiles(
         out,
         started_at,
@@ -177,6 +185,11 @@ def _run(
         serve=serve,
         initial=None if resume or not evals else evals[0],
         epsilon=_client_epsilon(cfg),
+        counts=lambda t: {
+            "updates_rejected": server.stats.rejected.by_round.get(t, 0),
+            "clients_dropped": sorted(set(server.stats.dropped)),
+        },
+        observer=board,
     )
     try:
         return train(
