@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from parablock.backends.exporter import (
+    FederationCollector,
+    MetricsEndpoint,
+    check_available,
+    parse_address,
+)
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.errors import ConfigError, CredentialsError, RoundFailedError, RunStopped
@@ -36,6 +42,7 @@ class Listener:
     clients: ClientsFile
     join_timeout_s: float
     request_timeout_s: float = 30.0
+    metrics_address: str = ""  # the Prometheus endpoint's host:port; "" = none
 
 
 def listener(cfg) -> Listener:
@@ -57,6 +64,9 @@ def listener(cfg) -> Listener:
         raise ConfigError("server.tls_cert and server.tls_key go together")
     if s.insecure and s.tls_cert:
         raise ConfigError("server.insecure=true and server.tls_cert: choose one")
+    if s.metrics_address:
+        parse_address(s.metrics_address)
+        check_available()
     if not s.tls_cert and not s.insecure:
         raise ConfigError(
             "server.tls_cert and server.tls_key are required (parablock certs DIR makes a test "
@@ -77,7 +87,9 @@ def listener(cfg) -> Listener:
             "server.insecure=true: tokens and model blocks cross the network in PLAIN TEXT; "
             "use TLS (server.tls_cert, server.tls_key) anywhere but a trusted test network"
         )
-    return Listener(s.address, creds, clients, s.join_timeout_s, s.request_timeout_s)
+    return Listener(
+        s.address, creds, clients, s.join_timeout_s, s.request_timeout_s, s.metrics_address
+    )
 
 
 def run_remote(
@@ -120,9 +132,15 @@ def run_remote(
 
     server.aggregate_listeners.append(announce)
     service.start_wait_s = where.join_timeout_s + 5.0
+    metrics = None
     try:
+        if where.metrics_address:
+            collector = FederationCollector(server, service.stats)
+            metrics = MetricsEndpoint(collector, where.metrics_address)
         _await_joins(server, where.join_timeout_s, stop)
         service.started.set()  # the clients waiting in Join start round 0 together
+        if metrics is not None:
+            metrics.started()
         _await_end(server, stop)
         if not server.wait_finished(FINISH_GRACE_S):
             log.warning("not every client sent its final report within %gs", FINISH_GRACE_S)
@@ -130,6 +148,8 @@ def run_remote(
         service.started.set()  # releases any join still held
         server.stop()  # wakes any call still waiting
         grpc_server.stop(grace=2.0).wait()
+        if metrics is not None:
+            metrics.close()
     service.stop()
     if service.stats.refused:
         log.warning("%d call(s) refused (bad or missing token)", len(service.stats.refused))

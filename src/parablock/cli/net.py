@@ -37,7 +37,8 @@ def add_parsers(sub, config_args) -> None:
         "model/). Training data never reaches the server; it evaluates on eval.source if "
         "set. Takes every key of `parablock run --help`, plus [server]: server.address, "
         "server.tls_cert, server.tls_key, server.client_ca, server.insecure, "
-        "server.clients_file, server.join_timeout_s.",
+        "server.clients_file, server.join_timeout_s, server.metrics_address (a Prometheus "
+        "endpoint).",
         epilog=EXAMPLES_SERVER,
     )
     config_args(s)

@@ -38,6 +38,12 @@ class ServerConfig:
         "and counted, and its worker and call slot are free again",
         gt=0.0,
     )
+    metrics_address: str = opt(
+        "",
+        "parablock server: serve Prometheus metrics (rounds, clients, updates, refused calls, "
+        "bytes, round and wait times, epsilon; no token, no data) at http://HOST:PORT/metrics; "
+        "PORT alone listens on loopback (docs/observability.md). Empty = off",
+    )
 
 
 @dataclass(frozen=True)
