@@ -5,7 +5,8 @@ Expected user errors (bad config, missing model, bad data, unusable run director
 
 Subcommands: ``run`` (the simulator), ``server`` / ``client`` / ``certs`` (a real networked
 federation, cli_net.py), ``compare`` (every algorithm on one config, table and plots), ``report``
-(plots from run directories), ``estimate`` (the timing model), ``generate`` (try a model).
+(plots from run directories), ``status`` (where a run stands, from its files), ``estimate`` (the
+timing model), ``generate`` (try a model).
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
         help="held-out loss for the time-to-target bars (default: the worst final loss)",
     )
 
+    st = sub.add_parser(
+        "status",
+        help="where a run stands, during the run or after it, from its files",
+        description="Read RUN_DIR's config.toml, metrics.jsonl, lock, checkpoint/ and "
+        "summary.json (never writing them) and say: running, finished or stopped; the rounds "
+        "done and the time left; each client's last round and train loss; the held-out "
+        "evaluations; rejected updates and dropped clients; epsilon; where the model is. A "
+        "compare directory: every run in it.",
+    )
+    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
     e = sub.add_parser(
         "estimate",
         help="per-round time of ParaBlock, FedBCD, fedavg_full and cyclic from block sizes, "
@@ -201,23 +214,16 @@ def _run(args) -> int:
     except RunInterrupted as e:
         print(f"parablock: {e}", file=sys.stderr)
         return 130
-    acc = ""
-    if summary["final_eval_accuracy"] is not None:
-        acc = (
-            f", accuracy {summary['initial_eval_accuracy']:.3f} -> "
-            f"{summary['final_eval_accuracy']:.3f}"
-        )
-    print(
-        f"done: held-out loss {summary['initial_eval_loss']:.4f} -> "
-        f"{summary['final_eval_loss']:.4f}{acc}, wall {summary['wall_time_s']:.1f}s; "
-        f"run directory {summary['run_dir']}"
-    )
+    from parablock.tools.status import summary_table
+
+    print(summary_table({"run": summary}, "done:"), end="")
     return 0
 
 
 def _compare(args) -> int:
     from parablock.tools.compare import compare, eval_every_given, markdown, parse_algorithms
     from parablock.tools.progress import make_progress
+    from parablock.tools.status import summary_table
 
     cfg = load(args.config, args.overrides)
     if not eval_every_given(args.config, args.overrides):  # a loss curve for time to target
@@ -230,7 +236,8 @@ def _compare(args) -> int:
         hooks=lambda sub: make_progress(sub, args.quiet),
         target_loss=args.target_loss,
     )
-    print(markdown(result["rows"], result["notes"], result["target"]), end="")
+    print(markdown(result["rows"], result["notes"], result["target"]))
+    print(summary_table(result["summaries"], "done:"), end="")
     print(f"compare directory {result['compare_dir']} (compare.md, compare.json, plots/)")
     return 0
 
@@ -243,6 +250,29 @@ def _report(args) -> int:
         print(f"note: {n}")
     for f in files:
         print(f)
+    return 0
+
+
+def _status(args) -> int:
+    import json
+    from pathlib import Path
+
+    from parablock.errors import ReportError
+    from parablock.tools.status import format_status, status
+
+    p = Path(args.run_dir)
+    if (p / "config.toml").is_file():
+        found = [status(p)]
+    elif p.is_dir():  # a compare directory: each run in it
+        found = [status(d) for d in sorted(p.iterdir()) if (d / "config.toml").is_file()]
+    else:
+        found = []
+    if not found:
+        raise ReportError(f"{p} is not a run directory (no config.toml in it or below it)")
+    if args.json:
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+    else:
+        print("\n".join(format_status(s) for s in found), end="")
     return 0
 
 
@@ -287,6 +317,7 @@ COMMANDS = {
     "run": _run,
     "compare": _compare,
     "report": _report,
+    "status": _status,
     "estimate": _estimate,
     "generate": _generate,
 }

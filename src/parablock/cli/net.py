@@ -221,16 +221,9 @@ def server(args, load, setup_logging) -> int:
     except RunInterrupted as e:
         print(f"parablock: {e}", file=sys.stderr)
         return 130
-    loss = ""
-    if summary["final_eval_loss"] is not None:
-        loss = (
-            f"held-out loss {summary['initial_eval_loss']:.4f} -> "
-            f"{summary['final_eval_loss']:.4f}, "
-        )
-    print(
-        f"done: {loss}wall {summary['wall_time_s']:.1f}s, {summary['updates_accepted']} updates "
-        f"accepted, {summary['updates_rejected']} rejected; run directory {summary['run_dir']}"
-    )
+    from parablock.tools.status import summary_table
+
+    print(summary_table({"server": summary}, "done:"), end="")
     return 0
 
 

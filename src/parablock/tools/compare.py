@@ -171,6 +171,15 @@ def markdown(rows: list[dict], notes: Sequence[str] = (), target: dict | None = 
     return text
 
 
+def _run_of(cfg: Config, out: Path, alg: str) -> dict:
+    """The run section of one algorithm's run: its own directory (and, with a
+    ``run.tensorboard_dir`` given, its own folder in it: TensorBoard shows one run per folder)."""
+    changes = {"out": str(out / alg)}
+    if cfg.run.tensorboard_dir:
+        changes["tensorboard_dir"] = str(Path(cfg.run.tensorboard_dir) / alg)
+    return changes
+
+
 def compare(
     cfg: Config,
     algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
@@ -190,7 +199,7 @@ def compare(
     # Every run's config is checked before the first one starts: a combination that one
     # algorithm refuses fails now, not after the others have trained.
     subs = {
-        alg: cfg.replace(federation={"algorithm": alg}, run={"out": str(out / alg)})
+        alg: cfg.replace(federation={"algorithm": alg}, run=_run_of(cfg, out, alg))
         for alg in algorithms
     }
     summaries: dict[str, dict] = {}
@@ -228,4 +237,4 @@ def compare(
     }
     (out / "compare.md").write_text(markdown(rows, notes, target))
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return {**result, "summaries": summaries}  # each run's summary.json, for the end's table
