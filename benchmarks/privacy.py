@@ -121,6 +121,9 @@ def main() -> int:
     p.add_argument("--epsilons", default="8,3,1")
     p.add_argument("--client-clients", type=int, default=8)
     p.add_argument("--client-clip", type=float, default=0.05)
+    p.add_argument("--client-records", type=int, default=128, help="client mode: per client")
+    p.add_argument("--client-batch", type=int, default=8, help="client mode: batch per step")
+    p.add_argument("--modes", default="record,client")
     p.add_argument("--eval-size", type=int, default=64)
     p.add_argument("--accuracy-size", type=int, default=0)
     p.add_argument("--physical", type=int, default=8, help="record mode: examples per pass")
@@ -134,26 +137,31 @@ def main() -> int:
         args.model = tiny_model_dir(Path(tempfile.mkdtemp(prefix="parablock-dp-")))
         args.blocks, args.records, args.batch, args.rounds = "all", 64, 8, 3
         args.max_length, args.eval_size, args.client_clients = 96, 16, 4
+        args.client_records, args.client_batch = 32, 4
     logging.basicConfig(level=logging.WARNING)
     if args.step_only:
         step_cost(args)
         return 0
     root = Path(args.out or tempfile.mkdtemp(prefix="parablock-privacy-"))
     rows = []
-    reference = run(from_dict(config(args, root / "none", {"mode": "none"}, 2)))
-    rows.append(row("record, non-private", reference, None))
-    for eps in (float(e) for e in args.epsilons.split(",") if e):
-        priv = {"mode": "record", "target_epsilon": eps, "clip_norm": args.clip}
-        s = run(from_dict(config(args, root / f"record-{eps:g}", priv, 2)))
-        rows.append(row(f"record, epsilon {eps:g}", s, reference))
-    n = args.client_clients
-    client_ref = run(
-        from_dict(config(args, root / "client-none", {"mode": "none"}, n, aggregator="mean"))
-    )
-    rows.append(row(f"{n} clients, non-private", client_ref, None))
-    priv = {"mode": "client", "target_epsilon": 8.0, "clip_norm": args.client_clip}
-    s = run(from_dict(config(args, root / "client-8", priv, n, aggregator="mean")))
-    rows.append(row(f"{n} clients, client-level epsilon 8", s, client_ref))
+    modes = args.modes.split(",")
+    if "record" in modes:
+        reference = run(from_dict(config(args, root / "none", {"mode": "none"}, 2)))
+        rows.append(row("record, non-private", reference, None))
+        for eps in (float(e) for e in args.epsilons.split(",") if e):
+            priv = {"mode": "record", "target_epsilon": eps, "clip_norm": args.clip}
+            s = run(from_dict(config(args, root / f"record-{eps:g}", priv, 2)))
+            rows.append(row(f"record, epsilon {eps:g}", s, reference))
+    if "client" in modes:  # many clients with little data each: their own records and batch
+        n = args.client_clients
+        args.records, args.batch = args.client_records, args.client_batch
+        client_ref = run(
+            from_dict(config(args, root / "client-none", {"mode": "none"}, n, aggregator="mean"))
+        )
+        rows.append(row(f"{n} clients, non-private", client_ref, None))
+        priv = {"mode": "client", "target_epsilon": 8.0, "clip_norm": args.client_clip}
+        s = run(from_dict(config(args, root / "client-8", priv, n, aggregator="mean")))
+        rows.append(row(f"{n} clients, client-level epsilon 8", s, client_ref))
     print(
         f"\n{args.model}: {args.records} records per site, expected batch {args.batch}, "
         f"{args.local_steps} local steps, {args.rounds} rounds, blocks {args.blocks}, delta 1e-5"
