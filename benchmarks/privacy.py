@@ -68,6 +68,43 @@ def row(name: str, s: dict, reference: dict | None) -> dict:
     }
 
 
+def step_cost(args) -> None:
+    """One block's training step, private against not, on the same examples: seconds per step
+    (median of 3 after a warm-up) and the process's peak memory growth."""
+    import statistics
+    import time
+
+    from parablock.data.examples import encode_all, round_indices
+    from parablock.data.sources import client_records
+    from parablock.model.blocks import model_blocks
+    from parablock.model.load import load_model, load_tokenizer
+    from parablock.model.train import DPStep, TrainSettings, train_block
+    from parablock.run.memory import peak_rss_mb, reset_peak
+
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    data = encode_all(
+        client_records(args.source, args.batch * 4, 0), tok, args.max_length, "step", None
+    )
+    block = model_blocks(model)[-1]
+    settings = TrainSettings(1, args.batch, args.lr, precision="auto", loss_chunk=128)
+    print(f"\none step of the top block, batch {args.batch}, length <= {args.max_length}")
+    print("| step | s/step | peak MB |")
+    print("|---|---|---|")
+    for name, dp in [
+        ("non-private", None),
+        (f"DP-SGD, physical {args.physical}", DPStep(args.clip, 1.0, args.batch, args.physical, 0)),
+        (f"DP-SGD, physical {args.batch}", DPStep(args.clip, 1.0, args.batch, args.batch, 0)),
+    ]:
+        times = []
+        reset_peak()
+        for k in range(4):
+            idx = round_indices(len(data), k, 1, args.batch, 0)
+            started = time.perf_counter()
+            train_block(model, block, data, idx, settings, tok.pad_token_id, dp=dp)
+            times.append(time.perf_counter() - started)
+        print(f"| {name} | {statistics.median(times[1:]):.2f} | {peak_rss_mb():,.0f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -84,8 +121,13 @@ def main() -> int:
     p.add_argument("--epsilons", default="8,3,1")
     p.add_argument("--client-clients", type=int, default=8)
     p.add_argument("--client-clip", type=float, default=0.05)
+    p.add_argument("--client-records", type=int, default=128, help="client mode: per client")
+    p.add_argument("--client-batch", type=int, default=8, help="client mode: batch per step")
+    p.add_argument("--modes", default="record,client")
     p.add_argument("--eval-size", type=int, default=64)
     p.add_argument("--accuracy-size", type=int, default=0)
+    p.add_argument("--physical", type=int, default=8, help="record mode: examples per pass")
+    p.add_argument("--step-only", action="store_true", help="only time one step, DP or not")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.tiny:
@@ -95,23 +137,31 @@ def main() -> int:
         args.model = tiny_model_dir(Path(tempfile.mkdtemp(prefix="parablock-dp-")))
         args.blocks, args.records, args.batch, args.rounds = "all", 64, 8, 3
         args.max_length, args.eval_size, args.client_clients = 96, 16, 4
+        args.client_records, args.client_batch = 32, 4
     logging.basicConfig(level=logging.WARNING)
+    if args.step_only:
+        step_cost(args)
+        return 0
     root = Path(args.out or tempfile.mkdtemp(prefix="parablock-privacy-"))
     rows = []
-    reference = run(from_dict(config(args, root / "none", {"mode": "none"}, 2)))
-    rows.append(row("record, non-private", reference, None))
-    for eps in (float(e) for e in args.epsilons.split(",") if e):
-        priv = {"mode": "record", "target_epsilon": eps, "clip_norm": args.clip}
-        s = run(from_dict(config(args, root / f"record-{eps:g}", priv, 2)))
-        rows.append(row(f"record, epsilon {eps:g}", s, reference))
-    n = args.client_clients
-    client_ref = run(
-        from_dict(config(args, root / "client-none", {"mode": "none"}, n, aggregator="mean"))
-    )
-    rows.append(row(f"{n} clients, non-private", client_ref, None))
-    priv = {"mode": "client", "target_epsilon": 8.0, "clip_norm": args.client_clip}
-    s = run(from_dict(config(args, root / "client-8", priv, n, aggregator="mean")))
-    rows.append(row(f"{n} clients, client-level epsilon 8", s, client_ref))
+    modes = args.modes.split(",")
+    if "record" in modes:
+        reference = run(from_dict(config(args, root / "none", {"mode": "none"}, 2)))
+        rows.append(row("record, non-private", reference, None))
+        for eps in (float(e) for e in args.epsilons.split(",") if e):
+            priv = {"mode": "record", "target_epsilon": eps, "clip_norm": args.clip}
+            s = run(from_dict(config(args, root / f"record-{eps:g}", priv, 2)))
+            rows.append(row(f"record, epsilon {eps:g}", s, reference))
+    if "client" in modes:  # many clients with little data each: their own records and batch
+        n = args.client_clients
+        args.records, args.batch = args.client_records, args.client_batch
+        client_ref = run(
+            from_dict(config(args, root / "client-none", {"mode": "none"}, n, aggregator="mean"))
+        )
+        rows.append(row(f"{n} clients, non-private", client_ref, None))
+        priv = {"mode": "client", "target_epsilon": 8.0, "clip_norm": args.client_clip}
+        s = run(from_dict(config(args, root / "client-8", priv, n, aggregator="mean")))
+        rows.append(row(f"{n} clients, client-level epsilon 8", s, client_ref))
     print(
         f"\n{args.model}: {args.records} records per site, expected batch {args.batch}, "
         f"{args.local_steps} local steps, {args.rounds} rounds, blocks {args.blocks}, delta 1e-5"
