@@ -12,9 +12,11 @@ timing model), ``generate`` (try a model).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from parablock.cli import flower as cli_flower
 from parablock.cli import net as cli_net
@@ -237,7 +239,11 @@ def _compare(args) -> int:
         target_loss=args.target_loss,
     )
     print(markdown(result["rows"], result["notes"], result["target"]))
-    print(summary_table(result["summaries"], "done:"), end="")
+    out = Path(result["compare_dir"])  # each run's summary.json, for the end's table
+    summaries = {
+        a: json.loads((out / a / "summary.json").read_text()) for a in result["algorithms"]
+    }
+    print(summary_table(summaries, "done:"), end="")
     print(f"compare directory {result['compare_dir']} (compare.md, compare.json, plots/)")
     return 0
 

@@ -237,4 +237,4 @@ def compare(
     }
     (out / "compare.md").write_text(markdown(rows, notes, target))
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    return {**result, "summaries": summaries}  # each run's summary.json, for the end's table
+    return result

@@ -233,7 +233,7 @@ def withhold(server, participants: dict[int, list[int]]) -> None:
     def withheld(payload, client: int):
         u = BlockUpdate.deserialize(payload)
         if client not in participants.get(u.round, []):
-            return server._reject(client, u.round, "withheld by the replay")
+            return server._reject(client, u.round, "withheld by the replay", "withheld")
         return receive(payload, client)
 
     server.receive_update = withheld
