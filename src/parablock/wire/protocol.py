@@ -145,6 +145,11 @@ class PrivacySettings(Message):
     physical_batch: int = 8
     max_epsilon: float = 0.0  # 0: no hard stop
     shares: int = 1  # noise_at=client: the clients whose noise shares make up the whole
+    # secure aggregation (core/secure.py): masks on, the threshold, the fixed-point scale bits
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_masks: bool = True
+    secagg_scale_bits: int = 32
 
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES or self.noise_at not in ("server", "client"):
@@ -157,6 +162,17 @@ class PrivacySettings(Message):
     @property
     def private(self) -> bool:
         return self.mode != "none"
+
+    def secagg_range(self, client_clip_norm: float) -> float:
+        """R, the bound of every coordinate secure aggregation encodes: the clip bound C a
+        client applied (client mode's, else ``client_clip_norm``; 0: none), plus 12 standard
+        deviations of a noise share when clients add one (passed with p < 1e-32)."""
+        if self.mode != "client":
+            return client_clip_norm
+        bound = self.clip_norm
+        if self.noise_at == "client":
+            bound += 12.0 * self.noise_multiplier * self.clip_norm / math.sqrt(max(self.shares, 1))
+        return bound
 
 
 @dataclass(frozen=True)
