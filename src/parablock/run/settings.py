@@ -74,6 +74,7 @@ def privacy_settings(cfg: Config) -> PrivacySettings:
             secagg_threshold=p.secagg_threshold or n // 2 + 1,
             secagg_masks=p.secagg_masks,
             secagg_scale_bits=p.secagg_scale_bits,
+            secagg_clients=n,
         )
     if p.mode == "none":
         return PrivacySettings(**secure)
