@@ -165,6 +165,7 @@ def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra=((), ())
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
 RECORD_DP = {"mode": "record", "noise_multiplier": 0.8, "clip_norm": 0.5}
 CLIENT_DP = {"mode": "client", "noise_multiplier": 0.8, "clip_norm": 0.05, "noise_at": "client"}
+SECURE_DP = {**CLIENT_DP, "secure_aggregation": True}  # distributed DP: masked noise shares
 
 
 @pytest.mark.parametrize(
@@ -178,6 +179,7 @@ CLIENT_DP = {"mode": "client", "noise_multiplier": 0.8, "clip_norm": 0.05, "nois
         ("cyclic", "none", {}),
         ("parablock", "none", RECORD_DP),
         ("fedbcd", "none", CLIENT_DP),
+        ("parablock", "none", SECURE_DP),
     ],
 )
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
@@ -186,6 +188,11 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     fed = {"algorithm": algorithm, "rounds": 4, "round_timeout_s": 60.0}
     if privacy.get("mode") == "client":
         fed["aggregator"] = "mean"
+    # secure aggregation: the local reference runs without masks (the same encoding), so the
+    # networked run with masks must equal it bit for bit
+    reference = {**privacy, "secagg_masks": False} if privacy.get("secure_aggregation") else privacy
+    if reference is not privacy:
+        fed["update_bound"] = False
     link = {"compression": compression}  # the clients take it from the server at join
     config = _config_file(
         tmp_path, tiny_model_dir, "fed", federation=fed, link=link, privacy=privacy
@@ -199,7 +206,7 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
             link=link,
             data={"partition": "per_client", "client_sources": sources},
             eval={"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0},
-            privacy=privacy,
+            privacy=reference,
         )
     )
     _federate(site, config, tiny_model_dir, tmp_path)
