@@ -314,6 +314,34 @@ def test_bad_tokens_other_ids_and_plain_text_are_refused_and_change_nothing(site
         assert torch.equal(p.detach(), before[n]), n
 
 
+def test_secure_aggregation_calls_are_checked_counted_and_answered_why(site, grpc_server):
+    from parablock.errors import MessageError
+    from parablock.wire.protocol import SecAggCall
+
+    server, service, port = grpc_server
+    conn = _conn(site, port, read_token(site / "creds" / "client-0.token"))
+    try:
+        raw = conn._secagg
+        meta = conn._metadata
+        for payload, why in [
+            (b"not json", "not JSON"),
+            (b'{"kind": "steal", "round": 0, "sealed": {}, "shares": {}}', "is not one of"),
+            (b'{"kind": "reveal", "round": 0, "sealed": {}, "shares": {"1": "zz"}}', "not hex"),
+            (b'{"kind": "reveal", "round": 0, "sealed": {}, "shares": {"x": "00"}}', "integer"),
+            (b'{"kind": "roster", "round": 0, "sealed": {}, "shares": {}, "x": 1}', "unknown"),
+            (b'{"kind": "roster"}', "missing field"),
+            (b"x" * (SecAggCall.MAX_BYTES + 1), "too large"),
+        ]:
+            with pytest.raises(grpc.RpcError, match=why):
+                raw(payload, metadata=meta)
+        # well formed, but this run has no secure aggregation: told so
+        with pytest.raises(MessageError, match="does not use secure aggregation"):
+            conn.secagg(SecAggCall("roster"))
+    finally:
+        conn.close()
+    assert service.stats.ended.counts().get("secagg", 0) >= 4
+
+
 def test_hostile_uploads_over_grpc_are_each_rejected_and_never_reach_the_model(site, grpc_server):
     """Raw chunk streams from an authenticated client, crafted as a hostile tester would."""
     server, _, port = grpc_server

@@ -287,3 +287,30 @@ def test_flower_refuses_secure_aggregation_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="not supported under Flower") as e:
         refuse_secure_aggregation(_cfg(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_reveals_the_server_did_not_ask_for_or_not_its_own_are_refused(tiny_model_dir, tmp_path):
+    from parablock.core import shamir
+    from parablock.errors import MessageError
+    from parablock.wire.protocol import SecAggCall
+
+    server, clients = _server_and_clients(tiny_model_dir, tmp_path, timeout=30.0)
+    for sc in clients[:3]:
+        server.submit(_masked_update(server, sc, 0, sc.id), sc.id)
+    with pytest.raises(MessageError, match="did not ask"):  # no dropout yet
+        server.secagg(SecAggCall("reveal", 0, shares={3: "00" * 68}), 0)
+    server.drop_client(3, "vanished")
+    with pytest.raises(MessageError, match="did not ask"):  # a survivor's share
+        server.secagg(SecAggCall("reveal", 0, shares={2: "00" * 68}), 0)
+    with pytest.raises(MessageError, match="no masked update"):  # the dropped client itself
+        server.secagg(clients[0].reveal(0, server.wait_aggregate(0, client=0).reveal), 3)
+    forged = shamir.to_bytes((2 + 1, 12345)).hex()  # client 2's x, sent by client 0
+    with pytest.raises(MessageError, match="not its own"):
+        server.secagg(SecAggCall("reveal", 0, shares={3: forged}), 0)
+    # honest reveals still complete the round
+    for sc in clients[:3]:
+        ask = server.wait_aggregate(0, client=sc.id)
+        if ask.reveal:
+            server.secagg(sc.reveal(0, ask.reveal), sc.id)
+    assert server.wait_aggregate(0, timeout=5.0).version == 0 and server.next_round == 1
+    server.stop()
