@@ -165,6 +165,7 @@ def _federate(site, config: Path, model_dir: str, tmp_path: Path, extra=((), ())
 # -- a real federation equals the simulator, bit for bit ---------------------------------------
 RECORD_DP = {"mode": "record", "noise_multiplier": 0.8, "clip_norm": 0.5}
 CLIENT_DP = {"mode": "client", "noise_multiplier": 0.8, "clip_norm": 0.05, "noise_at": "client"}
+SECURE_DP = {**CLIENT_DP, "secure_aggregation": True}  # distributed DP: masked noise shares
 
 
 @pytest.mark.parametrize(
@@ -178,6 +179,7 @@ CLIENT_DP = {"mode": "client", "noise_multiplier": 0.8, "clip_norm": 0.05, "nois
         ("cyclic", "none", {}),
         ("parablock", "none", RECORD_DP),
         ("fedbcd", "none", CLIENT_DP),
+        ("parablock", "none", SECURE_DP),
     ],
 )
 def test_server_and_two_client_processes_end_equal_to_the_local_backend(
@@ -186,6 +188,11 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
     fed = {"algorithm": algorithm, "rounds": 4, "round_timeout_s": 60.0}
     if privacy.get("mode") == "client":
         fed["aggregator"] = "mean"
+    # secure aggregation: the local reference runs without masks (the same encoding), so the
+    # networked run with masks must equal it bit for bit
+    reference = {**privacy, "secagg_masks": False} if privacy.get("secure_aggregation") else privacy
+    if reference is not privacy:
+        fed["update_bound"] = False
     link = {"compression": compression}  # the clients take it from the server at join
     config = _config_file(
         tmp_path, tiny_model_dir, "fed", federation=fed, link=link, privacy=privacy
@@ -199,7 +206,7 @@ def test_server_and_two_client_processes_end_equal_to_the_local_backend(
             link=link,
             data={"partition": "per_client", "client_sources": sources},
             eval={"source": f"gsm8k:{site / 'd2.jsonl'}", "accuracy_size": 0},
-            privacy=privacy,
+            privacy=reference,
         )
     )
     _federate(site, config, tiny_model_dir, tmp_path)
@@ -305,6 +312,34 @@ def test_bad_tokens_other_ids_and_plain_text_are_refused_and_change_nothing(site
     assert server.stats.accepted == 0 and server.versions == {0: -1, 1: -1}
     for n, p in server.model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
+
+
+def test_secure_aggregation_calls_are_checked_counted_and_answered_why(site, grpc_server):
+    from parablock.errors import MessageError
+    from parablock.wire.protocol import SecAggCall
+
+    server, service, port = grpc_server
+    conn = _conn(site, port, read_token(site / "creds" / "client-0.token"))
+    try:
+        raw = conn._secagg
+        meta = conn._metadata
+        for payload, why in [
+            (b"not json", "not JSON"),
+            (b'{"kind": "steal", "round": 0, "sealed": {}, "shares": {}}', "is not one of"),
+            (b'{"kind": "reveal", "round": 0, "sealed": {}, "shares": {"1": "zz"}}', "not hex"),
+            (b'{"kind": "reveal", "round": 0, "sealed": {}, "shares": {"x": "00"}}', "integer"),
+            (b'{"kind": "roster", "round": 0, "sealed": {}, "shares": {}, "x": 1}', "unknown"),
+            (b'{"kind": "roster"}', "missing field"),
+            (b"x" * (SecAggCall.MAX_BYTES + 1), "too large"),
+        ]:
+            with pytest.raises(grpc.RpcError, match=why):
+                raw(payload, metadata=meta)
+        # well formed, but this run has no secure aggregation: told so
+        with pytest.raises(MessageError, match="does not use secure aggregation"):
+            conn.secagg(SecAggCall("roster"))
+    finally:
+        conn.close()
+    assert service.stats.ended.counts().get("secagg", 0) >= 4
 
 
 def test_hostile_uploads_over_grpc_are_each_rejected_and_never_reach_the_model(site, grpc_server):

@@ -101,6 +101,33 @@ def test_ray_and_local_end_with_the_same_global_model(
         assert sorted((r, ph) for r, ph, started in mine if not started) == spans
 
 
+def test_secure_aggregation_on_ray_equals_the_local_run_without_masks(
+    ray_session, tiny_model_dir, tmp_path
+):
+    def cfg(masks: bool):
+        return tiny_config(
+            tiny_model_dir,
+            str(tmp_path),
+            federation={"clients": 3, "aggregator": "mean", "update_bound": False},
+            privacy={
+                "mode": "client",
+                "noise_multiplier": 0.5,
+                "noise_at": "client",
+                "secure_aggregation": True,
+                "secagg_masks": masks,
+            },
+        )
+
+    local = prepare(cfg(False))
+    run_local(local.placements, local.server, threads=1)
+    remote = prepare(cfg(True))
+    BACKENDS.get("ray")(remote.placements, remote.server, threads=1)
+    want, got = _params(local.model), _params(remote.model)
+    assert remote.server.next_round == 4 and remote.server.stats.participants[3] == [0, 1, 2]
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
 @pytest.mark.parametrize("algorithm", ["fedavg_full", "cyclic"])
 def test_baselines_on_ray_end_with_the_local_backends_model(
     ray_session, tiny_model_dir, tmp_path, algorithm

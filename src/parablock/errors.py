@@ -130,3 +130,8 @@ class ClientBehind(ClientRestart):
 class BudgetSpent(RunStopped):
     """A site's privacy budget (``privacy.max_epsilon``) would be exceeded by its next round: it
     stops cleanly, its checkpoint kept."""
+
+
+class ClientVanished(RunStopped):
+    """A client left for good without a word (the ``vanish`` faults): its thread or process ends
+    quietly and the server finds out at the round's deadline."""

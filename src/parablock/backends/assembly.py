@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from parablock.core import secagg
 from parablock.core.algorithms import ALGORITHMS, run_client
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
@@ -35,6 +36,7 @@ from parablock.core.correction import CORRECTIONS
 from parablock.core.metrics import PhaseListener
 from parablock.core.privacy import Ledger, SitePrivacy
 from parablock.core.schedule import protocol_blocks
+from parablock.core.secure import SecureClient
 from parablock.data.examples import DataStats, Example, encode_all
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError
@@ -112,8 +114,9 @@ def assemble(
     device = p.train_device()
     model = None if host.model else load_model(p.model)  # mapped: pages read as they are used
     fingerprint = base_fingerprint(model, p.model) if model is not None and p.prove_base else ""
+    key = secagg.new_key()  # secure aggregation's, should the run use it (a new one per start)
     try:
-        reply = conn.join(join_request(p.client_id, fingerprint, p.resume))
+        reply = conn.join(join_request(p.client_id, fingerprint, p.resume, key))
     except BaseException:
         conn.close()
         raise
@@ -133,6 +136,11 @@ def assemble(
         ledger = Ledger.from_json(s.privacy.accountant, p.resume.privacy if p.resume else [])
         privacy = SitePrivacy(
             s.privacy, p.client_id, s.seed, s.local_steps, s.batch_size, s.privacy.shares, ledger
+        )
+    secure = None
+    if s.privacy.secure_aggregation:  # its masks, from the key it joined with
+        secure = SecureClient(
+            p.client_id, key, s.privacy, s.privacy.secagg_clients, s.client_clip_norm
         )
     client = Client(
         p.client_id,
@@ -157,16 +165,19 @@ def assemble(
         overlap=s.overlap(),
         store=host.store,
         gate=host.gate if device.type == "cpu" else None,
+        secure=secure,
     )
     client.log.listener = host.on_phase
     return client, reply
 
 
-def join_request(client: int, fingerprint: str, state: ClientState | None) -> JoinRequest:
+def join_request(client: int, fingerprint: str, state: ClientState | None, key=None) -> JoinRequest:
     """The join request of a fresh client, or of one restarting from its checkpoint ``state``
-    (the dirty blocks it restores are the only ones it holds beyond the base model)."""
+    (the dirty blocks it restores are the only ones it holds beyond the base model); ``key``:
+    its secure-aggregation key, whose public half it sends."""
+    public = secagg.public_bytes(key).hex() if key is not None else ""
     if state is None:
-        return JoinRequest(PROTOCOL, client, fingerprint)
+        return JoinRequest(PROTOCOL, client, fingerprint, secagg_key=public)
     return JoinRequest(
         PROTOCOL,
         client,
@@ -175,6 +186,7 @@ def join_request(client: int, fingerprint: str, state: ClientState | None) -> Jo
         state.round + 1,
         -1 if state.pending is None else state.pending.round,
         sorted(state.dirty),
+        secagg_key=public,
     )
 
 

@@ -19,9 +19,16 @@ import parablock
 from parablock.backends.assembly import Host, Placement, assemble, run_placed
 from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
-from parablock.errors import RoundFailedError, RunStopped
+from parablock.errors import MessageError, RoundFailedError, RunStopped
 from parablock.transport.inprocess import InProcessConnection
-from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
+from parablock.wire.protocol import (
+    AggregateReady,
+    JoinReply,
+    JoinRequest,
+    RoundReport,
+    SecAggCall,
+    SecAggReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +78,13 @@ class ServerActor:
     def receive_update(self, payload: bytes, client: int) -> tuple[bool, str]:
         return self.server.receive_update(payload, client)
 
-    def wait_aggregate(self, round: int, timeout: float | None = None) -> AggregateReady:
-        return self.server.wait_aggregate(round, timeout)
+    def wait_aggregate(
+        self, round: int, timeout: float | None = None, client: int | None = None
+    ) -> AggregateReady:
+        return self.server.wait_aggregate(round, timeout, client=client)
+
+    def secagg(self, call: SecAggCall, client: int) -> SecAggReply:
+        return self.server.secagg(call, client)
 
     def block_payload(self, block: int, version: int, base: int | None = None) -> bytes:
         return self.server.block_payload(block, version, base)
@@ -119,12 +131,20 @@ class RemoteServer:
     def drop_client(self, client: int, reason: str) -> None:
         ray.get(self.handle.drop_client.remote(client, reason))
 
-    def wait_aggregate(self, round: int, timeout: float | None = None, alive=None):
+    def wait_aggregate(self, round: int, timeout: float | None = None, alive=None, client=None):
         """``alive`` is not asked: the client actor's own process is the caller."""
         try:
-            return ray.get(self.handle.wait_aggregate.remote(round, timeout))
+            return ray.get(self.handle.wait_aggregate.remote(round, timeout, client))
         except RayTaskError as e:  # the server's own verdicts travel as themselves
             if isinstance(e.cause, (RunStopped, RoundFailedError)):
+                raise e.cause from None
+            raise
+
+    def secagg(self, call: SecAggCall, client: int) -> SecAggReply:
+        try:
+            return ray.get(self.handle.secagg.remote(call, client))
+        except RayTaskError as e:  # a refusal travels as itself
+            if isinstance(e.cause, (MessageError, RunStopped)):
                 raise e.cause from None
             raise
 

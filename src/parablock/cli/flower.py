@@ -66,9 +66,10 @@ def worker(args, setup_logging) -> int:
 
 
 def flower(args, load) -> int:
-    from parablock.flower.template import new_app
+    from parablock.flower.template import new_app, refuse_secure_aggregation
 
     cfg = load(args.config, args.overrides)  # a bad key: one line, before anything is written
+    refuse_secure_aggregation(cfg)  # before an app is written (docs/flower.md says why)
     d = cfg.data  # simulated nodes: one source each (the clients' own, else the run's source)
     sources = d.client_sources or ";".join([d.source] * cfg.federation.clients)
     root = new_app(args.dir, cfg.to_toml(), sources=sources, model=cfg.model.name_or_path)

@@ -194,6 +194,7 @@ def _check_algorithm(cfg: Config) -> None:
             "federation.clients"
         )
     _check_privacy(cfg)
+    _check_secure_aggregation(cfg)
     need = entry.min_blocks
     n = fixed_selection_size(model.blocks, model.extra_blocks)
     if n is not None and n < need:
@@ -242,6 +243,73 @@ def _check_privacy(cfg: Config) -> None:
             f"privacy.max_epsilon={priv.max_epsilon:g} is below privacy.target_epsilon="
             f"{priv.target_epsilon:g}: the run would stop before its planned rounds"
         )
+
+
+def _check_secure_aggregation(cfg: Config) -> None:
+    """What secure aggregation cannot keep, refused in one line each: the server can no longer
+    look at one update, so per-update checks and robust aggregators go; the encoding needs a
+    clip bound and a sum that cannot overflow; dropouts need a threshold of survivors."""
+    from parablock.core.algorithms import ALGORITHMS
+    from parablock.core.secagg import Encoding
+    from parablock.wire.protocol import PrivacySettings
+
+    priv, fed, key = cfg.privacy, cfg.federation, "privacy.secure_aggregation=true"
+    if not priv.secure_aggregation:
+        return
+    n = fed.clients
+    if n < 2 or ALGORITHMS.get(fed.algorithm).in_turn:
+        raise ConfigError(
+            f"{key} needs at least 2 clients summed per round (federation.clients={n}, "
+            f"federation.algorithm={fed.algorithm}): one client's sum is its own update"
+        )
+    bound = PrivacySettings(
+        priv.mode if priv.mode == "client" else "none",
+        priv.clip_norm,
+        0.0 if priv.target_epsilon else priv.noise_multiplier,
+        noise_at=priv.noise_at if priv.mode == "client" else "server",
+        shares=n,
+    ).secagg_range(fed.client_clip_norm)
+    if bound <= 0:
+        raise ConfigError(
+            f"{key} encodes coordinates within the clip bound: set privacy.mode=client "
+            f"(privacy.clip_norm) or federation.client_clip_norm > 0 (privacy.mode={priv.mode})"
+        )
+    if fed.aggregator != "mean":
+        raise ConfigError(
+            f"{key}: the server sees only the sum, so federation.aggregator={fed.aggregator} "
+            "cannot run; use federation.aggregator=mean"
+        )
+    if fed.update_bound:
+        raise ConfigError(
+            f"{key}: the server cannot check one update's coordinates, so federation."
+            "update_bound=true cannot hold; set federation.update_bound=false (the encoding's "
+            "range bounds each client instead)"
+        )
+    if fed.max_update_norm > 0:
+        raise ConfigError(
+            f"{key}: the server cannot see one update's norm, so federation.max_update_norm="
+            f"{fed.max_update_norm:g} cannot hold; set it to 0 and clip at the clients "
+            "(privacy.clip_norm or federation.client_clip_norm)"
+        )
+    if cfg.link.compression != "none":
+        raise ConfigError(
+            f"{key}: masked updates are integers mod 2^64 and cannot be compressed; set "
+            f"link.compression=none (got {cfg.link.compression})"
+        )
+    lo, threshold = n // 2 + 1, priv.secagg_threshold or n // 2 + 1
+    if not lo <= threshold <= n:
+        raise ConfigError(
+            f"privacy.secagg_threshold={priv.secagg_threshold} must be within {lo}..{n} (a "
+            f"majority of federation.clients={n}), or 0 for {lo}"
+        )
+    if fed.min_clients and fed.min_clients < threshold:
+        raise ConfigError(
+            f"federation.min_clients={fed.min_clients} is below privacy.secagg_threshold="
+            f"{threshold}: a round could close with fewer updates than secure aggregation sums"
+        )
+    Encoding(bound, priv.secagg_scale_bits).check(
+        n, "privacy.secagg_scale_bits or the clip bound (privacy.clip_norm / client_clip_norm)"
+    )
 
 
 def _field(section: str, key: str) -> dataclasses.Field:

@@ -124,3 +124,29 @@ class PrivacyConfig:
         "(expected size federation.batch_size) is processed in pieces of at most this many",
         ge=1,
     )
+    secure_aggregation: bool = opt(
+        False,
+        "secure aggregation (docs/privacy.md): each client masks its clipped, fixed-point "
+        "encoded delta with pairwise masks that cancel in the sum, so the server holds only "
+        "masked updates and their sum; needs a clip bound (privacy.mode=client, or "
+        "federation.client_clip_norm > 0) and federation.aggregator=mean",
+    )
+    secagg_threshold: int = opt(
+        0,
+        "secure aggregation: the fewest clients whose updates a round sums, and the shares that "
+        "recover a dropped client's masks; within clients // 2 + 1 .. clients (0 = clients // 2 "
+        "+ 1)",
+        ge=0,
+    )
+    secagg_masks: bool = opt(
+        True,
+        "secure aggregation: false = the same fixed-point encoding and sum without masks (the "
+        "reference run, which a masked run equals bit for bit)",
+    )
+    secagg_scale_bits: int = opt(
+        32,
+        "secure aggregation: b, the fixed-point scale 2^b (a coordinate's rounding error is at "
+        "most 2^-(b+1)); clients x ceil(R x 2^b) must stay below 2^63, R the clip bound",
+        ge=8,
+        le=56,
+    )

@@ -399,7 +399,7 @@ class RunConfig:
         "fault injection, for tests and benchmarks (off when empty): comma-separated "
         "KIND@CLIENT:ROUND (one fault) or KIND~P (each client's round, probability P, seeded "
         "by run.seed); KIND: crash, stall, cut, nan, shape, block, stale, future, truncate, "
-        "forge, scale, token, replay (docs/robustness.md: Fault injection)",
+        "forge, scale, token, replay, vanish, vanish_after (docs/robustness.md: Fault injection)",
     )
 
 

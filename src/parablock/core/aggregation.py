@@ -74,6 +74,8 @@ class Aggregation:
         b = meta.get("block")
         if type(b) is not int or not 0 <= b < len(self.blocks):
             raise MessageError(f"update for unknown block {b!r:.20}")
+        if self.secure is not None:  # masked: the same shapes as int64 (uint64 bits)
+            return {n: (shape, torch.int64) for n, shape in self._shapes(b).items()}
         return self.codec.layout(self._shapes(b))
 
     def submit(self, update: BlockUpdate, client: int) -> tuple[bool, str]:
@@ -131,6 +133,7 @@ class Aggregation:
 
     def _validate(self, u: BlockUpdate, client: int) -> None:
         where = f"update from client {client} for round {u.round}"
+        self._secure_refuse(client, where)
         if u.round < self.next_round or u.round in self._failed:
             raise Refused("late", f"{where}: late, round {u.round} is already closed {BEHIND}")
         if u.round >= len(self.plan) or u.block != self.plan[u.round]:
@@ -166,10 +169,11 @@ class Aggregation:
         block = self.blocks[u.block]
         if set(u.tensors) != set(block.param_names):
             raise Refused("shape", f"{where}: tensor names do not match block {u.block}")
+        dtype = torch.int64 if self.secure is not None else torch.float32  # masked: int64
         for n, t in u.tensors.items():
-            if tuple(t.shape) != tuple(self._params[n].shape) or t.dtype != torch.float32:
+            if tuple(t.shape) != tuple(self._params[n].shape) or t.dtype != dtype:
                 raise Refused("shape", f"{where}: {n} has shape {tuple(t.shape)} dtype {t.dtype}")
-            if not all_finite(t):
+            if t.is_floating_point() and not all_finite(t):
                 raise Refused("not_finite", f"{where}: {n} is not finite")
         if self.max_examples and u.num_examples > self.max_examples:
             raise Refused(
@@ -211,6 +215,8 @@ class Aggregation:
 
     def _aggregate(self, round: int) -> None:
         """Called with the lock held."""
+        if self._unmasked(round):  # secure aggregation: waiting for reveals, or failed
+            return
         start = time.perf_counter()
         updates = sorted(self._pending.pop(round).values(), key=lambda u: u.client)
         block = self.blocks[self.plan[round]]

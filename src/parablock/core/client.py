@@ -35,6 +35,7 @@ from parablock.core.metrics import ClientLog, RoundRecord
 from parablock.core.overlap import DuplexLink, ElasticBatches, InFlight
 from parablock.core.pipeline import client_pipeline
 from parablock.core.privacy import SitePrivacy
+from parablock.core.secure import Mask, SecureClient
 from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.model.blocks import Block, block_state, set_block
@@ -86,6 +87,7 @@ class Client:
         overlap: Overlap | None = None,
         store: SharedBlocks | None = None,
         gate: AbstractContextManager | None = None,
+        secure: SecureClient | None = None,
     ) -> None:
         if not data:
             raise DataError(f"client {client_id} has no training data")
@@ -117,13 +119,20 @@ class Client:
         self.feedback = ErrorFeedback(self.codec)  # residuals of this client's uploads
         # privacy.mode other than none: its mechanism and this site's ledger (core/privacy.py)
         self.privacy = privacy
+        # privacy.secure_aggregation: its keys, and the masking stage after clipping and noise
+        self.secure = secure
+        if secure is not None:
+            secure.connection = connection
         # what a trained delta passes through before it leaves (core/pipeline.py)
         self.pipeline = client_pipeline(
             self.feedback,
             clip_norm,
             seed,
             client_id,
-            privacy.stages() if privacy is not None else [],
+            [
+                *(privacy.stages() if privacy is not None else []),
+                *([Mask(secure)] if secure is not None else []),
+            ],
         )
         self.bases: dict[int, dict] = {}  # round -> the global block value its delta is from
         self._sent: dict[int, BlockUpdate] = {}  # round -> the update ``send`` uploaded
@@ -318,6 +327,9 @@ class Client:
                     ) from None
         with self.log.span(round + 1, "wait", record):
             ready = self.connection.wait_aggregate(round)
+            while ready.reveal:  # secure aggregation after a dropout: open what it asks for
+                self.connection.secagg(self.secure.reveal(round, ready.reveal))
+                ready = self.connection.wait_aggregate(round)
         self._sent[round] = pending  # its base tells ``fetch`` how to read a compressed aggregate
         return ready
 

@@ -69,6 +69,8 @@ class Participation:
                 "privacy support (opacus) at the site"
             )
         with self._cond:
+            if self.secure is not None:  # its key for the masks (refused once spent)
+                self.secure.register(client, request.secagg_key)
             open_round = self.next_round
             p = request.pending_round
             keep = p >= 0 and p == open_round and p not in self._failed
@@ -95,7 +97,8 @@ class Participation:
         """A client dropped at a deadline (a stall, a slow link) that sends again is expected
         again from the round open now; what it sent is judged like any other update."""
         with self._cond:
-            if client in self._dropped and 0 <= client < self.clients:
+            spent = self.secure is not None and self.secure.spent(client)
+            if client in self._dropped and 0 <= client < self.clients and not spent:
                 self._dropped.discard(client)
                 self._start[client] = self.next_round
                 log.info("client %d is back: expected again from round %d", client, self.next_round)
@@ -160,6 +163,9 @@ class Participation:
         """Seconds until the round's deadline: ``limit`` after its first accepted update, or
         twice that after it opened if none came. Only accepted updates count, so a client whose
         update was refused (or one that asks early) cannot close a round on the others."""
+        recovery = self._recovery_left(round, limit)  # secure aggregation's reveals
+        if recovery is not None:
+            return recovery
         first = self._first_arrival.get(round)
         if first is None:
             return self._opened + 2 * limit - time.monotonic()

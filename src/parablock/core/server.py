@@ -9,7 +9,8 @@ It is split by role, one file each, sharing one lock:
 - ``participation.py``: joins and rejoins, who is expected in which round, drops, deadlines;
 - ``aggregation.py``: from an update received to its round's aggregate committed (validation,
   the delta pipeline, versions);
-- ``service.py``: block downloads and the clients' reports.
+- ``service.py``: block downloads and the clients' reports;
+- ``unmasking.py``: secure aggregation's exchange and dropout recovery (``core/secure.py``).
 
 This file holds what ties them: the state they share, waiting for an aggregate, stopping, and
 the copy a Ray actor hosts.
@@ -31,8 +32,10 @@ from parablock.core.metrics import ClientLog
 from parablock.core.participation import Participation
 from parablock.core.pipeline import server_pipeline
 from parablock.core.privacy import Ledger, server_privacy
+from parablock.core.secure import SecureSum
 from parablock.core.service import BlockService
 from parablock.core.trust import UpdateBound
+from parablock.core.unmasking import Unmasking
 from parablock.errors import RoundFailedError, RunStopped
 from parablock.model.blocks import Block
 from parablock.model.train import lr_factor
@@ -82,7 +85,7 @@ class ServerStats:
     joins: list[tuple[int, int]] = field(default_factory=list)  # (client, start round)
 
 
-class Server(Participation, Aggregation, BlockService):
+class Server(Participation, Aggregation, BlockService, Unmasking):
     """The global model, its versions, and the roles that serve them (see the module)."""
 
     def __init__(
@@ -147,6 +150,12 @@ class Server(Participation, Aggregation, BlockService):
             settings.seed if settings else 0,
             server_privacy(self.privacy),
         )
+        # privacy.secure_aggregation: updates arrive masked; the aggregator is their sum mod
+        # 2^64, unmasked and decoded (core/secure.py), and dropouts are recovered (unmasking.py)
+        self.secure = None
+        if self.privacy.secure_aggregation:
+            self.secure = SecureSum(self.privacy, clients, settings.client_clip_norm, self._shapes)
+            self.pipeline.aggregate_fn = self.secure.aggregate
         self.versions = {b.index: -1 for b in blocks}  # -1: the pretrained value
         self.next_round = 0  # the next round to aggregate
         self._pending: dict[int, dict[int, BlockUpdate]] = {}
@@ -188,14 +197,16 @@ class Server(Participation, Aggregation, BlockService):
         round: int,
         timeout: float | None = None,
         alive: Callable[[], bool] | None = None,
+        client: int | None = None,
     ) -> AggregateReady:
         """Block until round's aggregate exists; close the round at its deadline if needed.
         ``alive``: asked about once a second; a caller that is gone (a network call its peer
-        cancelled) stops waiting with ``RunStopped``."""
+        cancelled) stops waiting with ``RunStopped``. ``client``: the caller, whom secure
+        aggregation may ask to reveal shares instead (``AggregateReady.reveal``)."""
         limit = self.round_timeout_s if timeout is None else timeout
         with self._cond:
             while True:
-                ready = self._settled(round)
+                ready = self._settled(round, client)
                 if ready is not None:
                     return ready
                 if alive is not None and not alive():
@@ -206,18 +217,22 @@ class Server(Participation, Aggregation, BlockService):
                     continue
                 self._cond.wait(timeout=max(0.01, min(1.0, left)))
 
-    def poll_aggregate(self, round: int) -> AggregateReady | None:
+    def poll_aggregate(self, round: int, client: int | None = None) -> AggregateReady | None:
         """``wait_aggregate`` without waiting: None while the round is still open."""
         with self._cond:
-            return self._settled(round)
+            return self._settled(round, client)
 
-    def _settled(self, round: int) -> AggregateReady | None:
-        """With the lock held: the round's aggregate, None while it is open, or the error a
-        waiter gets (stopping, a failed round, no such round)."""
+    def _settled(self, round: int, client: int | None = None) -> AggregateReady | None:
+        """With the lock held: the round's aggregate, None while it is open, the shares
+        ``client`` must reveal first, or the error a waiter gets (stopping, a failed round, no
+        such round)."""
         if self._stopped:
             raise RunStopped("the run is stopping")
         if round in self._aggregates or (0 <= round < self.next_round):
             return AggregateReady(self.plan[round], round)
+        reveal = self._reveal_for(round, client)
+        if reveal is not None:
+            return reveal
         failed = [r for r in self._failed if r <= round]
         if failed:  # this round, or one before it that it can never come after
             raise RoundFailedError(self._failed[min(failed)])

@@ -21,6 +21,7 @@ from parablock.core.metrics import ClientLog
 from parablock.core.server import Server
 from parablock.flower.frames import from_record, to_record
 from parablock.flower.relay import relay
+from parablock.flower.template import refuse_secure_aggregation
 from parablock.wire.compress import CODECS
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def server_app(config_path: str | Path) -> ServerApp:
         from parablock.run.runner import run
 
         cfg = load(str(config_path), overrides(context))
+        refuse_secure_aggregation(cfg)
         logging.getLogger("parablock").setLevel(logging.INFO)
         summary = run(cfg, serve_with=FlowerServing(grid, cfg))
         log.info(

@@ -88,3 +88,13 @@ def new_app(
     (pkg / "client_app.py").write_text(CLIENT)
     (pkg / "parablock.toml").write_text(config_toml)
     return root
+
+
+def refuse_secure_aggregation(cfg) -> None:
+    """Secure aggregation is not offered under Flower (docs/flower.md says why)."""
+    if cfg.privacy.secure_aggregation:
+        raise ConfigError(
+            "privacy.secure_aggregation=true is not supported under Flower: Flower's SecAgg+ "
+            "masks its own messages, not ParaBlock's relayed ones; run it with parablock "
+            "server/client, run.backend=local or ray (or set privacy.secure_aggregation=false)"
+        )

@@ -92,6 +92,11 @@ def run(
             f"federation.algorithm={cfg.federation.algorithm} runs cannot be resumed (its "
             "clients pass barriers only at their own turns); start a new run"
         )
+    if resume and cfg.privacy.secure_aggregation:
+        raise ConfigError(
+            "privacy.secure_aggregation=true runs cannot be resumed: their pending updates are "
+            "masked with keys agreed once per run, which a restart does not keep; start a new run"
+        )
     out = run_dir(cfg, resume)
     with locked(out):
         check_run_dir(out, resume)  # now that no other run can change it

@@ -66,9 +66,18 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
 
 def privacy_settings(cfg: Config) -> PrivacySettings:
     """``[privacy]`` as clients must follow it (its noise multiplier already resolved)."""
-    p = cfg.privacy
+    p, n = cfg.privacy, cfg.federation.clients
+    secure = {}
+    if p.secure_aggregation:  # its threshold resolved: 0 means a majority of the clients
+        secure = dict(
+            secure_aggregation=True,
+            secagg_threshold=p.secagg_threshold or n // 2 + 1,
+            secagg_masks=p.secagg_masks,
+            secagg_scale_bits=p.secagg_scale_bits,
+            secagg_clients=n,
+        )
     if p.mode == "none":
-        return PrivacySettings()
+        return PrivacySettings(**secure)
     return PrivacySettings(
         p.mode,
         p.clip_norm,
@@ -78,7 +87,8 @@ def privacy_settings(cfg: Config) -> PrivacySettings:
         p.accountant,
         p.physical_batch,
         p.max_epsilon,
-        shares=cfg.federation.clients,
+        shares=n,
+        **secure,
     )
 
 
@@ -90,7 +100,7 @@ def privacy_plan(cfg: Config, records: list[int] | None) -> tuple[PrivacySetting
     each site accounts for itself and stops at ``max_epsilon`` on its own."""
     p, f = cfg.privacy, cfg.federation
     if p.mode == "none":
-        return PrivacySettings(), f.rounds
+        return privacy_settings(cfg), f.rounds
     if p.mode == "client":
         rate, steps = 1.0, 1  # one release per round, every client taking part
     elif records is None:

@@ -21,7 +21,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from parablock.errors import ClientCrash, ConfigError, ConnectError, UpdateRejected
+from parablock.errors import (
+    ClientCrash,
+    ClientVanished,
+    ConfigError,
+    ConnectError,
+    UpdateRejected,
+)
 from parablock.wire.messages import BlockUpdate, encode
 from parablock.wire.protocol import JoinReply, JoinRequest
 
@@ -44,10 +50,13 @@ KINDS: dict[str, str] = {
     "form (names, shapes, finite values, metadata)",
     "token": "an upload with a wrong token comes first (network only; refused before it is read)",
     "replay": "the upload is sent a second time (refused as a duplicate or late)",
+    "vanish": "the client disappears for good before its upload (no restart; the server drops "
+    "it at the round's deadline; with secure aggregation its masks are recovered from shares)",
+    "vanish_after": "the client disappears for good right after its upload reached the server",
 }
 CORRUPT = ("cut", "nan", "shape", "block", "stale", "future", "truncate", "forge", "scale")
 SCALE = 1e6  # the factor of a ``scale`` fault
-_ITEM = re.compile(r"^(?P<kind>[a-z]+)(?:@(?P<client>\d+):(?P<round>\d+)|~(?P<p>[0-9.eE+-]+))$")
+_ITEM = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<client>\d+):(?P<round>\d+)|~(?P<p>[0-9.eE+-]+))$")
 
 
 class FaultPlan:
@@ -174,6 +183,10 @@ class FaultyConnection:
         )
         if kind == "crash":
             raise ClientCrash(f"client {self.client}: injected crash in round {update.round}")
+        if kind in ("vanish", "vanish_after"):
+            if kind == "vanish_after":
+                self.inner.upload(update)
+            raise ClientVanished(f"client {self.client}: vanished in round {update.round}")
         if kind == "stall":
             time.sleep(self.stall_s)
             return self.inner.upload(update)
@@ -197,6 +210,9 @@ class FaultyConnection:
 
     def wait_aggregate(self, round: int):
         return self.inner.wait_aggregate(round)
+
+    def secagg(self, call):
+        return self.inner.secagg(call)
 
     def download(self, block: int, version: int, expected=None, base=None):
         return self.inner.download(block, version, expected, base)

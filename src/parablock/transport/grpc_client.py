@@ -41,6 +41,8 @@ from parablock.wire.protocol import (
     JoinReply,
     JoinRequest,
     RoundReport,
+    SecAggCall,
+    SecAggReply,
     UploadReply,
 )
 
@@ -89,6 +91,7 @@ class GrpcConnection:
         self._wait = method(self.channel.unary_unary, "WaitAggregate")
         self._download = method(self.channel.unary_stream, "Download")
         self._report = method(self.channel.unary_unary, "Report")
+        self._secagg = method(self.channel.unary_unary, "SecAgg")
 
     # -- the seam ------------------------------------------------------------------------------
     def join(self, request: JoinRequest) -> JoinReply:
@@ -154,6 +157,10 @@ class GrpcConnection:
 
     def report(self, report: RoundReport) -> None:
         self._call(self._report, report.to_bytes(), "report")
+
+    def secagg(self, call: SecAggCall) -> SecAggReply:
+        what = f"secure aggregation's {call.kind}"
+        return SecAggReply.from_bytes(self._call(self._secagg, call.to_bytes(), what))
 
     def close(self) -> None:
         self.channel.close()

@@ -50,7 +50,7 @@ from parablock.errors import MessageError, RoundFailedError, RunStopped
 from parablock.transport.auth import ClientsFile
 from parablock.transport.guard import Refusals, Watch, Watchdog
 from parablock.wire.messages import CHUNK_BYTES, parse_json
-from parablock.wire.protocol import JoinRequest, RoundReport, UploadReply
+from parablock.wire.protocol import JoinRequest, RoundReport, SecAggCall, UploadReply
 from parablock.wire.seams import ServerEndpoint
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class FederationService:
             "WaitAggregate": (grpc.stream_unary_rpc_method_handler, self.wait_aggregate),
             "Download": (grpc.stream_stream_rpc_method_handler, self.download),
             "Report": (grpc.stream_unary_rpc_method_handler, self.report),
+            "SecAgg": (grpc.stream_unary_rpc_method_handler, self.secagg),
         }
 
     # -- authentication (on gRPC's polling thread: no worker is taken yet) ---------------------
@@ -312,7 +313,7 @@ class FederationService:
             )
             round = _field(payload, "round", context)
             try:
-                ready = self.server.wait_aggregate(round, alive=context.is_active)
+                ready = self.server.wait_aggregate(round, alive=context.is_active, client=client)
                 return self._sent(ready.to_bytes())
             except RunStopped as e:
                 context.abort(grpc.StatusCode.ABORTED, f"{ABORT_STOPPING} {e}")
@@ -351,6 +352,23 @@ class FederationService:
                 self.stats.ended.add("report", f"Report from client {client}: {e}")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return self._sent(b"{}")
+        return b""
+
+    def secagg(self, requests, context: grpc.ServicerContext, *, client: int) -> bytes:
+        """Secure aggregation's exchange (``core/unmasking.py``): strict JSON within
+        ``SecAggCall.MAX_BYTES``; a refusal is counted and the client told why."""
+        with self._session(context, "SecAgg", client) as watch:
+            payload = self._request(
+                requests, context, watch, "SecAgg", client, SecAggCall.MAX_BYTES
+            )
+            try:
+                reply = self.server.secagg(SecAggCall.from_bytes(payload), client)
+                return self._sent(reply.to_bytes())
+            except RunStopped as e:
+                context.abort(grpc.StatusCode.ABORTED, f"{ABORT_STOPPING} {e}")
+            except MessageError as e:
+                self.stats.ended.add("secagg", f"SecAgg from client {client}: {e}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return b""
 
     def interceptor(self) -> grpc.ServerInterceptor:

@@ -11,7 +11,14 @@ from collections.abc import Iterable
 from parablock.errors import ConnectError, UpdateRejected
 from parablock.transport.link import Link, LinkSpec
 from parablock.wire.messages import BlockUpdate, BlockValue, Expected, expecting
-from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
+from parablock.wire.protocol import (
+    AggregateReady,
+    JoinReply,
+    JoinRequest,
+    RoundReport,
+    SecAggCall,
+    SecAggReply,
+)
 from parablock.wire.seams import ServerEndpoint
 
 
@@ -45,7 +52,10 @@ class InProcessConnection:
         return len(received)
 
     def wait_aggregate(self, round: int) -> AggregateReady:
-        return self.server.wait_aggregate(round)
+        return self.server.wait_aggregate(round, client=self.client)
+
+    def secagg(self, call: SecAggCall) -> SecAggReply:
+        return self.server.secagg(call, self.client)
 
     def download(
         self, block: int, version: int, expected: Expected | None = None, base: int | None = None

@@ -23,7 +23,9 @@ from parablock.wire.messages import parse_json
 # 2: RunSettings for [train], compression, LoRA and ParaBlock's overlap; RecordReport.steps
 # 3: RunSettings.client_clip_norm
 # 4: RunSettings.privacy, JoinRequest.privacy_modes, RecordReport.epsilon
-PROTOCOL = 4
+# 5: secure aggregation: PrivacySettings.secagg_*, JoinRequest.secagg_key,
+#    AggregateReady.reveal, SecAggCall / SecAggReply
+PROTOCOL = 5
 MAX_ITEMS = 1 << 16  # no list or map in a control message is longer (plans, versions, spans)
 MAX_TEXT = 4096
 
@@ -145,6 +147,12 @@ class PrivacySettings(Message):
     physical_batch: int = 8
     max_epsilon: float = 0.0  # 0: no hard stop
     shares: int = 1  # noise_at=client: the clients whose noise shares make up the whole
+    # secure aggregation (core/secure.py): masks on, the threshold, the fixed-point scale bits
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_masks: bool = True
+    secagg_scale_bits: int = 32
+    secagg_clients: int = 0  # the clients that agree keys: every client of the run
 
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES or self.noise_at not in ("server", "client"):
@@ -157,6 +165,17 @@ class PrivacySettings(Message):
     @property
     def private(self) -> bool:
         return self.mode != "none"
+
+    def secagg_range(self, client_clip_norm: float) -> float:
+        """R, the bound of every coordinate secure aggregation encodes: the clip bound C a
+        client applied (client mode's, else ``client_clip_norm``; 0: none), plus 12 standard
+        deviations of a noise share when clients add one (passed with p < 1e-32)."""
+        if self.mode != "client":
+            return client_clip_norm
+        bound = self.clip_norm
+        if self.noise_at == "client":
+            bound += 12.0 * self.noise_multiplier * self.clip_norm / math.sqrt(max(self.shares, 1))
+        return bound
 
 
 @dataclass(frozen=True)
@@ -246,10 +265,14 @@ class JoinRequest(Message):
     dirty: list[int] = field(default_factory=list)  # blocks where its copy differs from global
     # the privacy modes this client can follow; a server whose run needs another refuses it
     privacy_modes: list[str] = field(default_factory=lambda: list(PRIVACY_MODES))
+    # its X25519 public key for secure aggregation's masks, hex ("" when it has none)
+    secagg_key: str = ""
 
     def __post_init__(self) -> None:
         if self.client < 0 or self.next_round < 0 or self.pending_round < -1:
             raise ValueError("negative client or round")
+        if self.secagg_key and not _is_hex(self.secagg_key, SECAGG_KEY_BYTES):
+            raise ValueError(f"secagg_key is not {SECAGG_KEY_BYTES} bytes of hex")
 
 
 @dataclass(frozen=True)
@@ -275,10 +298,72 @@ class UploadReply(Message):
 
 @dataclass(frozen=True)
 class AggregateReady(Message):
-    """Round ``version``'s aggregate exists: block ``block`` now has version ``version``."""
+    """Round ``version``'s aggregate exists: block ``block`` now has version ``version``.
+
+    Secure aggregation: with ``reveal`` not empty the aggregate does not exist yet; the server
+    asks this client to open the shares it was sealed of the clients that dropped before their
+    upload (dropped client -> its sealed share for this client, hex), and waits for them."""
 
     block: int
     version: int
+    reveal: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(not _is_hex(h, max_bytes=SEALED_MAX_BYTES) for h in self.reveal.values()):
+            raise ValueError("a sealed share is not hex of a sealed share's size")
+
+
+# Secure aggregation (core/secure.py): the one exchange after the join, and dropout reveals.
+SECAGG_KEY_BYTES = 32  # an X25519 public key
+SEALED_MAX_BYTES = 12 + 68 + 16  # nonce, a Shamir share (x and a 521-bit value), Poly1305 tag
+SECAGG_KINDS = ("roster", "shares", "reveal")
+
+
+def _is_hex(text: str, size: int = 0, max_bytes: int = 0) -> bool:
+    if len(text) % 2 or (size and len(text) != 2 * size) or len(text) > 2 * (max_bytes or size):
+        return False
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SecAggCall(Message):
+    """``roster``: the public keys of every client (waits until all have joined); ``shares``:
+    this client's key, Shamir-shared, each share sealed for its receiver (client -> hex; waits
+    until every client has sent its own); ``reveal``: for ``round``, the opened shares of the
+    dropped clients the server asked for (dropped client -> share, hex)."""
+
+    MAX_BYTES: ClassVar[int] = 1 << 20
+
+    kind: str
+    round: int = -1
+    sealed: dict[int, str] = field(default_factory=dict)
+    shares: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SECAGG_KINDS:
+            raise ValueError(
+                f"secure aggregation call {self.kind!r:.20} is not one of {SECAGG_KINDS}"
+            )
+        if any(not _is_hex(h, max_bytes=SEALED_MAX_BYTES) for h in self.sealed.values()):
+            raise ValueError("a sealed share is not hex of a sealed share's size")
+        if any(not _is_hex(h, max_bytes=SEALED_MAX_BYTES) for h in self.shares.values()):
+            raise ValueError("a share is not hex of a share's size")
+
+
+@dataclass(frozen=True)
+class SecAggReply(Message):
+    """The run's secure-aggregation session (hex) and, for ``roster``, every client's key."""
+
+    session: str
+    keys: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(not _is_hex(k, SECAGG_KEY_BYTES) for k in self.keys.values()):
+            raise ValueError(f"a key is not {SECAGG_KEY_BYTES} bytes of hex")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from parablock.wire.messages import BlockUpdate, BlockValue, Expected
-from parablock.wire.protocol import AggregateReady, JoinReply, JoinRequest, RoundReport
+from parablock.wire.protocol import (
+    AggregateReady,
+    JoinReply,
+    JoinRequest,
+    RoundReport,
+    SecAggCall,
+    SecAggReply,
+)
 
 
 class ServerConnection(Protocol):
@@ -33,7 +40,12 @@ class ServerConnection(Protocol):
         ...
 
     def wait_aggregate(self, round: int) -> AggregateReady:
-        """Block until ``round`` is aggregated (no polling loop in the caller)."""
+        """Block until ``round`` is aggregated (no polling loop in the caller), or (secure
+        aggregation) until the server asks this client to reveal shares (``reveal``)."""
+        ...
+
+    def secagg(self, call: SecAggCall) -> SecAggReply:
+        """Secure aggregation's exchange: the roster, this client's sealed shares, reveals."""
         ...
 
     def download(
@@ -69,8 +81,15 @@ class ServerEndpoint(Protocol):
         round: int,
         timeout: float | None = None,
         alive: Callable[[], bool] | None = None,
+        client: int | None = None,
     ) -> AggregateReady:
-        """Block until ``round`` is aggregated (``alive``: is the caller still there?)."""
+        """Block until ``round`` is aggregated (``alive``: is the caller still there?), or until
+        the server needs ``client`` to reveal shares (secure aggregation, after a dropout)."""
+        ...
+
+    def secagg(self, call: SecAggCall, client: int) -> SecAggReply:
+        """Secure aggregation's exchange with ``client`` (``core/secure.py``); a bad call raises
+        ``MessageError`` saying why."""
         ...
 
     def block_payload(self, block: int, version: int, base: int | None = None) -> bytes:
