@@ -105,7 +105,8 @@ def site_args(p) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="local model directory; must be the server's base model (default: embedded SmolLM2)",
+        help="local model directory, or arch:<preset>[@seed] (random weights, built alike everywhere); "
+        "must be the server's base model (default: embedded SmolLM2)",
     )
     p.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
     p.add_argument(

@@ -58,8 +58,10 @@ def _backends() -> list[str]:
 class ModelConfig:
     name_or_path: str = opt(
         "smollm2-135m-instruct",
-        "a local Hugging Face model directory, or 'smollm2-135m-instruct' for the embedded "
-        "SmolLM2-135M-Instruct (a dequantised Q4_1 GGUF copy, cached once as safetensors)",
+        "a local Hugging Face model directory, 'smollm2-135m-instruct' for the embedded "
+        "SmolLM2-135M-Instruct (a dequantised Q4_1 GGUF copy, cached once as safetensors), or "
+        "arch:<preset>[@seed] for an architecture with random weights, the same in every "
+        "process (its loss means nothing, its times and memory do; docs/scaling.md)",
     )
     blocks: str = opt(
         "top:8",

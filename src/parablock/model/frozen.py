@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from parablock.model.architectures import is_arch
 from parablock.model.load import model_fingerprint, resolve
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ def _read(entry: _Entry) -> torch.Tensor:
 
 
 def _matching(model: nn.Module, name_or_path: str) -> dict[str, _Entry] | None:
-    """The file entry of every parameter, or None unless all match in name, shape and dtype."""
+    """The file entry of every parameter, or None unless all match in name, shape and dtype
+    (an ``arch:`` model has no files: its own tensors are used)."""
+    if is_arch(name_or_path):
+        return None
     try:
         entries = _entries(resolve(name_or_path))
     except (OSError, ValueError, KeyError, struct.error):
