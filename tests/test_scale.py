@@ -1,5 +1,9 @@
 """Models of real shapes with random weights (``arch:<preset>[@seed]``) and the client's device.
 
+CI has no GPU: the device plumbing runs with ``cpu`` as the device (a networked client honours
+``--device``, the simulator ``run.client_devices``), every bad or absent device is a one-line
+error, and an 8B client's memory plan is checked on the ``meta`` device.
+
 The weights are the same in every process (clients, server, a networked client) because each
 parameter is drawn from a generator seeded by (seed, name): checked across processes by
 fingerprint, and end to end by a tiny run locally and over the network."""
@@ -16,9 +20,10 @@ import torch
 from conftest import tiny_config
 from parablock.errors import ConfigError
 from parablock.model.architectures import ARCHITECTURES, parse_arch
+from parablock.model.devices import memory_plan, to_host, train_device
 from parablock.model.load import build_meta_model, load_model, load_tokenizer, model_fingerprint
 from parablock.run.runner import run
-from test_network import ENV, _config_file, _federate, site  # noqa: F401
+from test_network import ENV, _cli, _config_file, _federate, _one_line_error, site  # noqa: F401
 
 TINY = "arch:tiny-llama"
 _PRINT_FINGERPRINT = (
@@ -113,8 +118,83 @@ def test_a_tiny_run_with_random_weights_works_locally_and_over_the_network(site,
     )
     assert local["final_eval_loss"] > 0 and local["updates_rejected"] == 0
     config = _config_file(tmp_path, TINY, "fed", **sections)
-    _federate(site, config, TINY, tmp_path)  # clients: --model arch:tiny-llama, no weights sent
+    # clients: --model arch:tiny-llama (no weights cross); client 0 told its device
+    _federate(site, config, TINY, tmp_path, (("--device", "cpu"), ()))
     want = local["final_model_fingerprint"]
     for where in ("srv", "site0", "site1"):
         summary = json.loads((tmp_path / where / "summary.json").read_text())
         assert summary["final_model_fingerprint"] == want, where
+    assert json.loads((tmp_path / "site0" / "summary.json").read_text())["device"] == "cpu"
+
+
+# -- devices ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["gpu", "cuda:x", "CUDA", "cpu:0", "cuda:-1", ""])
+def test_a_device_that_is_not_one_is_a_one_line_error_naming_the_option(text):
+    with pytest.raises(ConfigError) as e:
+        train_device(text, "--device")
+    assert str(e.value) == f"--device={text!r}: not a training device; valid: cpu, cuda, cuda:N"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_cuda_where_there_is_none_is_a_one_line_error():
+    for text in ("cuda", "cuda:3"):
+        with pytest.raises(ConfigError, match=r"no CUDA device is visible.*use cpu$"):
+            train_device(text, "run.client_devices")
+    assert train_device("cpu", "--device") == torch.device("cpu")
+
+
+def test_run_client_devices_is_checked_when_the_config_is_built(tiny_model_dir, tmp_path):
+    def cfg(**run):
+        return tiny_config(tiny_model_dir, str(tmp_path), run=run)
+
+    assert cfg(client_devices="cpu").client_devices() == ["cpu", "cpu"]
+    assert cfg(client_devices="cpu, cuda:1").client_devices() == ["cpu", "cuda:1"]
+    assert cfg(client_gpus=0.5).client_devices() == ["cuda", "cuda"]
+    for run_, words in [
+        ({"client_devices": "cpu,cpu,cpu"}, "has 3 values but federation.clients=2"),
+        ({"client_devices": "cpu,tpu"}, "run.client_devices='tpu': not a training device"),
+        ({"client_devices": "cuda", "backend": "ray"}, "applies to run.backend=local"),
+        ({"client_devices": "cuda", "client_gpus": 1.0}, "set one of the two"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            cfg(**run_)
+
+
+def test_a_simulated_client_placed_on_the_cpu_by_name_trains_as_before(tiny_model_dir, tmp_path):
+    plain = run(tiny_config(tiny_model_dir, str(tmp_path / "a")))
+    placed = run(tiny_config(tiny_model_dir, str(tmp_path / "b"), run={"client_devices": "cpu"}))
+    assert placed["final_model_fingerprint"] == plain["final_model_fingerprint"]
+
+
+def test_a_networked_client_refuses_a_bad_or_absent_device_in_one_line(site, tmp_path):  # noqa: F811
+    c = site / "creds"
+    base = ["client", "--server", "localhost:1", "--ca", str(c / "ca.pem"), "--id", "0"]
+    base += ["--token-file", str(c / "client-0.token"), "--data", f"gsm8k:{site / 'd0.jsonl'}"]
+    base += ["--model", TINY, "--out", str(tmp_path / "s")]
+    _one_line_error(_cli(*base, "--device", "gpu0"), 2, "--device='gpu0'", "cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        _one_line_error(_cli(*base, "--device", "cuda:1"), 2, "--device=cuda:1", "no CUDA")
+
+
+def test_block_transfers_to_the_host_keep_the_values():
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5.0)}
+    out = to_host(t)
+    assert all(torch.equal(out[n], t[n]) and out[n].device.type == "cpu" for n in t)
+
+
+def test_an_8b_clients_memory_plan_on_the_meta_device():
+    plan = memory_plan("arch:llama-3-8b", "top:4", "bf16")
+    model = build_meta_model("arch:llama-3-8b")
+    total = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    norms_in_blocks = 4 * sum(p.numel() for p in model.model.layers[0].parameters() if p.dim() == 1)
+    assert plan["block_params"] == block
+    assert plan["trained"] == 4 * block * 4  # fp32
+    frozen = total - 4 * block
+    other_norms = norms - norms_in_blocks  # 1-D weights stay fp32
+    assert plan["frozen"] == (frozen - other_norms) * 2 + other_norms * 4
+    assert plan["optimizer"] == 3 * 4 * block
+    assert 18.5 * 2**30 < plan["total"] < 19.5 * 2**30  # fits one 80 GB GPU twice over
+    fp32 = memory_plan("arch:llama-3-8b", "top:4", "fp32")
+    assert fp32["frozen"] == frozen * 4 and fp32["total"] > plan["total"]

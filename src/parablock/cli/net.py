@@ -113,6 +113,13 @@ def site_args(p) -> None:
         "--threads", type=int, default=0, metavar="N", help="torch threads (default: all cores)"
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where this site trains: cpu, cuda or cuda:N (the model on that GPU, the forward in "
+        "bf16 autocast where train.precision is auto or bf16; default: cpu)",
+    )
+    p.add_argument(
         "--emulate-up-mbps",
         type=float,
         default=None,
@@ -187,6 +194,7 @@ def site_options(args, **transport):
         model=args.model,
         out=args.out,
         threads=args.threads,
+        device=args.device,
         up_mbps=args.emulate_up_mbps,
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,

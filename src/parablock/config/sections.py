@@ -383,6 +383,13 @@ class RunConfig:
         "GPUs each client reserves (fractions share one); a client with a GPU trains on it",
         ge=0.0,
     )
+    client_devices: str = opt(
+        "",
+        "local backend: where each client trains, cpu, cuda or cuda:N: one device for every "
+        "client or a comma list with one per client, e.g. 'cuda:0,cuda:0,cuda:1' (several "
+        "clients may share a GPU); empty = cuda where run.client_gpus > 0, else cpu. GPU clients "
+        "train in bf16 autocast with their model on the GPU; the server stays on the CPU",
+    )
     checkpoint: bool = opt(
         True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"
     )

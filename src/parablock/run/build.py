@@ -99,7 +99,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             "federation.correction=none is a simulation ablation; a networked federation applies "
             "every aggregate (use federation.correction=replace)"
         )
-    device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
+    device = torch.device(cfg.client_devices()[0])  # the first client's: a mix is unusual
     if (
         cfg.model.frozen_dtype != "fp32"
         and resolve_precision(cfg.train.precision, device) != "bf16"
