@@ -301,9 +301,10 @@ class LinkConfig:
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
     compression: str = opt(
         "none",
-        "block deltas on the wire, both ways: none (float32), bf16 (half the bytes) or int8 "
-        "(a quarter: int8 values and one float32 scale per row), the lossy ones with error "
-        "feedback; the server's choice holds for every client",
+        "block deltas on the wire, both ways: none (float32), bf16 (half the bytes), int8 "
+        "(a quarter: int8 values and one float32 scale per row) or int4 (1/7: two values a "
+        "byte and one float32 scale per 64 values), the lossy ones with error feedback; the "
+        "server's choice holds for every client",
         choices=_compressions,
     )
 
