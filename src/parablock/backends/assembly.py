@@ -80,7 +80,7 @@ class Placement:
     def train_device(self) -> torch.device:
         """Where the client trains, checked to exist (a GPU given by Ray is ``cuda``)."""
         if self.gpus > 0:
-            return train_device("cuda", "run.client_gpus")
+            return train_device("cuda", f"run.client_gpus={self.gpus:g} asks for a GPU; device")
         return train_device(self.device, self.device_key)
 
 

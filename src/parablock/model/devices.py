@@ -71,7 +71,13 @@ def held_bytes(model: nn.Module, trained: Iterable[str]) -> dict[str, int]:
     keep = set(trained)
     out = {"trained": 0, "frozen": 0}
     for n, p in model.named_parameters():
-        out["trained" if n in keep else "frozen"] += p.numel() * p.element_size()
+        if hasattr(p, "qdata"):  # torchao's int8: the values, then a scale per row
+            size = (
+                p.qdata.numel() * p.qdata.element_size() + p.scale.numel() * p.scale.element_size()
+            )
+        else:
+            size = p.numel() * p.element_size()
+        out["trained" if n in keep else "frozen"] += size
     return out
 
 

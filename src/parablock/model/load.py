@@ -246,7 +246,10 @@ def model_fingerprint(model: torch.nn.Module, names: set[str] | None = None) -> 
     for name, p in model.named_parameters():
         if names is not None and name not in names:
             continue
-        t = p.detach().contiguous().cpu()
+        t = p.detach()
+        if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantised frozen weight
+            t = t.dequantize()
+        t = t.contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy())
     return h.hexdigest()

@@ -20,6 +20,7 @@ from parablock.data.sources import client_records, heldout_draw, train_and_heldo
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.model.blocks import block_nbytes
 from parablock.model.forward import resolve_precision
+from parablock.model.frozen import int8_available
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
 from parablock.run.settings import lora_settings, placement, privacy_plan, run_settings
 
@@ -108,6 +109,8 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             f"model.frozen_dtype={cfg.model.frozen_dtype} needs a bf16 forward, but train.precision"
             f"={cfg.train.precision} is fp32 on this {device.type} (no fast bf16); use fp32"
         )
+    if cfg.model.frozen_dtype == "int8" and not serve:
+        int8_available()  # the clients of this process need torchao: say so before loading
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
     fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter
