@@ -24,6 +24,7 @@ from parablock.model.devices import memory_plan, to_host, train_device
 from parablock.model.load import build_meta_model, load_model, load_tokenizer, model_fingerprint
 from parablock.run.runner import run
 from test_network import ENV, _cli, _config_file, _federate, _one_line_error, site  # noqa: F401
+from test_ray_backend import ray_session  # noqa: F401
 
 TINY = "arch:tiny-llama"
 _PRINT_FINGERPRINT = (
@@ -125,6 +126,23 @@ def test_a_tiny_run_with_random_weights_works_locally_and_over_the_network(site,
         summary = json.loads((tmp_path / where / "summary.json").read_text())
         assert summary["final_model_fingerprint"] == want, where
     assert json.loads((tmp_path / "site0" / "summary.json").read_text())["device"] == "cpu"
+
+
+def test_ray_actors_build_the_same_random_weights_and_end_equal_to_the_local_backend(
+    ray_session,  # noqa: F811
+    tmp_path,
+):
+    from parablock.backends import BACKENDS
+    from parablock.backends.local import run_local
+    from parablock.run.runner import prepare
+
+    cfg = tiny_config(TINY, str(tmp_path), model={"blocks": "top:2"}, federation={"rounds": 2})
+    local = prepare(cfg)
+    run_local(local.placements, local.server, threads=1)
+    remote = prepare(cfg)
+    BACKENDS.get("ray")(remote.placements, remote.server, threads=1)  # each actor builds its own
+    assert model_fingerprint(remote.model) == model_fingerprint(local.model)
+    assert remote.server.stats.accepted == local.server.stats.accepted == 2 * 2  # 2 clients
 
 
 # -- devices ------------------------------------------------------------------------------------
