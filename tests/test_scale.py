@@ -178,6 +178,16 @@ def test_run_client_devices_is_checked_when_the_config_is_built(tiny_model_dir, 
             cfg(**run_)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_a_simulation_asked_for_an_absent_gpu_stops_before_loading_the_model(
+    tiny_model_dir, tmp_path, caplog
+):
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), run={"client_devices": "cpu,cuda:0"})
+    with caplog.at_level("INFO"), pytest.raises(ConfigError, match="run.client_devices=cuda:0"):
+        run(cfg)
+    assert "base model" not in caplog.text  # refused before anything loaded or evaluated
+
+
 def test_a_simulated_client_placed_on_the_cpu_by_name_trains_as_before(tiny_model_dir, tmp_path):
     plain = run(tiny_config(tiny_model_dir, str(tmp_path / "a")))
     placed = run(tiny_config(tiny_model_dir, str(tmp_path / "b"), run={"client_devices": "cpu"}))

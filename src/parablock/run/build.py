@@ -19,6 +19,7 @@ from parablock.data.partition import client_stats, partition
 from parablock.data.sources import client_records, heldout_draw, train_and_heldout
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.model.blocks import block_nbytes
+from parablock.model.devices import train_device
 from parablock.model.forward import resolve_precision
 from parablock.model.frozen import int8_available
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
@@ -109,6 +110,9 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             f"model.frozen_dtype={cfg.model.frozen_dtype} needs a bf16 forward, but train.precision"
             f"={cfg.train.precision} is fp32 on this {device.type} (no fast bf16); use fp32"
         )
+    if cfg.run.client_devices and not serve:  # (a local run: the config checks that)
+        for d in sorted(set(cfg.client_devices())):
+            train_device(d, "run.client_devices")  # one line now, before the model loads
     if cfg.model.frozen_dtype == "int8" and not serve:
         int8_available()  # the clients of this process need torchao: say so before loading
     torch.manual_seed(seed)
