@@ -9,7 +9,9 @@ touched) is read from the site's ``summary.json``, for each memory setting:
 - ``defaults``: what a client gets without asking (bf16 forward, prefix cache, response logits);
 - ``frozen bf16``: ``--frozen-dtype bf16`` (the weights no block trains held in bf16);
 - ``+ recompute``: also ``--recompute`` (each layer's activations recomputed in backward);
-- ``+ chunk 128``: also the server's ``train.loss_chunk=128``.
+- ``+ chunk 128``: also the server's ``train.loss_chunk=128``;
+- ``frozen int8``, ``int8 + recompute``: ``--frozen-dtype int8`` (the frozen layers' linear
+  weights in int8; only where torchao, the optional extra, is installed).
 
     .venv/bin/python benchmarks/client_memory.py            # SmolLM2, about 5 minutes
     .venv/bin/python benchmarks/client_memory.py --tiny     # seconds: a smoke check
@@ -18,6 +20,7 @@ touched) is read from the site's ``summary.json``, for each memory setting:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -35,6 +38,11 @@ SETTINGS = (  # label, client flags, server --set items
     ("+ recompute", ["--frozen-dtype", "bf16", "--recompute"], []),
     ("+ chunk 128", ["--frozen-dtype", "bf16", "--recompute"], ["train.loss_chunk=128"]),
 )
+if importlib.util.find_spec("torchao") is not None:
+    SETTINGS += (
+        ("frozen int8", ["--frozen-dtype", "int8"], []),
+        ("int8 + recompute", ["--frozen-dtype", "int8", "--recompute"], []),
+    )
 
 
 def exe() -> str:
@@ -130,6 +138,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--algorithms", default="fedbcd,parablock")
+    p.add_argument("--settings", default="", help="comma list of setting labels (default: all)")
     p.add_argument("--tiny", action="store_true", help="a smoke check on a tiny random Llama")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
@@ -142,6 +151,8 @@ def main() -> int:
     rows = []
     for algorithm in args.algorithms.split(","):
         for label, flags, sets in SETTINGS:
+            if args.settings and label not in args.settings.split(","):
+                continue
             work = root / f"{algorithm}-{label.replace(' ', '_').replace('+', 'and')}"
             work.mkdir()
             s = one(work, args, algorithm, flags, sets)

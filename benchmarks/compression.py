@@ -1,4 +1,4 @@
-"""link.compression: bytes, transfer time and held-out loss of none, bf16 and int8 deltas.
+"""link.compression: bytes, transfer time and held-out loss of none, bf16, int8 and int4 deltas.
 
 One run per compression on identical config, data, seeds, schedule and links (the project's
 default 20/50 Mbit/s links with 20 ms latency unless told otherwise). Per client and round that
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from parablock.config import from_dict  # noqa: E402
 from parablock.run.runner import run  # noqa: E402
 
-COMPRESSIONS = ("none", "bf16", "int8")
+COMPRESSIONS = ("none", "bf16", "int8", "int4")
 
 
 def _config(args, out: Path, compression: str) -> dict:
@@ -63,7 +63,7 @@ def _per_round(run_dir: Path) -> dict[str, float]:
 
 def measure(args, work: Path) -> dict[str, dict]:
     res = {}
-    for c in COMPRESSIONS:
+    for c in args.compressions.split(","):
         out = work / c
         print(f"running link.compression={c} -> {out}", file=sys.stderr, flush=True)
         s = run(from_dict(_config(args, out, c)))
@@ -72,7 +72,7 @@ def measure(args, work: Path) -> dict[str, dict]:
 
 
 def table(res: dict[str, dict]) -> str:
-    base = res["none"]
+    base = res.get("none", next(iter(res.values())))
     lines = [
         "| compression | bytes up / round | bytes down / round | upload s | download s | "
         "mean round s | wall s | held-out loss | loss vs none |",
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-mbps", type=float, default=50.0)
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compressions", default=",".join(COMPRESSIONS), help="comma list (first: the reference)"
+    )
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama: a smoke check")
@@ -128,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         "and round that moved a delta:"
     )
     print(table(res))
+    print()
+    print("| compression | bytes up + down, whole run | held-out loss |")
+    print("|---|---|---|")
+    for c, s in res.items():
+        total = (s["bytes_up"] + s["bytes_down"]) / 1e6
+        print(
+            f"| {c} | {total:.2f} MB | {s['initial_eval_loss']:.5f} -> {s['final_eval_loss']:.5f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -69,6 +69,61 @@ def test_codecs_round_trip_within_their_error_bounds_and_shrink_the_bytes():
     )
 
 
+def test_int4_packs_two_values_a_byte_with_a_scale_per_64_and_rounds_within_half_a_step():
+    g = torch.Generator().manual_seed(1)
+    x = {
+        "w": torch.randn(5, 100, generator=g) * 1e-3,  # 500 values: 8 groups, the last short
+        "b": torch.randn(64, generator=g),
+        "zero": torch.zeros(3, 4),
+        "one": torch.tensor(-2.0),
+    }
+    int4 = CODECS.get("int4")
+    wire = int4.encode(x)
+    back = int4.decode(wire, _shapes(x))
+    assert wire["w"].dtype == torch.uint8 and wire["w"].shape == (8 * 32,)
+    assert wire["w" + SCALE].shape == (8,) and wire["b" + SCALE].shape == (1,)
+    # 32 bytes of nibbles and 4 of scale per 64 values: 0.5625 bytes a value
+    assert _nbytes({n: wire[n] for n in ("b", "b" + SCALE)}) == 64 * 0.5625
+    assert _nbytes(wire) == (8 + 1 + 1 + 1) * 36
+    for n in ("w", "b"):
+        flat = torch.cat([x[n].reshape(-1), torch.zeros(-x[n].numel() % 64)]).reshape(-1, 64)
+        half_step = (flat.abs().amax(1) / 7 / 2)[:, None] * (1 + 1e-5)
+        err = torch.cat([(back[n] - x[n]).reshape(-1), torch.zeros(-x[n].numel() % 64)])
+        assert (err.reshape(-1, 64).abs() <= half_step).all(), n
+        assert (err.abs() > 0).any()
+        assert back[n].dtype == torch.float32 and back[n].shape == x[n].shape
+    assert torch.equal(back["zero"], x["zero"]) and torch.equal(back["one"], x["one"])
+    # refused on decode: nibble 0 (-8), non-zero padding, bad scales, another layout
+    bad = {
+        "nibble 0": {**wire, "b": torch.zeros(32, dtype=torch.uint8)},
+        "padding": {**wire, "one": torch.full((32,), 0x11, dtype=torch.uint8)},
+        "nan scale": {**wire, "w" + SCALE: torch.full((8,), float("nan"))},
+        "negative scale": {**wire, "b" + SCALE: torch.tensor([-1.0])},
+        "int8 values": {**wire, "b": torch.zeros(32, dtype=torch.int8)},
+        "too short": {**wire, "w": wire["w"][:-1]},
+    }
+    for what, w in bad.items():
+        with pytest.raises(MessageError):
+            int4.decode(w, _shapes(x))
+            pytest.fail(f"{what} was accepted")
+
+
+def test_int4_error_feedback_keeps_what_quantisation_dropped_as_the_blocks_residual():
+    step = torch.tensor([1.0] + [0.02] * 63)  # 0.02 < half an int4 step (1/7/2): rounds to 0
+    codec = CODECS.get("int4")
+    fb = ErrorFeedback(codec)
+    sent, true = torch.zeros(64), torch.zeros(64)
+    for t in range(40):
+        delta = {"w": step * (1 + 0.01 * t)}
+        true += delta["w"]
+        got = codec.decode(fb.encode(3, delta), {"w": (64,)})["w"]
+        sent += got
+        torch.testing.assert_close(true - sent, fb.residuals[3]["w"], rtol=0, atol=1e-5)
+        assert (fb.residuals[3]["w"].abs() <= 1.5 / 7 / 2 + 1e-6).all()
+    assert (codec.decode(codec.encode({"w": step}), {"w": (64,)})["w"][1:] == 0).all()
+    assert (true - sent).abs().max() < 0.11  # without feedback 0.02 x 40 = 0.8 would be lost
+
+
 def test_error_feedback_carries_what_quantisation_dropped_into_the_next_round():
     """A delta whose small entries int8 rounds to zero every round: without feedback they are
     lost for good; with it the sum of what crossed tracks the sum of the true deltas."""
@@ -115,7 +170,7 @@ def test_decode_refuses_anything_but_the_codecs_own_layout():
 
 
 def test_compression_is_a_checked_setting_that_a_resume_cannot_change(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="link.compression='zip'.*valid: bf16, int8, none"):
+    with pytest.raises(ConfigError, match="link.compression='zip'.*valid: bf16, int4, int8, none"):
         tiny_config(tiny_model_dir, str(tmp_path), link={"compression": "zip"})
     assert not _free("link.compression") and _free("link.up_mbps")
 
@@ -242,7 +297,7 @@ def test_compressed_federations_end_with_every_client_equal_to_the_server_on_few
     tiny_model_dir, tmp_path, algorithm
 ):
     results = {}
-    for compression in ("none", "bf16", "int8"):
+    for compression in ("none", "bf16", "int8", "int4"):
         cfg = tiny_config(
             tiny_model_dir,
             str(tmp_path / compression),
@@ -260,11 +315,14 @@ def test_compressed_federations_end_with_every_client_equal_to_the_server_on_few
     (up0, down0), none_model = results["none"]
     (up1, down1), bf16_model = results["bf16"]
     (up2, down2), int8_model = results["int8"]
-    assert up2 < up1 < up0 and down2 < down1 < down0
+    (up3, down3), int4_model = results["int4"]
+    assert up3 < up2 < up1 < up0 and down3 < down2 < down1 < down0
     assert up2 < 0.3 * up0 and down2 < 0.3 * down0
+    assert up3 < 0.2 * up0 and down3 < 0.2 * down0  # 0.14 of the values, plus the headers
     # lossy, but the same training: the models differ from none's and stay close to it
-    drift = max((int8_model[n] - none_model[n]).abs().max().item() for n in none_model)
-    assert 0 < drift < 1e-2
+    for lossy in (int8_model, int4_model):
+        drift = max((lossy[n] - none_model[n]).abs().max().item() for n in none_model)
+        assert 0 < drift < 1e-2
 
 
 def test_faulty_compressed_uploads_are_rejected_and_the_run_ends_equal(tiny_model_dir, tmp_path):

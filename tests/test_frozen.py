@@ -1,4 +1,6 @@
-"""model.frozen_dtype=bf16: the weights no block trains in bf16, read from the files."""
+"""model.frozen_dtype=bf16: the weights no block trains in bf16, read from the files; int8: the
+frozen layers' linear weights in int8 through torchao (an optional extra: its tests run where it
+is installed, and its absence is a one-line error)."""
 
 from __future__ import annotations
 
@@ -87,3 +89,74 @@ def test_a_run_with_bf16_frozen_weights_trains_and_says_so(tiny_model_dir, tmp_p
 def test_bf16_frozen_weights_refuse_what_cannot_use_them(sections, field):
     with pytest.raises(ConfigError, match=field):
         from_dict({"model": {"frozen_dtype": "bf16"}, **sections})
+
+
+def test_int8_frozen_weights_without_torchao_are_a_one_line_error(tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    import parablock.model.frozen as frozen
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        frozen.importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else real(n, *a)
+    )
+    model = load_model(tiny_model_dir)
+    with pytest.raises(ConfigError) as e:
+        hold_frozen(model, tiny_model_dir, _trained_names(model), "int8")
+    assert "\n" not in str(e.value) and "model.frozen_dtype=int8 needs torchao" in str(e.value)
+
+
+def _int8_data():
+    return [
+        Example(tuple(range(5 + i, 37 + i)), (-100,) * 16 + tuple(range(21 + i, 37 + i)))
+        for i in range(4)
+    ]
+
+
+def test_int8_frozen_layers_are_int8_and_the_trained_blocks_update_stays_near_bf16s(
+    tiny_model_dir,
+):
+    pytest.importorskip("torchao")
+    from parablock.model.train import TrainSettings, train_block
+
+    deltas = {}
+    for dtype in ("bf16", "int8"):
+        model = load_model(tiny_model_dir)
+        trained = _trained_names(model)
+        hold_frozen(model, tiny_model_dir, trained, dtype)
+        params = dict(model.named_parameters())
+        if dtype == "int8":
+            frozen_linear = "model.layers.0.mlp.down_proj.weight"
+            assert hasattr(params[frozen_linear], "qdata")  # held as int8
+            assert params[frozen_linear].qdata.dtype == torch.int8
+            for n in trained:  # the trained blocks stay plain fp32
+                assert type(params[n].data) is torch.Tensor and params[n].dtype == torch.float32
+            assert params["model.embed_tokens.weight"].dtype == torch.bfloat16
+        block = model_blocks(model)[3]
+        settings = TrainSettings(2, 4, 1e-3, precision="bf16")
+        result = train_block(model, block, _int8_data(), [[0, 1, 2, 3]] * 2, settings, 1)
+        deltas[dtype] = result.delta
+        assert all(
+            type(t) is torch.Tensor and t.dtype == torch.float32 for t in result.delta.values()
+        )
+    # the documented tolerance: the int8 path's upload within 10% (relative L2) of the bf16 one's
+    num = sum((deltas["int8"][n] - deltas["bf16"][n]).norm() ** 2 for n in deltas["bf16"])
+    den = sum(deltas["bf16"][n].norm() ** 2 for n in deltas["bf16"])
+    assert 0 < (num / den).sqrt().item() < 0.1
+
+
+def test_a_run_with_int8_frozen_weights_leaves_the_servers_frozen_weights_alone(
+    tiny_model_dir, tmp_path
+):
+    pytest.importorskip("torchao")
+    sections = dict(model={"blocks": "top:2", "frozen_dtype": "int8"}, train={"precision": "bf16"})
+    held = run(tiny_config(tiny_model_dir, str(tmp_path / "int8"), **sections))
+    assert held["frozen_dtype"] == "int8" and held["updates_rejected"] == 0
+    assert held["final_eval_loss"] < held["initial_eval_loss"]
+    base = dict(load_model(tiny_model_dir).named_parameters())
+    final = dict(load_model(str(tmp_path / "int8" / "model")).named_parameters())
+    trained = _trained_names(load_model(tiny_model_dir))
+    for n, p in final.items():  # the server's model: fp32, its frozen weights the base's bits
+        assert p.dtype == torch.float32
+        if n not in trained:
+            assert torch.equal(p, base[n]), n

@@ -41,6 +41,7 @@ from parablock.data.examples import DataStats, Example, encode_all
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError
 from parablock.model.cow import SharedBlocks
+from parablock.model.devices import train_device
 from parablock.model.forward import resolve_precision
 from parablock.model.frozen import base_fingerprint, hold_frozen
 from parablock.model.load import load_model, load_tokenizer
@@ -61,7 +62,8 @@ class Placement:
     model: str  # its copy of the base model: model.name_or_path
     data: tuple[Example, ...] | str  # its examples, or a data.source it reads itself
     pad_id: int | None = None  # the tokenizer's padding id (None: read from the model's)
-    device: str = "cpu"  # where it trains: cpu, cuda, cuda:N
+    device: str = "cpu"  # where it trains: cpu, cuda, cuda:N (model/devices.py)
+    device_key: str = "run.client_devices"  # the option that set it, for a one-line error
     threads: int = 0  # torch threads (0: as the process has them)
     cpus: float = 1.0  # what it reserves where a backend places clients (Ray)
     gpus: float = 0.0  # > 0: a GPU of its own (Ray gives it as ``cuda``)
@@ -78,13 +80,10 @@ class Placement:
     stall_s: float = 0.0  # how long an injected stall lasts
 
     def train_device(self) -> torch.device:
-        """Where the client trains (a GPU given by Ray is ``cuda``)."""
-        device = torch.device("cuda" if self.gpus > 0 else self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                f"client {self.client_id}: asked to train on {device} but no CUDA device is visible"
-            )
-        return device
+        """Where the client trains, checked to exist (a GPU given by Ray is ``cuda``)."""
+        if self.gpus > 0:
+            return train_device("cuda", f"run.client_gpus={self.gpus:g} asks for a GPU; device")
+        return train_device(self.device, self.device_key)
 
 
 @dataclass
@@ -163,7 +162,7 @@ def assemble(
         clip_norm=s.client_clip_norm,
         privacy=privacy,
         overlap=s.overlap(),
-        store=host.store,
+        store=host.store if device.type == "cpu" else None,  # the store's tensors are the host's
         gate=host.gate if device.type == "cpu" else None,
         secure=secure,
     )

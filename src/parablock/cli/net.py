@@ -105,11 +105,19 @@ def site_args(p) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="local model directory; must be the server's base model (default: embedded SmolLM2)",
+        help="local model directory, or arch:<preset>[@seed] (random weights, built alike everywhere); "
+        "must be the server's base model (default: embedded SmolLM2)",
     )
     p.add_argument("--out", default="", help="this site's directory (default: site-<id>)")
     p.add_argument(
         "--threads", type=int, default=0, metavar="N", help="torch threads (default: all cores)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where this site trains: cpu, cuda or cuda:N (the model on that GPU, the forward in "
+        "bf16 autocast where train.precision is auto or bf16; default: cpu)",
     )
     p.add_argument(
         "--emulate-up-mbps",
@@ -139,10 +147,11 @@ def site_args(p) -> None:
     p.add_argument(
         "--frozen-dtype",
         default="fp32",
-        choices=("fp32", "bf16"),
+        choices=("fp32", "bf16", "int8"),
         help="hold the weights no block trains in bf16 (about half the client's memory for "
-        "them; needs the server's train.precision to be bf16 or auto on a bf16 device; the "
-        "trained blocks stay fp32 and equal to the server's; default fp32)",
+        "them; int8: the frozen layers' linear weights in int8 too, with torchao installed); "
+        "needs the server's train.precision to be bf16 or auto on a bf16 device; the trained "
+        "blocks stay fp32 and equal to the server's; default fp32",
     )
     p.add_argument(
         "--recompute",
@@ -186,6 +195,7 @@ def site_options(args, **transport):
         model=args.model,
         out=args.out,
         threads=args.threads,
+        device=args.device,
         up_mbps=args.emulate_up_mbps,
         down_mbps=args.emulate_down_mbps,
         latency_ms=args.emulate_latency_ms,

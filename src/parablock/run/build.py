@@ -19,7 +19,9 @@ from parablock.data.partition import client_stats, partition
 from parablock.data.sources import client_records, heldout_draw, train_and_heldout
 from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F401
 from parablock.model.blocks import block_nbytes
+from parablock.model.devices import train_device
 from parablock.model.forward import resolve_precision
+from parablock.model.frozen import int8_available
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
 from parablock.run.settings import lora_settings, placement, privacy_plan, run_settings
 
@@ -99,7 +101,7 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             "federation.correction=none is a simulation ablation; a networked federation applies "
             "every aggregate (use federation.correction=replace)"
         )
-    device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
+    device = torch.device(cfg.client_devices()[0])  # the first client's: a mix is unusual
     if (
         cfg.model.frozen_dtype != "fp32"
         and resolve_precision(cfg.train.precision, device) != "bf16"
@@ -108,6 +110,11 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
             f"model.frozen_dtype={cfg.model.frozen_dtype} needs a bf16 forward, but train.precision"
             f"={cfg.train.precision} is fp32 on this {device.type} (no fast bf16); use fp32"
         )
+    if cfg.run.client_devices and not serve:  # (a local run: the config checks that)
+        for d in sorted(set(cfg.client_devices())):
+            train_device(d, "run.client_devices")  # one line now, before the model loads
+    if cfg.model.frozen_dtype == "int8" and not serve:
+        int8_available()  # the clients of this process need torchao: say so before loading
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
     fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 def compute_summary(cfg: Config, serve: bool) -> dict:
     """Which precision the clients trained in, and this process's peak memory (with the local
     backend: the server and every client, hence also per client)."""
-    device = torch.device("cuda" if cfg.run.client_gpus > 0 else "cpu")
+    device = torch.device(cfg.client_devices()[0])  # the first client's: a mix is unusual
     precision = "per client" if serve else resolve_precision(cfg.train.precision, device)
     peak = peak_rss_mb()  # since this run started (memory.py)
     local = not serve and cfg.run.backend == "local"

@@ -173,6 +173,7 @@ def placement(cfg: Config, client: int, data: tuple[Example, ...], pad_id: int) 
         cfg.model.name_or_path,
         data,
         pad_id,
+        device=cfg.client_devices()[client],
         cpus=cfg.run.client_cpus,
         gpus=cfg.run.client_gpus,
         uplink=client_links(cfg, client)[0],

@@ -28,6 +28,8 @@ from parablock.core.metrics import describe
 from parablock.data.examples import DataStats
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
+from parablock.model.devices import train_device
+from parablock.model.frozen import int8_available
 from parablock.model.load import model_fingerprint
 from parablock.run.memory import peak_rss_mb, trim
 from parablock.transport.auth import read_token
@@ -59,6 +61,7 @@ class SiteOptions:
     key: str = ""
     insecure: bool = False
     threads: int = 0
+    device: str = "cpu"  # where it trains: cpu, cuda, cuda:N (model/devices.py)
     up_mbps: float | None = None  # emulate a slower link on top of the real one
     down_mbps: float | None = None
     latency_ms: float = 0.0
@@ -126,6 +129,9 @@ def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
     if o.faults:
         parse_faults(o.faults)  # a bad spec: one line, before anything connects
     _links(o)  # bad emulation options likewise
+    train_device(o.device, "--device")  # and a device this machine does not have
+    if o.frozen_dtype == "int8":
+        int8_available()
     if not 1 <= o.slowdown < math.inf:
         raise ConfigError(f"--compute-slowdown must be a finite factor >= 1, got {o.slowdown:g}")
     o.out_dir().mkdir(parents=True, exist_ok=True)
@@ -165,6 +171,8 @@ def placement(o: SiteOptions, state: ClientState | None) -> Placement:
         o.client,
         o.model,
         o.data,  # read here, with the run's settings: no training data crosses the network
+        device=o.device,
+        device_key="--device",
         threads=o.threads,
         uplink=up,
         downlink=down,
@@ -239,6 +247,7 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         # the blocks the run trains: equal to the server's even when the frozen rest is bf16
         "trained_blocks_fingerprint": model_fingerprint(client.model, trained),
         "precision": client.forward().precision if client.plan else None,
+        "device": str(p.train_device()),
         "frozen_dtype": o.frozen_dtype,
         "recompute": o.recompute,
         "peak_rss_mb": peak_rss_mb(),  # this process: the model, data, training (run/memory.py)

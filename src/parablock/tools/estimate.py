@@ -40,8 +40,9 @@ from parablock.config import Config, ConfigError, _coerce, _validate, from_dict,
 from parablock.core.algorithms import ALGORITHMS
 from parablock.core.schedule import layout, make_plan, protocol_blocks
 from parablock.errors import EstimateError  # noqa: F401
-from parablock.model.architectures import ARCH_PREFIX, ARCHITECTURES, build_meta_model  # noqa: F401
+from parablock.model.architectures import ARCH_PREFIX, ARCHITECTURES  # noqa: F401
 from parablock.model.blocks import model_blocks, select_blocks
+from parablock.model.load import build_meta_model
 from parablock.registry import Registry
 from parablock.transport.link import LinkSpec
 
@@ -417,12 +418,7 @@ def measure_compute_s(
                 f"--measure: {cfg.model.name_or_path} has {sizes.total_params / 1e9:.1f} B "
                 "parameters, too large to train here; give estimate.compute_s instead"
             )
-        from transformers import AutoModelForCausalLM
-
-        meta = build_meta_model(cfg.model.name_or_path)
-        model = AutoModelForCausalLM.from_config(meta.config, dtype=torch.float32)
-    else:
-        model = load_model(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path)
     if whole_model:
         blocks, selected = protocol_blocks(model, "fedavg_full"), [0]
     else:

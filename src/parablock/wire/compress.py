@@ -6,7 +6,10 @@ link, and back:
 - ``none``: float32 as it is (lossless; nothing about the run changes);
 - ``bf16``: each value rounded to bfloat16, half the bytes;
 - ``int8``: per row (the first dimension; one row for a 1-D tensor) a float32 scale
-  ``absmax / 127`` and the values as int8 in [-127, 127]: about a quarter of the bytes.
+  ``absmax / 127`` and the values as int8 in [-127, 127]: about a quarter of the bytes;
+- ``int4``: the flattened tensor in groups of 64 values, per group a float32 scale ``absmax / 7``
+  and the values in [-7, 7] stored as ``q + 8`` in one nibble, two to a byte (the even index in
+  the low nibble; a last, short group padded with zeros): 0.5625 bytes a value, 1/7 of float32.
 
 Error feedback makes the lossy ones lose nothing for good, only late: ``ErrorFeedback`` keeps,
 per block, what quantisation dropped from that block's last delta and adds it to the next one
@@ -15,7 +18,8 @@ to within one round's quantisation error. Clients keep one residual per block fo
 the server one per block for the aggregates it sends back.
 
 The receiver trusts nothing: ``decode`` accepts exactly the layout its codec produces (names,
-dtypes, shapes), finite non-negative scales and int8 values within [-127, 127], and raises
+dtypes, shapes), finite non-negative scales, int8 values within [-127, 127] and int4 nibbles within [1, 15]
+(padding 8, the value 0), and raises
 ``MessageError`` for anything else; what it returns is float32.
 """
 
@@ -148,8 +152,67 @@ class Int8Codec(Codec):
         return out
 
 
+GROUP = 64  # int4: values per scale
+QMAX4 = 7
+
+
+def _groups(shape: tuple[int, ...]) -> int:
+    """How many int4 groups (and scales) a tensor of ``shape`` has."""
+    return -(-_numel(shape) // GROUP)
+
+
+class Int4Codec(Codec):
+    name = "int4"
+
+    def layout(self, shapes: Shapes) -> Expected:
+        out: Expected = {}
+        for n, s in shapes.items():
+            out[n] = ((_groups(s) * GROUP // 2,), torch.uint8)
+            out[n + SCALE] = ((_groups(s),), torch.float32)
+        return out
+
+    def encode(self, tensors: Tensors) -> Tensors:
+        out = {}
+        for n, t in tensors.items():
+            flat = t.detach().float().reshape(-1)
+            groups = _groups(tuple(t.shape))
+            padded = torch.zeros(groups * GROUP)
+            padded[: flat.numel()] = flat
+            g = padded.reshape(groups, GROUP)
+            scale = g.abs().amax(dim=1) / QMAX4 if groups else torch.zeros(0)
+            divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round(g / divisor[:, None]).clamp_(-QMAX4, QMAX4).to(torch.uint8) + 8
+            q = q.reshape(-1, 2)
+            out[n] = q[:, 0] | (q[:, 1] << 4)
+            out[n + SCALE] = scale
+        return out
+
+    def _decode(self, wire: Tensors, shapes: Shapes) -> Tensors:
+        out = {}
+        for n, s in shapes.items():
+            packed, scale = wire[n], wire[n + SCALE]
+            if not all_finite(scale) or bool((scale < 0).any()):
+                raise MessageError(f"int4 payload: {n}{SCALE} holds a negative or non-finite scale")
+            q = torch.stack((packed & 0xF, packed >> 4), dim=1).reshape(-1)
+            if bool((q == 0).any()):
+                raise MessageError(f"int4 payload: {n} holds -8, outside [-7, 7]")
+            numel = _numel(s)
+            if bool((q[numel:] != 8).any()):
+                raise MessageError(f"int4 payload: {n} has non-zero padding after its values")
+            values = (q.float() - 8).reshape(-1, GROUP) * scale[:, None]
+            out[n] = values.reshape(-1)[:numel].reshape(s)
+        return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
 CODECS: Registry[Codec] = Registry("link.compression")
-for _codec in (NoCodec(), Bf16Codec(), Int8Codec()):
+for _codec in (NoCodec(), Bf16Codec(), Int8Codec(), Int4Codec()):
     CODECS.add(_codec.name, _codec)
 
 
