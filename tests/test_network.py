@@ -605,6 +605,8 @@ def test_user_errors_are_one_line_with_exit_code_2(site, tiny_model_dir, tmp_pat
         f"gsm8k:{site / 'd0.jsonl'}",
         "--model",
         tiny_model_dir,
+        "--out",
+        str(tmp_path / "site0"),  # not site-0/ in the working directory
     ]
     # nothing listens on that port
     import socket
