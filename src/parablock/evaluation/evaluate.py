@@ -1,9 +1,10 @@
 """Held-out evaluation: loss/perplexity on response tokens, and generation-based accuracy.
 
-Accuracy comes from batched greedy decoding (left padding, KV cache, ``eval.max_new_tokens``),
-answer extraction and a scorer chosen per record: ``number`` for GSM8K-style answers (the number
-after '####', else the last number, normalised: commas, currency and trailing zeros dropped) and
-``reasoning_gym:<task>`` for reasoning-gym's own scorer. Records with no checkable answer (Alpaca,
+Accuracy comes from batched greedy decoding (``generate.py``: left padding, KV cache, each
+completion stopped at its answer or ``eval.max_new_tokens``), answer extraction and a scorer
+chosen per record: ``number`` for GSM8K-style answers (the number after '####', else the last
+number, normalised: commas, currency and trailing zeros dropped) and ``reasoning_gym:<task>``
+for reasoning-gym's own scorer. Records with no checkable answer (Alpaca,
 chat) count towards the loss only.
 
 Evaluating every ``eval.every`` rounds must not take CPU from the timed rounds, so the run only
@@ -25,7 +26,8 @@ from functools import cache
 import torch
 from torch import nn
 
-from parablock.data.examples import Example, Record, collate, render_prompt
+from parablock.data.examples import Example, Record, collate
+from parablock.evaluation.generate import generate
 from parablock.model.blocks import Block, set_block
 from parablock.model.forward import postprocessed_logits, response_loss
 from parablock.registry import Registry
@@ -58,42 +60,6 @@ def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: in
         count += n
     model.train(was_training)
     return total / max(count, 1)
-
-
-# -- generation ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer,
-    records: list[Record],
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy completions of the records' prompts, batched with left padding and a KV cache."""
-    from transformers import GenerationConfig
-
-    was_training = model.training
-    model.eval()
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    outputs = []
-    for i in range(0, len(records), batch_size):
-        texts = [render_prompt(r, tokenizer) for r in records[i : i + batch_size]]
-        batch = tokenizer(
-            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-        )
-        out = model.generate(**batch, generation_config=gen)
-        new = out[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
-    return outputs
 
 
 # -- answer extraction and scoring -----------------------------------------------------------
