@@ -28,6 +28,7 @@ from torch import nn
 
 from parablock.data.examples import Example, Record, collate
 from parablock.evaluation.generate import generate
+from parablock.evaluation.interval import wilson_interval
 from parablock.model.blocks import Block, set_block
 from parablock.model.forward import postprocessed_logits, response_loss
 from parablock.registry import Registry
@@ -145,6 +146,7 @@ class EvalResult:
     loss: float
     accuracy: float | None
     items: list[dict] = field(default_factory=list)
+    accuracy_ci: tuple[float, float] | None = None  # Wilson's 95% interval (interval.py)
 
     def to_json(self) -> dict:
         return {
@@ -154,13 +156,21 @@ class EvalResult:
             "eval_loss": self.loss,
             "eval_perplexity": math.exp(min(self.loss, 50.0)),
             "eval_accuracy": self.accuracy,
+            "eval_accuracy_ci": None if self.accuracy_ci is None else list(self.accuracy_ci),
             "eval_items": len(self.items),
         }
 
     @classmethod
     def from_json(cls, row: dict) -> EvalResult:
         """Back from ``to_json`` (per-item answers are not kept there)."""
-        return cls(row["round"], row["time_s"], row["eval_loss"], row["eval_accuracy"])
+        ci = row.get("eval_accuracy_ci")
+        return cls(
+            row["round"],
+            row["time_s"],
+            row["eval_loss"],
+            row["eval_accuracy"],
+            accuracy_ci=None if ci is None else (ci[0], ci[1]),
+        )
 
 
 class Evaluator:
@@ -202,8 +212,9 @@ class Evaluator:
                     "correct": score >= 1.0,
                 }
             )
-        accuracy = sum(it["correct"] for it in items) / len(items)
-        return EvalResult(round, time_s, loss, accuracy, items)
+        correct = sum(it["correct"] for it in items)
+        ci = wilson_interval(correct, len(items))
+        return EvalResult(round, time_s, loss, correct / len(items), items, ci)
 
 
 def eval_rounds(rounds: int, every: int) -> list[int]:
