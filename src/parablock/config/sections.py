@@ -338,7 +338,13 @@ class EvalConfig:
         "evaluation never slows the rounds; 0 = only before and after)",
         ge=0,
     )
-    batch_size: int = opt(8, "examples per forward pass / generation batch in evaluation", ge=1)
+    batch_size: int = opt(8, "examples per forward pass of the held-out loss", ge=1)
+    generate_batch_size: int = opt(
+        32,
+        "items generated at once for accuracy (a wider batch makes each decoding step cheaper "
+        "per item; finished items leave the batch)",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ class EvalSettings:
     batch_size: int = 8
     accuracy_size: int = 16
     max_new_tokens: int = 256
+    generate_batch_size: int = 32
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Evaluator:
         if not self.accuracy_records:
             return EvalResult(round, time_s, loss, None)
         outputs = generate(
-            model, self.tokenizer, self.accuracy_records, s.max_new_tokens, s.batch_size
+            model, self.tokenizer, self.accuracy_records, s.max_new_tokens, s.generate_batch_size
         )
         items = []
         for k, (rec, out) in enumerate(zip(self.accuracy_records, outputs, strict=True)):
