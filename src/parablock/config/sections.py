@@ -65,6 +65,12 @@ class ModelConfig:
         "top:8",
         "which blocks train: 'all', 'top:N', 'bottom:N', or indices/ranges like '0-3,10'",
     )
+    block_size: int = opt(
+        1,
+        "consecutive decoder layers per block (the last block may hold fewer); model.blocks "
+        "then counts these blocks: top:4 with block_size 2 trains the top 8 layers in 4 blocks",
+        ge=1,
+    )
     extra_blocks: str = opt(
         "",
         "comma-separated non-layer blocks to add after the decoder layers: embed, norm, head",
