@@ -56,6 +56,8 @@ def test_compare_table_matches_each_runs_summary(compared):
             "mean_comm_s",
             "ideal_speedup",
             "final_eval_loss",
+            "final_eval_accuracy",
+            "final_eval_accuracy_ci",
             "bytes_up",
             "bytes_down",
         ):
@@ -72,6 +74,9 @@ def test_compare_table_matches_each_runs_summary(compared):
         assert f"{summaries[alg]['wall_time_s']:.2f}" in line
         assert f"{summaries[alg]['final_eval_loss']:.4f}" in line
         assert f"{summaries[alg]['bytes_up']:,}" in line
+        low, high = summaries[alg]["final_eval_accuracy_ci"]
+        assert f"| {low:.3f}-{high:.3f} |" in line
+    assert "| accuracy 95% CI |" in md.splitlines()[0] + "|"
 
 
 def test_plain_progress_prints_one_line_per_round(compared):

@@ -16,6 +16,7 @@ from parablock.data.sources import gsm8k_reference, reasoning_gym_records
 from parablock.evaluation import evaluate as ev
 from parablock.evaluation.evaluate import (
     AggregateHistory,
+    EvalResult,
     EvalSettings,
     Evaluator,
     eval_rounds,
@@ -25,6 +26,7 @@ from parablock.evaluation.evaluate import (
     score_number,
     score_reasoning_gym,
 )
+from parablock.evaluation.interval import accuracy_text, wilson_interval
 from parablock.model.load import load_model
 from parablock.run.runner import prepare, run
 
@@ -101,6 +103,44 @@ def test_evaluator_scores_what_the_model_answered(tiny_tokenizer, monkeypatch):
     row = result.to_json()
     assert row["kind"] == "eval" and row["round"] == 3 and row["time_s"] == 1.5
     assert row["eval_loss"] == result.loss > 0 and row["eval_accuracy"] == 0.5
+    assert row["eval_accuracy_ci"] == list(wilson_interval(2, 4))
+    assert EvalResult.from_json(row).accuracy_ci == result.accuracy_ci == wilson_interval(2, 4)
+
+
+# Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3
+@pytest.mark.parametrize(
+    "correct, n, low, high",
+    [
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ],
+)
+def test_wilson_interval_matches_published_values(correct, n, low, high):
+    got = wilson_interval(correct, n)
+    assert got == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_edges_and_symmetry():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(0, 64)
+    assert low == 0.0 and 0.05 < high < 0.06  # never a point at 0/n
+    assert wilson_interval(64, 64) == pytest.approx((1 - high, 1.0))
+    assert wilson_interval(20, 64) == pytest.approx(
+        tuple(1 - x for x in wilson_interval(44, 64)[::-1])
+    )
+    with pytest.raises(ValueError):
+        wilson_interval(9, 8)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k, n in ((3, 8), (40, 64), (1, 100)):
+        ci = scipy_stats.binomtest(k, n).proportion_ci(method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_accuracy_text():
+    assert accuracy_text(0.25, (0.1, 0.5)) == "0.250 (95% CI 0.100-0.500)"
+    assert accuracy_text(0.25, None) == "0.250" and accuracy_text(None, None) == "-"
 
 
 def test_eval_rounds():
@@ -148,6 +188,10 @@ def test_tiny_run_evaluates_loss_and_accuracy_before_during_and_after(tiny_model
     assert evals[0]["time_s"] == 0 and evals[1]["time_s"] < evals[2]["time_s"]
     assert all(r["eval_accuracy"] is not None and r["eval_loss"] > 0 for r in evals)
     assert summary["initial_eval_accuracy"] == evals[0]["eval_accuracy"]
+    for when, row in (("initial", evals[0]), ("final", evals[-1])):
+        correct = round(row["eval_accuracy"] * 3)
+        assert summary[f"{when}_eval_accuracy_ci"] == list(wilson_interval(correct, 3))
+        assert row["eval_accuracy_ci"] == summary[f"{when}_eval_accuracy_ci"]
     assert summary["final_eval_accuracy"] == evals[-1]["eval_accuracy"]
     assert summary["final_eval_loss"] == evals[-1]["eval_loss"] != summary["initial_eval_loss"]
     items = [json.loads(x) for x in (out / "eval_items.jsonl").read_text().splitlines()]

@@ -201,13 +201,17 @@ def test_the_end_of_run_table_says_what_ran_how_long_quality_bytes_and_where():
         "  files          runs/a",
     ]
     other = {**base, "algorithm": "fedbcd", "run_dir": "runs/b", "final_eval_accuracy": 0.5}
+    other.update(initial_eval_accuracy=0.0, initial_eval_accuracy_ci=[0.0, 0.0566])
+    other.update(final_eval_accuracy_ci=[0.381, 0.619])
     other.update(privacy_mode="client", privacy_epsilon=3.25, privacy_delta=1e-5)
     text = summary_table({"parablock": base, "fedbcd": other}, "done:")
     lines = text.splitlines()
     assert lines[1].split() == ["parablock", "fedbcd"]
     assert "runs/a" in lines[-1] and "runs/b" in lines[-1]
     assert any(x.split()[:1] == ["epsilon"] and "3.25 (delta 1e-05)" in x for x in lines)
-    assert any(x.split()[:1] == ["accuracy"] for x in lines)
+    (acc,) = [x for x in lines if x.split()[:1] == ["accuracy"]]
+    assert acc.split("  ")[-1] == "0.000 (95% CI 0.000-0.057) -> 0.500 (95% CI 0.381-0.619)"
+    assert acc.split()[1] == "-"  # parablock's column: no accuracy
 
 
 def test_rejected_updates_are_counted_by_reason_and_by_round():

@@ -126,7 +126,7 @@ def assemble(
     if own and model is None:
         model = load_model(p.model)
     model = shared if shared is not None else model
-    blocks = protocol_blocks(model, s.algorithm, s.extra_blocks, s.lora(), s.seed)
+    blocks = protocol_blocks(model, s.algorithm, s.extra_blocks, s.lora(), s.seed, s.block_size)
     if own:  # a shared base is converted once by the host; an adapter is injected on the CPU
         _hold_frozen(p, model, blocks, s, device)
         model = model.to(device)

@@ -83,7 +83,9 @@ def run_local(
         if store is not None:  # a rebuilt client starts from the base: drop what it held
             store.release_all(p.client_id)
         trained = trained_blocks(s)
-        return share.model(p.model, s.extra_blocks, trained, s.algorithm, store, p.frozen_dtype)
+        return share.model(
+            p.model, s.extra_blocks, trained, s.algorithm, store, p.frozen_dtype, s.block_size
+        )
 
     host = Host(model, store, gate, on_barrier, on_phase, stop)
 

@@ -137,6 +137,7 @@ class FrozenShare:
         algorithm: str = "",
         store: BlockStore | None = None,
         frozen_dtype: str = "fp32",
+        block_size: int = 1,
     ) -> nn.Module:
         """A client's model. With ``store`` (the client copies a block before writing it) its
         trained blocks are new parameters on the base's storage too, and their base values
@@ -146,7 +147,8 @@ class FrozenShare:
             fresh = base is None
             if fresh:
                 base = self._bases[(path, frozen_dtype)] = load_model(path)
-            blocks = protocol_blocks(base, algorithm, extra_blocks)  # the run's block indices
+            # the run's block indices
+            blocks = protocol_blocks(base, algorithm, extra_blocks, block_size=block_size)
             own = {n for b in trained for n in blocks[b].param_names}
             if fresh:  # one conversion, shared by every client (the same run trains the same)
                 hold_frozen(base, path, own, frozen_dtype)

@@ -67,6 +67,12 @@ class ModelConfig:
         "top:8",
         "which blocks train: 'all', 'top:N', 'bottom:N', or indices/ranges like '0-3,10'",
     )
+    block_size: int = opt(
+        1,
+        "consecutive decoder layers per block (the last block may hold fewer); model.blocks "
+        "then counts these blocks: top:4 with block_size 2 trains the top 8 layers in 4 blocks",
+        ge=1,
+    )
     extra_blocks: str = opt(
         "",
         "comma-separated non-layer blocks to add after the decoder layers: embed, norm, head",
@@ -343,7 +349,13 @@ class EvalConfig:
         "evaluation never slows the rounds; 0 = only before and after)",
         ge=0,
     )
-    batch_size: int = opt(8, "examples per forward pass / generation batch in evaluation", ge=1)
+    batch_size: int = opt(8, "examples per forward pass of the held-out loss", ge=1)
+    generate_batch_size: int = opt(
+        32,
+        "items generated at once for accuracy (a wider batch makes each decoding step cheaper "
+        "per item; finished items leave the batch)",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -82,16 +82,17 @@ def protocol_blocks(
     extra: str = "",
     lora: LoraSettings | None = None,
     seed: int = 0,
+    block_size: int = 1,
 ) -> list[Block]:
     """The blocks the run's messages, versions and checkpoints use: the model's blocks (one per
     decoder layer and the extra ones), for a whole-model algorithm one block of everything, and
     with ``lora`` the one adapter block (the adapter is injected into ``model`` here)."""
     if lora is not None:
-        return blocks_for(model, extra, lora, seed)
+        return blocks_for(model, extra, lora, seed, block_size)
     if algorithm and ALGORITHMS.get(algorithm).whole_model:  # "": the model's own blocks
         names = tuple(n for n, _ in model.named_parameters())  # tied weights appear once
         return [Block(0, WHOLE_MODEL, names)]
-    return model_blocks(model, extra)
+    return model_blocks(model, extra, block_size)
 
 
 def layout(
@@ -101,10 +102,11 @@ def layout(
     spec: str,
     lora: LoraSettings | None = None,
     seed: int = 0,
+    block_size: int = 1,
 ) -> tuple[list[Block], list[int]]:
     """The run's blocks and the ones that train (``model.blocks``; everything for fedavg_full
     and for a LoRA adapter)."""
-    blocks = protocol_blocks(model, algorithm, extra, lora, seed)
+    blocks = protocol_blocks(model, algorithm, extra, lora, seed, block_size)
     if lora is not None:
         return blocks, [b.index for b in blocks]
     if algorithm and ALGORITHMS.get(algorithm).whole_model:  # "": the model's own blocks

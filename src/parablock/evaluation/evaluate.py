@@ -1,9 +1,10 @@
 """Held-out evaluation: loss/perplexity on response tokens, and generation-based accuracy.
 
-Accuracy comes from batched greedy decoding (left padding, KV cache, ``eval.max_new_tokens``),
-answer extraction and a scorer chosen per record: ``number`` for GSM8K-style answers (the number
-after '####', else the last number, normalised: commas, currency and trailing zeros dropped) and
-``reasoning_gym:<task>`` for reasoning-gym's own scorer. Records with no checkable answer (Alpaca,
+Accuracy comes from batched greedy decoding (``generate.py``: left padding, KV cache, each
+completion stopped at its answer or ``eval.max_new_tokens``), answer extraction and a scorer
+chosen per record: ``number`` for GSM8K-style answers (the number after '####', else the last
+number, normalised: commas, currency and trailing zeros dropped) and ``reasoning_gym:<task>``
+for reasoning-gym's own scorer. Records with no checkable answer (Alpaca,
 chat) count towards the loss only.
 
 Evaluating every ``eval.every`` rounds must not take CPU from the timed rounds, so the run only
@@ -25,7 +26,9 @@ from functools import cache
 import torch
 from torch import nn
 
-from parablock.data.examples import Example, Record, collate, render_prompt
+from parablock.data.examples import Example, Record, collate
+from parablock.evaluation.generate import generate
+from parablock.evaluation.interval import wilson_interval
 from parablock.model.blocks import Block, set_block
 from parablock.model.forward import postprocessed_logits, response_loss
 from parablock.registry import Registry
@@ -58,42 +61,6 @@ def eval_loss(model: nn.Module, data: list[Example], batch_size: int, pad_id: in
         count += n
     model.train(was_training)
     return total / max(count, 1)
-
-
-# -- generation ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer,
-    records: list[Record],
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy completions of the records' prompts, batched with left padding and a KV cache."""
-    from transformers import GenerationConfig
-
-    was_training = model.training
-    model.eval()
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    outputs = []
-    for i in range(0, len(records), batch_size):
-        texts = [render_prompt(r, tokenizer) for r in records[i : i + batch_size]]
-        batch = tokenizer(
-            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-        )
-        out = model.generate(**batch, generation_config=gen)
-        new = out[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
-    return outputs
 
 
 # -- answer extraction and scoring -----------------------------------------------------------
@@ -170,6 +137,7 @@ class EvalSettings:
     batch_size: int = 8
     accuracy_size: int = 16
     max_new_tokens: int = 256
+    generate_batch_size: int = 32
 
 
 @dataclass
@@ -179,6 +147,7 @@ class EvalResult:
     loss: float
     accuracy: float | None
     items: list[dict] = field(default_factory=list)
+    accuracy_ci: tuple[float, float] | None = None  # Wilson's 95% interval (interval.py)
 
     def to_json(self) -> dict:
         return {
@@ -188,13 +157,21 @@ class EvalResult:
             "eval_loss": self.loss,
             "eval_perplexity": math.exp(min(self.loss, 50.0)),
             "eval_accuracy": self.accuracy,
+            "eval_accuracy_ci": None if self.accuracy_ci is None else list(self.accuracy_ci),
             "eval_items": len(self.items),
         }
 
     @classmethod
     def from_json(cls, row: dict) -> EvalResult:
         """Back from ``to_json`` (per-item answers are not kept there)."""
-        return cls(row["round"], row["time_s"], row["eval_loss"], row["eval_accuracy"])
+        ci = row.get("eval_accuracy_ci")
+        return cls(
+            row["round"],
+            row["time_s"],
+            row["eval_loss"],
+            row["eval_accuracy"],
+            accuracy_ci=None if ci is None else (ci[0], ci[1]),
+        )
 
 
 class Evaluator:
@@ -219,7 +196,7 @@ class Evaluator:
         if not self.accuracy_records:
             return EvalResult(round, time_s, loss, None)
         outputs = generate(
-            model, self.tokenizer, self.accuracy_records, s.max_new_tokens, s.batch_size
+            model, self.tokenizer, self.accuracy_records, s.max_new_tokens, s.generate_batch_size
         )
         items = []
         for k, (rec, out) in enumerate(zip(self.accuracy_records, outputs, strict=True)):
@@ -236,8 +213,9 @@ class Evaluator:
                     "correct": score >= 1.0,
                 }
             )
-        accuracy = sum(it["correct"] for it in items) / len(items)
-        return EvalResult(round, time_s, loss, accuracy, items)
+        correct = sum(it["correct"] for it in items)
+        ci = wilson_interval(correct, len(items))
+        return EvalResult(round, time_s, loss, correct / len(items), items, ci)
 
 
 def eval_rounds(rounds: int, every: int) -> list[int]:

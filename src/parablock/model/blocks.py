@@ -1,8 +1,9 @@
 """Which parameter names form block k: the one definition that freezing, the optimizer, payloads,
 aggregation and checkpoints all use.
 
-Blocks are numbered in model order: the decoder layers 0..L-1, then any configured extra blocks
-(``embed``, ``norm``, ``head``) as L, L+1, ... ``model.blocks`` then selects the blocks that train.
+Blocks are numbered in model order: the decoder layers 0..L-1 (with ``model.block_size`` k > 1,
+layers 0..k-1 form block 0, layers k..2k-1 block 1, ...), then any configured extra blocks
+(``embed``, ``norm``, ``head``). ``model.blocks`` then selects the blocks that train.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ EXTRA_BLOCKS = ("embed", "norm", "head")
 @dataclass(frozen=True)
 class Block:
     index: int
-    name: str  # "layer.7", "embed", "norm" or "head"
+    name: str  # "layer.7", "layer.4-7" (several layers), "embed", "norm" or "head"
     param_names: tuple[str, ...]
 
 
@@ -39,14 +40,19 @@ def _layers_prefix(model: nn.Module) -> tuple[str, int]:
     return "model.layers.", len(layers)
 
 
-def model_blocks(model: nn.Module, extra: str = "") -> list[Block]:
-    """All blocks of ``model``: one per decoder layer, then the requested extra blocks."""
+def model_blocks(model: nn.Module, extra: str = "", block_size: int = 1) -> list[Block]:
+    """All blocks of ``model``: one per ``block_size`` consecutive decoder layers (the last may
+    hold fewer), then the requested extra blocks."""
+    if block_size < 1:
+        raise BlockError(f"model.block_size={block_size} must be at least 1")
     prefix, n_layers = _layers_prefix(model)
     names = [n for n, _ in model.named_parameters()]  # tied weights appear once
     blocks = []
-    for j in range(n_layers):
-        p = f"{prefix}{j}."
-        blocks.append(Block(j, f"layer.{j}", tuple(n for n in names if n.startswith(p))))
+    for lo in range(0, n_layers, block_size):
+        hi = min(lo + block_size, n_layers) - 1
+        starts = tuple(f"{prefix}{j}." for j in range(lo, hi + 1))
+        name = f"layer.{lo}" if hi == lo else f"layer.{lo}-{hi}"
+        blocks.append(Block(len(blocks), name, tuple(n for n in names if n.startswith(starts))))
     wanted = extra_names(extra)
     patterns = {
         "embed": r"^model\.embed_tokens\.",

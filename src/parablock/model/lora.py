@@ -135,12 +135,16 @@ def adapter_blocks(model: nn.Module) -> list[Block]:
 
 
 def blocks_for(
-    model: nn.Module, extra_blocks: str, lora: LoraSettings | None, seed: int
+    model: nn.Module,
+    extra_blocks: str,
+    lora: LoraSettings | None,
+    seed: int,
+    block_size: int = 1,
 ) -> list[Block]:
     """The blocks a run federates on ``model``: its decoder-layer blocks (and extra blocks), or
     with ``lora`` the single adapter block, injected here in place."""
     if lora is None:
-        return model_blocks(model, extra_blocks)
+        return model_blocks(model, extra_blocks, block_size)
     inject(model, lora, seed)
     return adapter_blocks(model)
 

@@ -120,7 +120,13 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter
     lora = lora_settings(cfg)
     blocks, selected = layout(
-        model, fed.algorithm, cfg.model.extra_blocks, cfg.model.blocks, lora, seed
+        model,
+        fed.algorithm,
+        cfg.model.extra_blocks,
+        cfg.model.blocks,
+        lora,
+        seed,
+        cfg.model.block_size,
     )
     check_plan(fed.algorithm, selected)
 

@@ -27,6 +27,7 @@ from parablock.evaluation.evaluate import (
     Evaluator,
     eval_rounds,
 )
+from parablock.evaluation.interval import accuracy_text
 from parablock.model.blocks import set_block
 from parablock.model.forward import resolve_precision
 from parablock.model.load import load_model, model_fingerprint
@@ -153,6 +154,8 @@ def train(
         final_eval_perplexity=final and final.to_json()["eval_perplexity"],
         initial_eval_accuracy=initial and initial.accuracy,
         final_eval_accuracy=final and final.accuracy,
+        initial_eval_accuracy_ci=initial and _interval(initial),
+        final_eval_accuracy_ci=final and _interval(final),
         eval_loss_size=len(f.heldout),
         eval_accuracy_size=len(evaluate.accuracy_records) if evaluate else 0,
         updates_accepted=server.stats.accepted,
@@ -226,8 +229,14 @@ class RoundLines:
 
 
 def describe_eval(r: EvalResult) -> str:
-    acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f} on {len(r.items)} items"
+    acc = ""
+    if r.accuracy is not None:
+        acc = f", accuracy {accuracy_text(r.accuracy, r.accuracy_ci)} on {len(r.items)} items"
     return f"held-out loss {r.loss:.4f}{acc}"
+
+
+def _interval(r: EvalResult) -> list[float] | None:
+    return None if r.accuracy_ci is None else list(r.accuracy_ci)
 
 
 def evaluate_history(

@@ -149,7 +149,9 @@ def _run(
             tokenizer,
             f.heldout,
             f.heldout_records,
-            EvalSettings(ev.batch_size, ev.accuracy_size, ev.max_new_tokens),
+            EvalSettings(
+                ev.batch_size, ev.accuracy_size, ev.max_new_tokens, ev.generate_batch_size
+            ),
         )
     if evaluate is not None and ev.accuracy_size and not evaluate.accuracy_records:
         log.info("no held-out item has a checkable answer: accuracy is off for this data")

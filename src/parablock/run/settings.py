@@ -58,6 +58,7 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         **(lora.run_fields() if lora else {}),  # the adapter of fedit_lora
         local_steps_max=f.local_steps_max,
         duplex=f.duplex,
+        block_size=cfg.model.block_size,
         client_clip_norm=f.client_clip_norm,
         privacy=privacy_settings(cfg),
         turns=round_turns(f.algorithm, f.rounds, f.clients),

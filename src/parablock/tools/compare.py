@@ -52,6 +52,7 @@ COLUMNS = (
     ("ideal_speedup", "ideal speed-up", "{:.3f}"),
     ("final_eval_loss", "final held-out loss", "{:.4f}"),
     ("final_eval_accuracy", "final held-out accuracy", "{:.4f}"),
+    ("final_eval_accuracy_ci", "accuracy 95% CI", "{0[0]:.3f}-{0[1]:.3f}"),
     ("time_to_target_s", "time to target (s)", "{:.2f}"),
     ("rounds_to_target", "rounds to target", "{}"),
     ("bytes_per_round", "bytes/round", "{:,.0f}"),

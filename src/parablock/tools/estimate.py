@@ -127,7 +127,13 @@ def model_sizes(cfg: Config, algorithm: str = "") -> ModelSizes:
     """Parameter counts of the selected blocks, as ``algorithm`` forms them (by default the
     model's blocks; fedavg_full: one block of every parameter)."""
     model = build_meta_model(cfg.model.name_or_path)
-    blocks, selected = layout(model, algorithm, cfg.model.extra_blocks, cfg.model.blocks)
+    blocks, selected = layout(
+        model,
+        algorithm,
+        cfg.model.extra_blocks,
+        cfg.model.blocks,
+        block_size=cfg.model.block_size,
+    )
     params = dict(model.named_parameters())
     return ModelSizes(
         sum(p.numel() for p in params.values()),
@@ -422,7 +428,7 @@ def measure_compute_s(
     if whole_model:
         blocks, selected = protocol_blocks(model, "fedavg_full"), [0]
     else:
-        blocks = model_blocks(model, cfg.model.extra_blocks)
+        blocks = model_blocks(model, cfg.model.extra_blocks, cfg.model.block_size)
         selected = select_blocks(blocks, cfg.model.blocks)
     fed = cfg.federation
     seq = est.seq_len or cfg.data.max_length

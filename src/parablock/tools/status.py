@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 from parablock.errors import ReportError
+from parablock.evaluation.interval import accuracy_text
 from parablock.tools.report import latest_rows
 
 RECENT_ROUNDS = 5  # the time left is the rounds left times the mean of the last few rounds
@@ -151,7 +152,12 @@ def status(path: str | Path) -> dict:
         "updates_rejected": rejected,
         "epsilon": epsilon,
         "evals": [
-            {"round": e["round"], "loss": e.get("eval_loss"), "accuracy": e.get("eval_accuracy")}
+            {
+                "round": e["round"],
+                "loss": e.get("eval_loss"),
+                "accuracy": e.get("eval_accuracy"),
+                "accuracy_ci": e.get("eval_accuracy_ci"),
+            }
             for e in evals
         ],
         "model": _model(p, state, checkpoint),
@@ -255,7 +261,7 @@ def _evals(evals: list[dict], state: str) -> str:
     if last is not first:
         text += f" -> {last['loss']:.4f} after round {last['round'] + 1}"
     if last.get("accuracy") is not None:
-        text += f"; accuracy {last['accuracy']:.3f}"
+        text += f"; accuracy {accuracy_text(last['accuracy'], last.get('accuracy_ci'))}"
     if state != "finished":
         text += "; the rounds are evaluated after training"
     return text
@@ -282,7 +288,7 @@ def summary_table(summaries: dict[str, dict], title: str) -> str:
         row("held-out loss", lambda s: _change(s, "eval_loss", "{:.4f}")),
     ]
     if any(s.get("final_eval_accuracy") is not None for s in cols):
-        rows.append(row("accuracy", lambda s: _change(s, "eval_accuracy", "{:.3f}")))
+        rows.append(row("accuracy", _accuracy_change))
     rows += [
         row(
             "bytes up/down", lambda s: f"{megabytes(s['bytes_up'])} / {megabytes(s['bytes_down'])}"
@@ -310,6 +316,17 @@ def _change(s: dict, key: str, fmt: str) -> str:
     if b is None:
         return "-"
     return (fmt.format(a) + " -> " if a is not None else "") + fmt.format(b)
+
+
+def _accuracy_change(s: dict) -> str:
+    """'0.000 (95% CI 0.000-0.057) -> 0.250 (95% CI 0.160-0.369)'."""
+    a, b = s.get("initial_eval_accuracy"), s.get("final_eval_accuracy")
+    if b is None:
+        return "-"
+    after = accuracy_text(b, s.get("final_eval_accuracy_ci"))
+    return (
+        after if a is None else f"{accuracy_text(a, s.get('initial_eval_accuracy_ci'))} -> {after}"
+    )
 
 
 def _updates(s: dict) -> str:

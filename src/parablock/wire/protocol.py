@@ -212,6 +212,7 @@ class RunSettings(Message):
 
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
+    block_size: int = 1  # model.block_size: decoder layers per block
     client_clip_norm: float = 0.0  # > 0: each client clips its delta's L2 norm to this
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
@@ -221,6 +222,8 @@ class RunSettings(Message):
 
     def __post_init__(self) -> None:
         self.lora()  # an impossible adapter is refused at parse time
+        if self.block_size < 1:
+            raise ValueError("block_size must be at least 1")
         if self.local_steps_max < 0 or 0 < self.local_steps_max < self.local_steps:
             raise ValueError("local_steps_max must be 0 or at least local_steps")
 
