@@ -82,14 +82,7 @@ def block_costs(shapes: dict, n: int, repeats: int, scale_bits: int = 32) -> dic
     enc.check(n, "privacy.secagg_scale_bits")
     keys = [X25519PrivateKey.generate() for _ in range(n)]
     pub = [secagg.public_bytes(k) for k in keys]
-    pair = [
-        {
-            v: secagg.pair_key(keys[u], pub[v], SESSION, u, v, secagg.MASK_PURPOSE)
-            for v in range(n)
-            if v != u
-        }
-        for u in range(n)
-    ]
+    pair = secagg.all_mask_keys(keys, SESSION)
     g = torch.Generator().manual_seed(0)
     delta = {name: torch.randn(s, generator=g) * 1e-4 for name, s in layout}
 

@@ -82,14 +82,7 @@ def test_overflow_rule():
 def _clients(n: int):
     keys = [secagg.new_key() for _ in range(n)]
     pub = [secagg.public_bytes(k) for k in keys]
-    pair = [
-        {
-            v: secagg.pair_key(keys[u], pub[v], SESSION, u, v, secagg.MASK_PURPOSE)
-            for v in range(n)
-            if v != u
-        }
-        for u in range(n)
-    ]
+    pair = secagg.all_mask_keys(keys, SESSION)
     return keys, pub, pair
 
 

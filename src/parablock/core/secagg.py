@@ -149,6 +149,20 @@ def pair_key(
     return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=info).derive(shared)
 
 
+def all_mask_keys(keys: list[X25519PrivateKey], session: bytes) -> list[dict[int, bytes]]:
+    """Every party's pairwise mask keys when one process plays all of them (tests, benchmarks):
+    entry u maps each other party v to the key u and v share."""
+    pub = [public_bytes(k) for k in keys]
+    return [
+        {
+            v: pair_key(keys[u], pub[v], session, u, v, MASK_PURPOSE)
+            for v in range(len(keys))
+            if v != u
+        }
+        for u in range(len(keys))
+    ]
+
+
 def keystream(key: bytes, round: int, block: int, count: int) -> np.ndarray:
     """``count`` uint64 of ChaCha20's keystream under ``key`` for (round, block)."""
     nonce = struct.pack("<IQI", 0, round, block)  # a 32-bit block counter from 0, then ours
