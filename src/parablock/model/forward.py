@@ -153,17 +153,19 @@ class PrefixCache:
         self.check()
         missing = [i for i in idx if i not in self._states]
         fresh: dict[int, torch.Tensor] = {}
-        if missing:
-            batch = collate([data[i] for i in missing], pad_id)
-            device = next(self.view.parameters()).device
+        # Each example alone and unpadded: its cached state must not depend on which examples
+        # shared its first batch (padding changes the kernels' shapes, hence the last bits), or a
+        # resumed run, whose batches first meet the cache in another order, would not be bit-exact.
+        device = next(self.view.parameters()).device
+        for i in missing:
+            batch = collate([data[i]], pad_id)
             with torch.no_grad():
                 hidden = self.view(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                 ).last_hidden_state
-            for row, i in enumerate(missing):
-                fresh[i] = hidden[row, : len(data[i].input_ids)].clone()
-                self._keep(i, fresh[i])
+            fresh[i] = hidden[0].clone()
+            self._keep(i, fresh[i])
         return [self._states.get(i, fresh.get(i)) for i in idx]
 
     def _keep(self, i: int, state: torch.Tensor) -> None:
