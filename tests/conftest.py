@@ -94,7 +94,8 @@ def tiny_config(model_dir: str, out: str, **sections) -> Config:
     """A config that runs in about a second: tiny model, few rounds, fast links."""
     base = {
         "model": {"name_or_path": model_dir, "blocks": "all"},
-        "data": {"train_size": 32, "max_length": 320},
+        # the data and accuracy size tests were written for, whatever the defaults become
+        "data": {"source": "reasoning_gym:gsm_symbolic", "train_size": 32, "max_length": 320},
         "federation": {
             "clients": 2,
             "rounds": 4,
@@ -104,7 +105,7 @@ def tiny_config(model_dir: str, out: str, **sections) -> Config:
             "round_timeout_s": 60.0,
         },
         "link": {"up_mbps": 200.0, "down_mbps": 200.0, "latency_ms": 5.0},
-        "eval": {"size": 8, "batch_size": 4},
+        "eval": {"size": 8, "batch_size": 4, "accuracy_size": 8},
         "run": {"out": out, "seed": 0, "threads": 1},
     }
     for name, values in sections.items():
@@ -119,12 +120,14 @@ def slow_run_sets(model_dir: str, out) -> list[str]:
     return [
         f"model.name_or_path={model_dir}",
         "model.blocks=all",
+        "data.source=reasoning_gym:gsm_symbolic",
         "data.train_size=24",
         "data.max_length=320",
         "federation.rounds=30",
         "federation.batch_size=2",
         "link.latency_ms=30",
         "eval.size=4",
+        "eval.accuracy_size=8",
         f"run.out={out}",
         "run.threads=1",
     ]

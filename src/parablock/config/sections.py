@@ -91,7 +91,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = opt(
-        "reasoning_gym:gsm_symbolic",
+        "reasoning_gym:word_sequence_reversal?min_words=2&max_words=3",
         "training data, comma-separated sources with optional '@weight': "
         "'reasoning_gym:<task>[?opt=v&...]' (generated offline with run.seed), "
         "'alpaca:<file>', 'gsm8k:<file>', 'chat:<file>', 'file:<file>' or a .json/.jsonl path "
@@ -338,7 +338,7 @@ class EvalConfig:
     )
     size: int = opt(32, "held-out examples (never trained on) for the eval loss", ge=1)
     accuracy_size: int = opt(
-        8,
+        64,
         "held-out items with a checkable answer scored by greedy generation (0 = off)",
         ge=0,
     )
