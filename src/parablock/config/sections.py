@@ -271,7 +271,7 @@ class TrainConfig:
         True, "compute the LM head only on response tokens (false: on every position)"
     )
     loss_chunk: int = opt(
-        128,
+        1024,
         "positions per piece of the LM head and loss, recomputed in backward so at most one "
         "piece of logits is held (0 = one piece)",
         ge=0,
