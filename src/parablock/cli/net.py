@@ -147,9 +147,10 @@ def site_args(p) -> None:
     p.add_argument(
         "--frozen-dtype",
         default="fp32",
-        choices=("fp32", "bf16", "int8"),
+        choices=("fp32", "bf16", "int8", "nf4"),
         help="hold the weights no block trains in bf16 (about half the client's memory for "
-        "them; int8: the frozen layers' linear weights in int8 too, with torchao installed); "
+        "them; int8: the frozen layers' linear weights in int8 too, nf4: in 4-bit NormalFloat, "
+        "both with torchao installed); "
         "needs the server's train.precision to be bf16 or auto on a bf16 device; the trained "
         "blocks stay fp32 and equal to the server's; default fp32",
     )

@@ -30,7 +30,7 @@ from parablock.data.examples import DataStats
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
 from parablock.model.devices import train_device
-from parablock.model.frozen import int8_available
+from parablock.model.frozen import QUANTISED, int8_available
 from parablock.model.load import model_fingerprint
 from parablock.run.memory import peak_rss_mb
 from parablock.transport.auth import read_token
@@ -132,8 +132,8 @@ def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
         parse_faults(o.faults)  # a bad spec: one line, before anything connects
     _links(o)  # bad emulation options likewise
     train_device(o.device, "--device")  # and a device this machine does not have
-    if o.frozen_dtype == "int8":
-        int8_available()
+    if o.frozen_dtype in QUANTISED:
+        int8_available(o.frozen_dtype)
     if not 1 <= o.slowdown < math.inf:
         raise ConfigError(f"--compute-slowdown must be a finite factor >= 1, got {o.slowdown:g}")
     o.out_dir().mkdir(parents=True, exist_ok=True)
