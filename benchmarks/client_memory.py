@@ -10,8 +10,11 @@ touched) is read from the site's ``summary.json``, for each memory setting:
 - ``frozen bf16``: ``--frozen-dtype bf16`` (the weights no block trains held in bf16);
 - ``+ recompute``: also ``--recompute`` (each layer's activations recomputed in backward);
 - ``+ chunk 128``: also the server's ``train.loss_chunk=128``;
+- ``... + return-memory``: also ``--return-memory`` (large allocations mapped apart, the heap
+  trimmed after the model load and each step);
 - ``frozen int8``, ``int8 + recompute``: ``--frozen-dtype int8`` (the frozen layers' linear
-  weights in int8; only where torchao, the optional extra, is installed).
+  weights in int8), ``frozen nf4`` and the rest: ``--frozen-dtype nf4`` (in 4-bit NormalFloat);
+  only where torchao, the optional extra, is installed.
 
     .venv/bin/python benchmarks/client_memory.py            # SmolLM2, about 5 minutes
     .venv/bin/python benchmarks/client_memory.py --tiny     # seconds: a smoke check
@@ -38,10 +41,25 @@ SETTINGS = (  # label, client flags, server --set items
     ("+ recompute", ["--frozen-dtype", "bf16", "--recompute"], []),
     ("+ chunk 128", ["--frozen-dtype", "bf16", "--recompute"], ["train.loss_chunk=128"]),
 )
+CHUNK = ["train.loss_chunk=128"]
+SETTINGS += (
+    (
+        "bf16 + recompute + chunk 128 + return-memory",
+        ["--frozen-dtype", "bf16", "--recompute", "--return-memory"],
+        CHUNK,
+    ),
+)
 if importlib.util.find_spec("torchao") is not None:
     SETTINGS += (
         ("frozen int8", ["--frozen-dtype", "int8"], []),
         ("int8 + recompute", ["--frozen-dtype", "int8", "--recompute"], []),
+        ("frozen nf4", ["--frozen-dtype", "nf4"], []),
+        ("nf4 + recompute + chunk 128", ["--frozen-dtype", "nf4", "--recompute"], CHUNK),
+        (
+            "nf4 + recompute + chunk 128 + return-memory",
+            ["--frozen-dtype", "nf4", "--recompute", "--return-memory"],
+            CHUNK,
+        ),
     )
 
 
@@ -138,7 +156,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--algorithms", default="fedbcd,parablock")
-    p.add_argument("--settings", default="", help="comma list of setting labels (default: all)")
+    p.add_argument("--settings", default="", help="';'-separated setting labels (default: all)")
     p.add_argument("--tiny", action="store_true", help="a smoke check on a tiny random Llama")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
@@ -151,7 +169,7 @@ def main() -> int:
     rows = []
     for algorithm in args.algorithms.split(","):
         for label, flags, sets in SETTINGS:
-            if args.settings and label not in args.settings.split(","):
+            if args.settings and label not in args.settings.split(";"):
                 continue
             work = root / f"{algorithm}-{label.replace(' ', '_').replace('+', 'and')}"
             work.mkdir()

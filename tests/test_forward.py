@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_config
+from parablock.core.schedule import WHOLE_MODEL
 from parablock.data.examples import collate
 from parablock.model import forward as fw
-from parablock.model.blocks import block_state, freeze_all_but, model_blocks, set_block
+from parablock.model.blocks import Block, block_state, freeze_all_but, model_blocks, set_block
 from parablock.model.forward import BlockForward, first_trained_layer, resolve_precision
 from parablock.model.train import TrainSettings, train_block
 from parablock.run.runner import run
@@ -59,6 +60,38 @@ def test_fp32_loss_and_gradients_equal_the_models_own(tiny, response_logits, chu
     want = _reference(model, blocks, 2, data, idx, pad)
     f = BlockForward(model, 0, response_logits=response_logits, loss_chunk=chunk)
     _close(_loss_and_grads(model, blocks, 2, f, data, idx, pad), want, 1e-5)
+
+
+def _whole_model_block(model):
+    """fedavg_full's one block of every parameter (the tied head is the embedding, once)."""
+    return Block(0, WHOLE_MODEL, tuple(n for n, _ in model.named_parameters()))
+
+
+@pytest.mark.parametrize("chunk", [3, 128])
+def test_a_trained_tied_head_gets_its_gradient_through_the_recomputed_chunks(tiny, chunk):
+    """fedavg_full trains every parameter, the LM head too (SmolLM2's is tied to the
+    embeddings): the chunks recomputed in backward must pass the head its gradient."""
+    model, _, data, pad = tiny
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    blocks = [_whole_model_block(model)]
+    idx = [0, 5, 9]
+    want = _reference(model, blocks, 0, data, idx, pad)
+    f = BlockForward(model, 0, loss_chunk=chunk)
+    got = _loss_and_grads(model, blocks, 0, f, data, idx, pad)
+    _close(got, want, 1e-5)
+    head = blocks[0].param_names.index("model.embed_tokens.weight")
+    assert got[1][head].abs().sum() > 0
+
+
+def test_bf16_chunks_give_a_trained_head_the_gradient_of_one_piece(tiny):
+    model, _, data, pad = tiny
+    blocks = [_whole_model_block(model)]
+    idx = [0, 5, 9]
+    one = _loss_and_grads(
+        model, blocks, 0, BlockForward(model, 0, precision="bf16"), data, idx, pad
+    )
+    f = BlockForward(model, 0, precision="bf16", loss_chunk=3)
+    _close(_loss_and_grads(model, blocks, 0, f, data, idx, pad), one, 2e-2)
 
 
 def test_cached_prefix_matches_the_full_forward_and_computes_each_example_once(tiny):

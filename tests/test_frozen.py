@@ -160,3 +160,72 @@ def test_a_run_with_int8_frozen_weights_leaves_the_servers_frozen_weights_alone(
         assert p.dtype == torch.float32
         if n not in trained:
             assert torch.equal(p, base[n]), n
+
+
+def test_nf4_frozen_weights_without_torchao_are_a_one_line_error(tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    import parablock.model.frozen as frozen
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        frozen.importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else real(n, *a)
+    )
+    model = load_model(tiny_model_dir)
+    with pytest.raises(ConfigError) as e:
+        hold_frozen(model, tiny_model_dir, _trained_names(model), "nf4")
+    assert "\n" not in str(e.value) and "model.frozen_dtype=nf4 needs torchao" in str(e.value)
+
+
+def _update(model_dir: str, dtype: str) -> dict[str, torch.Tensor]:
+    from parablock.model.train import TrainSettings, train_block
+
+    model = load_model(model_dir)
+    hold_frozen(model, model_dir, _trained_names(model), dtype)
+    settings = TrainSettings(2, 4, 1e-3, precision="bf16")
+    return train_block(model, model_blocks(model)[3], _int8_data(), [[0, 1, 2, 3]] * 2, settings, 1)
+
+
+def test_nf4_frozen_layers_are_4_bit_and_the_trained_blocks_update_stays_near_bf16s(
+    tiny_model_dir,
+):
+    pytest.importorskip("torchao")
+    model = load_model(tiny_model_dir)
+    trained = _trained_names(model)
+    saved = hold_frozen(model, tiny_model_dir, trained, "nf4")
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if n in trained:  # the trained blocks stay plain fp32
+            assert type(p.data) is torch.Tensor and p.dtype == torch.float32, n
+        elif n.startswith("model.layers.") and n.endswith("proj.weight"):
+            assert hasattr(p, "quantized_data") and not p.requires_grad, n  # held as nf4
+            assert p.quantized_data.dtype == torch.uint8  # two values a byte
+            assert p.quantized_data.numel() == p.numel() // 2
+    assert params["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert saved > 0
+    model_fingerprint(model)  # the nf4 weights read as their dequantised values
+    bf16, nf4 = _update(tiny_model_dir, "bf16"), _update(tiny_model_dir, "nf4")
+    assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in nf4.delta.values())
+    # the documented tolerance: the nf4 path's upload within 40% (relative L2) of the bf16
+    # one's, and pointing the same way (cosine > 0.9)
+    a = torch.cat([bf16.delta[n].flatten() for n in sorted(bf16.delta)])
+    b = torch.cat([nf4.delta[n].flatten() for n in sorted(bf16.delta)])
+    assert 0 < ((b - a).norm() / a.norm()).item() < 0.4
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
+
+
+def test_a_run_with_nf4_frozen_weights_leaves_the_server_and_the_trained_blocks_alone(
+    tiny_model_dir, tmp_path
+):
+    pytest.importorskip("torchao")
+    sections = dict(model={"blocks": "top:2", "frozen_dtype": "nf4"}, train={"precision": "bf16"})
+    held = run(tiny_config(tiny_model_dir, str(tmp_path / "nf4"), **sections))
+    assert held["frozen_dtype"] == "nf4" and held["updates_rejected"] == 0
+    assert held["final_eval_loss"] < held["initial_eval_loss"]
+    base = dict(load_model(tiny_model_dir).named_parameters())
+    final = dict(load_model(str(tmp_path / "nf4" / "model")).named_parameters())
+    trained = _trained_names(load_model(tiny_model_dir))
+    for n, p in final.items():  # the server's model: fp32, its frozen weights the base's bits
+        assert p.dtype == torch.float32
+        if n not in trained:
+            assert torch.equal(p, base[n]), n

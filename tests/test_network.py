@@ -237,12 +237,13 @@ def test_a_site_that_holds_its_frozen_weights_in_bf16_still_ends_equal_on_the_tr
     fed = {"rounds": 4, "round_timeout_s": 60.0}
     sections = dict(federation=fed, model={"blocks": "top:2"}, train={"precision": "bf16"})
     config = _config_file(tmp_path, tiny_model_dir, "fed", **sections)
-    held = ("--frozen-dtype", "bf16", "--recompute")
+    held = ("--frozen-dtype", "bf16", "--recompute", "--return-memory")
     _federate(site, config, tiny_model_dir, tmp_path, (held, ()))
     srv = json.loads((tmp_path / "srv" / "summary.json").read_text())
     held, plain = (json.loads((tmp_path / f"site{i}" / "summary.json").read_text()) for i in (0, 1))
-    assert (held["frozen_dtype"], held["recompute"]) == ("bf16", True)
-    assert (plain["frozen_dtype"], plain["recompute"]) == ("fp32", False)
+    keys = ("frozen_dtype", "recompute", "return_memory")
+    assert tuple(held[k] for k in keys) == ("bf16", True, True)
+    assert tuple(plain[k] for k in keys) == ("fp32", False, False)
     # every client's trained blocks equal the server's; only the bf16 site's frozen rest differs
     assert held["trained_blocks_fingerprint"] == srv["trained_blocks_fingerprint"]
     assert plain["trained_blocks_fingerprint"] == srv["trained_blocks_fingerprint"]

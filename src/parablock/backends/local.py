@@ -5,6 +5,8 @@ intra-op threads are shared out so that the clients together use the machine's c
 a ``ComputeGate`` lets at most ``run.compute_slots`` clients run a training step at the same
 time (by default as many as the cores hold), so that many clients neither fight over the cores
 nor hold their training activations all at once; their rounds still interleave step by step.
+Each step ends with a trim of the C heap (``heap.py``): without it the activations a step freed
+stay resident in its thread's arena, up to one step's worth per arena.
 CPU clients share the frozen weights and, copy on write, every trained block that equals the
 global model (``shared.py``).
 """
@@ -18,6 +20,7 @@ import threading
 import torch
 
 from parablock.backends.assembly import Host, Placement, assemble, run_placed, trained_blocks
+from parablock.backends.heap import StepTrim
 from parablock.backends.shared import BlockStore, FrozenShare
 from parablock.core.metrics import ClientLog
 from parablock.errors import RunStopped
@@ -70,7 +73,9 @@ def run_local(
     torch.set_num_threads(n_threads)
     slots = step_slots(n_threads, compute_slots)
     cpu_clients = sum(p.train_device().type == "cpu" for p in placements)
-    gate = ComputeGate(slots) if slots < cpu_clients else None  # else it never waits
+    # at most ``slots`` steps at once (a gate with as many slots as clients never waits), and
+    # a trim after each step: what it freed goes back before another client's step (heap.py)
+    gate = StepTrim(ComputeGate(slots) if slots < cpu_clients else None) if cpu_clients else None
     share = FrozenShare()
     store = BlockStore() if share_blocks else None
 

@@ -147,9 +147,10 @@ def site_args(p) -> None:
     p.add_argument(
         "--frozen-dtype",
         default="fp32",
-        choices=("fp32", "bf16", "int8"),
+        choices=("fp32", "bf16", "int8", "nf4"),
         help="hold the weights no block trains in bf16 (about half the client's memory for "
-        "them; int8: the frozen layers' linear weights in int8 too, with torchao installed); "
+        "them; int8: the frozen layers' linear weights in int8 too, nf4: in 4-bit NormalFloat, "
+        "both with torchao installed); "
         "needs the server's train.precision to be bf16 or auto on a bf16 device; the trained "
         "blocks stay fp32 and equal to the server's; default fp32",
     )
@@ -158,6 +159,13 @@ def site_args(p) -> None:
         action="store_true",
         help="keep only each layer's input during a step and recompute the layer in backward: "
         "far less activation memory, about a quarter more compute, the same results",
+    )
+    p.add_argument(
+        "--return-memory",
+        action="store_true",
+        help="give freed memory back to the system as it goes: allocations of 256 KiB or more "
+        "mapped apart (glibc's M_MMAP_THRESHOLD) and the heap trimmed after loading the model "
+        "and after each step (glibc only; a lower peak, a little more time)",
     )
     p.add_argument(
         "--reconnect-s",
@@ -202,6 +210,7 @@ def site_options(args, **transport):
         slowdown=args.compute_slowdown,
         frozen_dtype=args.frozen_dtype,
         recompute=args.recompute,
+        return_memory=args.return_memory,
         reconnect_s=args.reconnect_s,
         faults=args.faults,
         stall_s=args.stall_s,

@@ -82,9 +82,10 @@ class ModelConfig:
         "clients hold the weight matrices no block trains in this dtype: bf16 halves their "
         "memory and, under the bf16 forward, computes the same products (the embedding rows are "
         "rounded to bf16); int8 also holds the frozen layers' linear weights in int8 (torchao, "
-        "an optional extra; the deltas then differ slightly); trained blocks, the server and "
-        "evaluation stay fp32",
-        choices=("fp32", "bf16", "int8"),
+        "an optional extra; the deltas then differ slightly); nf4 holds them in 4-bit "
+        "NormalFloat instead (torchao too; the deltas differ more); trained blocks, the server "
+        "and evaluation stay fp32",
+        choices=("fp32", "bf16", "int8", "nf4"),
     )
 
 

@@ -63,7 +63,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def autocast(precision: str, device: torch.device):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # No cast cache: it would share one bf16 copy of a trained weight (only those are
+        # cached) between the head's chunks, summing their gradients in bf16, and the cache is
+        # process-wide, so whether two chunks share it depended on the other clients' threads
+        # (a trained head's result was not reproducible). Each use casts its own copy instead.
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext()
 
 
@@ -228,7 +232,9 @@ def response_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     for hp, yp, wp in zip(h.split(chunk), y.split(chunk), w.split(chunk), strict=True):
         if hp.requires_grad:
-            total = total + checkpoint(piece, hp, yp, wp, use_reentrant=False)
+            total = total + checkpoint(
+                piece, hp, yp, wp, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             total = total + piece(hp, yp, wp)
     return total, count

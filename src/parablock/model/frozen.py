@@ -17,7 +17,9 @@ frozen decoder layers are held as int8 with one scale per row through torchao (a
 extra; absent, a one-line error), about half their bf16 bytes again. The products then differ
 from the bf16 ones by the rounding of those weights, so a client's deltas differ slightly from a
 bf16 client's (tested within a tolerance, docs/scaling.md); the trained blocks, their updates
-and the server's model stay fp32 and plain.
+and the server's model stay fp32 and plain. ``nf4`` holds the same weights in QLoRA's 4-bit
+NormalFloat instead (torchao's ``NF4Tensor``, a quarter of their bf16 bytes and a little more):
+the deltas differ more from bf16's (tested within a looser tolerance).
 
 Memory: transformers maps a safetensors file and reads a tensor's pages only when it is touched,
 and the pages it touched stay resident while the mapping lives. Converting through the mapping
@@ -48,7 +50,10 @@ from parablock.model.load import model_fingerprint, resolve
 
 log = logging.getLogger(__name__)
 
-FROZEN_DTYPES = ("fp32", "bf16", "int8")
+FROZEN_DTYPES = ("fp32", "bf16", "int8", "nf4")
+QUANTISED = ("int8", "nf4")  # the dtypes that need torchao
+NF4_BLOCK = 64  # values per nf4 scale (QLoRA's)
+NF4_SCALER_BLOCK = 256  # scales per second-level scale, or the largest power of two that divides
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -150,29 +155,28 @@ def hold_frozen(
         embed.register_forward_hook(_fp32_output)  # the residual stream stays fp32
     if dtype == "int8":
         saved += _int8_layers(model, keep)
+    elif dtype == "nf4":
+        saved += _nf4_layers(model, keep)
     log.info("frozen weights held in %s: %.0f MB saved", dtype, saved / 2**20)
     return saved
 
 
-def int8_available() -> None:
-    """A one-line ConfigError unless torchao, which ``model.frozen_dtype=int8`` uses, is here."""
+def int8_available(dtype: str = "int8") -> None:
+    """A one-line ConfigError unless torchao, which ``model.frozen_dtype=int8`` and ``nf4``
+    use, is here."""
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError(
-            "model.frozen_dtype=int8 needs torchao, an optional extra (scripts/install.sh int8, "
-            "or pip install 'parablock[int8]'); use bf16 or fp32 without it"
+            f"model.frozen_dtype={dtype} needs torchao, an optional extra (scripts/install.sh "
+            "int8, or pip install 'parablock[int8]'); use bf16 or fp32 without it"
         )
 
 
-def _int8_layers(model: nn.Module, trained: set[str]) -> int:
-    """The frozen decoder layers' linear weights (already bf16) as int8 with one scale per row
-    (torchao's weight-only int8; the matmul dequantises, the input gradient still flows). The
-    embedding and the LM head stay bf16 (a tied head is the embedding itself)."""
-    int8_available()
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
+def _frozen_linears(model: nn.Module, trained: set[str]) -> set[str]:
+    """The names of the frozen decoder layers' linear modules whose weights are bf16 already
+    (the embedding and the LM head are not among them: a tied head is the embedding itself)."""
     layers = model.get_decoder().layers
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
-    frozen = {
+    return {
         n
         for n, m in model.named_modules()
         if n.startswith(prefix)
@@ -180,9 +184,45 @@ def _int8_layers(model: nn.Module, trained: set[str]) -> int:
         and f"{n}.weight" not in trained
         and m.weight.dtype == torch.bfloat16
     }
+
+
+def _int8_layers(model: nn.Module, trained: set[str]) -> int:
+    """The frozen decoder layers' linear weights (already bf16) as int8 with one scale per row
+    (torchao's weight-only int8; the matmul dequantises, the input gradient still flows)."""
+    int8_available()
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    frozen = _frozen_linears(model, trained)
     saved = sum(m.weight.numel() for n, m in model.named_modules() if n in frozen)
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in frozen)
     for n, m in model.named_modules():
         if n in frozen:
             m.weight.requires_grad_(False)
     return saved - 4 * sum(m.weight.shape[0] for n, m in model.named_modules() if n in frozen)
+
+
+def _nf4_layers(model: nn.Module, trained: set[str]) -> int:
+    """The frozen decoder layers' linear weights (already bf16) in 4-bit NormalFloat, QLoRA's
+    format: one scale per 64 values, the scales themselves in 8 bits per ``NF4_SCALER_BLOCK``
+    (torchao's ``NF4Tensor``; a linear dequantises its weight to the input's dtype, the input
+    gradient still flows, the weight never gets one). A weight whose size is not a multiple of
+    the block stays bf16. About 0.53 bytes a value against bf16's 2."""
+    int8_available("nf4")
+    from torchao.quantization import to_nf4
+
+    saved = 0
+    modules = dict(model.named_modules())
+    for n in sorted(_frozen_linears(model, trained)):
+        m = modules[n]
+        w = m.weight.data
+        blocks = w.numel() // NF4_BLOCK
+        if w.numel() % NF4_BLOCK or w.dim() != 2:
+            continue
+        scaler = NF4_SCALER_BLOCK
+        while blocks % scaler:
+            scaler //= 2
+        q = to_nf4(w.contiguous(), NF4_BLOCK, scaler)
+        m.weight = nn.Parameter(q, requires_grad=False)
+        kept = q.quantized_data.numel() + q.quantized_scalers.numel() + 4 * (blocks // scaler)
+        saved += w.numel() * 2 - kept
+    return saved

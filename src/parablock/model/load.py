@@ -247,8 +247,8 @@ def model_fingerprint(model: torch.nn.Module, names: set[str] | None = None) -> 
         if names is not None and name not in names:
             continue
         t = p.detach()
-        if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantised frozen weight
-            t = t.dequantize()
+        if type(t) is not torch.Tensor:  # a quantised frozen weight: its dequantised value
+            t = t.get_original_weight() if hasattr(t, "get_original_weight") else t.dequantize()
         t = t.contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy())

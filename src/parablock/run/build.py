@@ -21,7 +21,7 @@ from parablock.errors import ConfigError, RunDirError, RunInterrupted  # noqa: F
 from parablock.model.blocks import block_nbytes
 from parablock.model.devices import train_device
 from parablock.model.forward import resolve_precision
-from parablock.model.frozen import int8_available
+from parablock.model.frozen import QUANTISED, int8_available
 from parablock.model.load import load_model, load_tokenizer, model_fingerprint
 from parablock.run.settings import lora_settings, placement, privacy_plan, run_settings
 
@@ -113,8 +113,10 @@ def prepare(cfg: Config, serve: bool = False) -> Federation:
     if cfg.run.client_devices and not serve:  # (a local run: the config checks that)
         for d in sorted(set(cfg.client_devices())):
             train_device(d, "run.client_devices")  # one line now, before the model loads
-    if cfg.model.frozen_dtype == "int8" and not serve:
-        int8_available()  # the clients of this process need torchao: say so before loading
+    if cfg.model.frozen_dtype in QUANTISED and not serve:
+        int8_available(
+            cfg.model.frozen_dtype
+        )  # the clients of this process need torchao: say so before loading
     torch.manual_seed(seed)
     model = load_model(cfg.model.name_or_path)
     fingerprint = model_fingerprint(model) if serve else ""  # of the base, before any adapter

@@ -8,10 +8,11 @@ memory earlier runs freed is given back; where it cannot, the process-wide peak 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import resource
 from pathlib import Path
+
+from parablock.backends.heap import trim
 
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
@@ -22,18 +23,6 @@ def _release() -> None:
     allocator keeps freed heap (about 2 GB after a fedavg_full run of SmolLM2) until trimmed."""
     gc.collect()
     trim()
-
-
-def trim() -> None:
-    """Return the C allocator's free pages to the system (glibc; elsewhere nothing to do).
-
-    A client's threads (computation, communication, gRPC) each allocate from their own arena,
-    and freed pages inside an arena stay resident until trimmed: a SmolLM2 client grew by
-    about 100 MB a round without this, trimmed at every barrier it stays flat."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def reset_peak() -> bool:

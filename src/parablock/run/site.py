@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from parablock.backends.assembly import MAX_RESTARTS, Host, Placement, assemble
+from parablock.backends.heap import StepTrim, return_memory, trim
 from parablock.core.algorithms import run_client
 from parablock.core.checkpoint import CheckpointStore, ClientState
 from parablock.core.client import Client
@@ -29,9 +30,9 @@ from parablock.data.examples import DataStats
 from parablock.data.sources import client_records
 from parablock.errors import ClientRestart, ConfigError, ServerGone, Unreachable
 from parablock.model.devices import train_device
-from parablock.model.frozen import int8_available
+from parablock.model.frozen import QUANTISED, int8_available
 from parablock.model.load import model_fingerprint
-from parablock.run.memory import peak_rss_mb, trim
+from parablock.run.memory import peak_rss_mb
 from parablock.transport.auth import read_token
 from parablock.transport.certs import read_pem
 from parablock.transport.faults import parse as parse_faults
@@ -68,6 +69,7 @@ class SiteOptions:
     slowdown: float = 1.0  # emulate a slower device: compute takes this many times longer
     frozen_dtype: str = "fp32"  # bf16: the weights no block trains, half the memory (frozen.py)
     recompute: bool = False  # recompute each layer's activations in backward (less memory)
+    return_memory: bool = False  # large allocations mapped apart, a trim after each step (heap.py)
     reconnect_s: float = 300.0  # how long to keep trying to rejoin after losing the server
     faults: str = ""  # run.faults syntax: this client's uploads go wrong on purpose (tests)
     stall_s: float = STALL_S  # how long an injected stall lasts
@@ -130,12 +132,14 @@ def run_site(o: SiteOptions, connect: Connect | None = None) -> dict:
         parse_faults(o.faults)  # a bad spec: one line, before anything connects
     _links(o)  # bad emulation options likewise
     train_device(o.device, "--device")  # and a device this machine does not have
-    if o.frozen_dtype == "int8":
-        int8_available()
+    if o.frozen_dtype in QUANTISED:
+        int8_available(o.frozen_dtype)
     if not 1 <= o.slowdown < math.inf:
         raise ConfigError(f"--compute-slowdown must be a finite factor >= 1, got {o.slowdown:g}")
     o.out_dir().mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(o.threads or os.cpu_count() or 1)
+    if o.return_memory:
+        return_memory()
     state = {"joined": False, "lost_at": None, "crashes": 0}
 
     def on_joined() -> None:
@@ -202,7 +206,7 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         metrics.write(json.dumps(r.to_json()) + "\n")
         metrics.flush()
         log.info("client %d %s", c.id, describe(r, len(c.plan)))
-        trim()  # give back what the round freed (run/memory.py)
+        trim()  # give back what the round freed (backends/heap.py)
 
     stats = DataStats()
     p = placement(o, state)
@@ -210,8 +214,15 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         client, reply = assemble(
             p,
             connect(p.uplink, p.downlink),
-            Host(on_barrier=on_barrier, data_stats=stats, fault_plans=_PLANS),
+            Host(
+                gate=StepTrim() if o.return_memory else None,
+                on_barrier=on_barrier,
+                data_stats=stats,
+                fault_plans=_PLANS,
+            ),
         )
+        if o.return_memory:
+            trim()  # what loading and converting the model freed
     except BaseException:
         metrics.close()
         raise
@@ -250,6 +261,7 @@ def _session(o: SiteOptions, connect: Connect, on_joined) -> dict:
         "device": str(p.train_device()),
         "frozen_dtype": o.frozen_dtype,
         "recompute": o.recompute,
+        "return_memory": o.return_memory,
         "peak_rss_mb": peak_rss_mb(),  # this process: the model, data, training (run/memory.py)
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
