@@ -120,6 +120,8 @@ def _value(v: typing.Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return v
+    if isinstance(v, tuple):  # a list of strings, as TOML writes it
+        return "[" + ", ".join(f'"{x}"' for x in v) + "]"
     return repr(v)
 
 
