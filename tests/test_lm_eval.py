@@ -21,6 +21,7 @@ from parablock.evaluation.tasks import parse_tasks, prepare  # noqa: E402
 from parablock.run.rundir import _free  # noqa: E402
 from parablock.run.runner import run  # noqa: E402
 from parablock.tools.compare import markdown, table_rows  # noqa: E402
+from parablock.tools.status import summary_table  # noqa: E402
 
 SHARED_TEST = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -132,6 +133,8 @@ def test_a_run_scores_its_tasks_before_and_after_training_and_compare_shows_them
     score = summary["final_lm_eval"]["syllogism_choice"]["score"]
     assert row["final_lm_eval"] == f"syllogism_choice {score:.3f}"
     assert "final lm-eval (eval.tasks)" in markdown([row])
+    before = summary["initial_lm_eval"]["syllogism_choice"]["score"]
+    assert f"syllogism_choice  {before:.3f} -> {score:.3f}" in summary_table({"r": saved}, "done:")
 
 
 def test_parablock_eval_prints_json_and_writes_out(tiny_model_dir, tmp_path, capsys):
