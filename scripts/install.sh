@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install ParaBlock offline-friendly:
 #   scripts/install.sh        the package and everything `parablock run` needs (Ray, Flower,
-#                             TensorBoard and prometheus-client included)
+#                             TensorBoard, prometheus-client and lm-evaluation-harness included)
 #   scripts/install.sh test   plus the test tools
 #   scripts/install.sh int8   plus torchao, for model.frozen_dtype=int8 (combine: test int8)
 # torch is pinned in the same pip command as the rest (a CPU wheel; an unpinned torch would pull a
@@ -9,7 +9,7 @@
 # dependencies compile llama.cpp, which ParaBlock does not use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="ui,ray,flower,observe"
+extras="ui,ray,flower,observe,lmeval"
 for extra in "$@"; do
   case "$extra" in
     test | int8) extras="${extras},${extra}" ;;

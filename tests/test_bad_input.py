@@ -332,3 +332,25 @@ def test_distinct_records_drop_nothing(tmp_path):
     stats = DataStats()
     train, heldout = train_and_heldout(str(f), 16, 4, 0, stats=stats)
     assert (len(train), len(heldout), stats.heldout_duplicates) == (16, 4, 0)
+
+
+# -- 10. standard evaluation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, part",
+    [
+        (["--tasks", "mmlu"], "unknown kind 'mmlu'; valid: gsm8k:PATH.jsonl"),
+        (["--tasks", "gsm8k:missing.jsonl"], "no such file missing.jsonl"),
+        (["--tasks", "syllogism_choice", "--batch-size", "0"], "--batch-size=0 must be >= 1"),
+    ],
+)
+def test_parablock_eval_bad_input_is_one_line_exit_2_via_the_cli(
+    tiny_model_dir, tmp_path, args, part
+):
+    _one_line_exit_2(_cli("eval", tiny_model_dir, *args, cwd=tmp_path), part)
+
+
+def test_a_bad_eval_task_in_a_run_config_is_one_line_exit_2(tmp_path):
+    proc = _cli("run", *_sets("eval.tasks=syllogism_choice,bogus:x"), cwd=tmp_path)
+    _one_line_exit_2(proc, "evaluation task 'bogus:x': unknown kind 'bogus'")

@@ -103,6 +103,8 @@ def _row(section: str, f: dataclasses.Field, hint: typing.Any) -> str:
         if isinstance(hint, str) and value is not dataclasses.MISSING:
             hint = type(value)  # an annotation that could not be resolved
         kind = getattr(hint, "__name__", str(hint))
+        if typing.get_origin(hint) is tuple:
+            kind = "list of str"  # a TOML array, or a comma list with --set
         default = _value(value)
     cells = [
         f'<a id="{key}"></a>`{key}`',
@@ -120,6 +122,8 @@ def _value(v: typing.Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return v
+    if isinstance(v, tuple):  # a list of strings, as TOML writes it
+        return "[" + ", ".join(f'"{x}"' for x in v) + "]"
     return repr(v)
 
 

@@ -6,7 +6,7 @@ Expected user errors (bad config, missing model, bad data, unusable run director
 Subcommands: ``run`` (the simulator), ``server`` / ``client`` / ``certs`` (a real networked
 federation, cli_net.py), ``compare`` (every algorithm on one config, table and plots), ``report``
 (plots from run directories), ``status`` (where a run stands, from its files), ``estimate`` (the
-timing model), ``generate`` (try a model).
+timing model), ``generate`` (try a model), ``eval`` (standard benchmarks, cli/evaluate.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from parablock.cli import evaluate as cli_evaluate
 from parablock.cli import flower as cli_flower
 from parablock.cli import net as cli_net
 from parablock.config import help_text, load
@@ -176,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="0 (the default) = greedy decoding"
     )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
+    cli_evaluate.add_parsers(sub)
     cli_net.add_parsers(sub, _config_args)
     cli_flower.add_parsers(sub, _config_args)
     return p
@@ -326,6 +328,7 @@ COMMANDS = {
     "status": _status,
     "estimate": _estimate,
     "generate": _generate,
+    "eval": cli_evaluate.evaluate,
 }
 
 

@@ -94,6 +94,10 @@ class Config:
             )
         _check_algorithm(self)
         _check_devices(self)
+        if self.eval.tasks:
+            from parablock.evaluation.tasks import parse_tasks
+
+            parse_tasks(self.eval.tasks)  # a bad spec: one line naming it, before anything loads
         if self.run.faults:
             from parablock.transport.faults import parse
 

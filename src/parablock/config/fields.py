@@ -111,6 +111,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if f.metadata.get("per_client"):
         return _per_client(key, value)
     kind = type(f.default)
+    if kind is tuple:
+        return _str_list(key, value)
     if isinstance(value, str) and kind is not str:
         text = value.strip()
         try:
@@ -129,6 +131,16 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key} expects {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    """A TOML array of strings, or a comma list in one string (as ``--set`` gives it)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(
+            f"{key} expects a list of strings or a comma list in one string, got {value!r}"
+        )
+    return tuple(v.strip() for v in items if v.strip())
 
 
 def _per_client(key: str, value: Any) -> tuple[float, ...]:

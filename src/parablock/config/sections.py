@@ -357,6 +357,13 @@ class EvalConfig:
         "per item; finished items leave the batch)",
         ge=1,
     )
+    tasks: tuple[str, ...] = opt(
+        (),
+        "standard benchmarks run on the global model before and after training through the "
+        "lm-evaluation-harness (local files only): a list of task specs, or a comma list with "
+        "--set, e.g. ['gsm8k:test.jsonl', 'reasoning_gym:basic_arithmetic', 'syllogism_choice']",
+    )
+    tasks_size: int = opt(64, "items per eval.tasks task", ge=1)
 
 
 @dataclass(frozen=True)

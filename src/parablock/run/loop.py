@@ -136,6 +136,7 @@ def train(
         evals += evaluate_history(cfg, history, server, evaluate, point)
         log.info("after training: %s", describe_eval(evals[-1]))
     initial, final = (evals[0], evals[-1]) if evals else (None, None)
+    final_lm = standard_eval(cfg, model, tokenizer, "after training")
 
     agg = server.stats.aggregate_s
     summary = summarize(
@@ -158,6 +159,8 @@ def train(
         final_eval_accuracy_ci=final and _interval(final),
         eval_loss_size=len(f.heldout),
         eval_accuracy_size=len(evaluate.accuracy_records) if evaluate else 0,
+        initial_lm_eval=read_lm_eval(out).get("initial"),
+        final_lm_eval=final_lm,
         updates_accepted=server.stats.accepted,
         updates_rejected=len(server.stats.rejected),
         clients_dropped=server.stats.dropped,
@@ -275,6 +278,35 @@ def evaluate_history(
     return results
 
 
+LM_EVAL_FILE = "lm_eval.json"  # eval.tasks' results, the base model's from the run's start
+
+
+def standard_eval(cfg: Config, model, tokenizer, when: str, out: Path | None = None) -> dict | None:
+    """eval.tasks on the global model through the lm-evaluation-harness (None without tasks);
+    given ``out``, also recorded there as the base model's, so that a resume still has them."""
+    ev = cfg.eval
+    if not ev.tasks:
+        return None
+    from parablock.evaluation.harness import HarnessSettings, describe, run_tasks
+
+    settings = HarnessSettings(
+        size=ev.tasks_size,
+        batch_size=ev.generate_batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        seed=cfg.run.seed,
+    )
+    results = run_tasks(model, tokenizer, ev.tasks, settings)
+    log.info("%s: %s", when, describe(results))
+    if out is not None:
+        (out / LM_EVAL_FILE).write_text(json.dumps({"initial": results}, indent=2) + "\n")
+    return results
+
+
+def read_lm_eval(out: Path) -> dict:
+    path = out / LM_EVAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_final(out: Path, evals: list[EvalResult], summary: dict) -> None:
     """What only a finished run has: every evaluation's answers, then the summary (last: its
     presence marks the run finished)."""
@@ -282,6 +314,9 @@ def write_final(out: Path, evals: list[EvalResult], summary: dict) -> None:
         for e in evals:
             for item in e.items:
                 f.write(json.dumps(item) + "\n")
+    if summary.get("final_lm_eval") is not None:
+        lm = {"initial": summary["initial_lm_eval"], "final": summary["final_lm_eval"]}
+        (out / LM_EVAL_FILE).write_text(json.dumps(lm, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -108,6 +108,8 @@ def locked(out: Path):
 # What a resume may change: these pace, place or log the run (or say how often to evaluate
 # it), never what it computes. Every other key is refused (a new key too, until listed here);
 # federation.rounds has its own rule (``check_rounds``).
+# eval.tasks and eval.tasks_size are refused too: the base model was scored with them at the
+# run's start (lm_eval.json), and the final scores must measure the same thing.
 RESUME_FREE = (
     "run.log_level",
     "run.threads",

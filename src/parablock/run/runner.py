@@ -41,7 +41,7 @@ from parablock.evaluation.evaluate import (
     Evaluator,
 )
 from parablock.run.build import prepare
-from parablock.run.loop import describe_eval, train
+from parablock.run.loop import describe_eval, standard_eval, train
 from parablock.run.memory import reset_peak
 from parablock.run.rundir import (
     check_rounds,
@@ -173,6 +173,7 @@ def _run(
         evals = [evaluate(model, -1, 0.0)] if evaluate is not None else []
         if evals:
             log.info("base model: %s", describe_eval(evals[0]))
+        standard_eval(cfg, model, tokenizer, "base model", out)
         started_at = time.time()
         if store is not None:
             store.save_run(started_at, evals[0].to_json() if evals else None)

@@ -53,6 +53,7 @@ COLUMNS = (
     ("final_eval_loss", "final held-out loss", "{:.4f}"),
     ("final_eval_accuracy", "final held-out accuracy", "{:.4f}"),
     ("final_eval_accuracy_ci", "accuracy 95% CI", "{0[0]:.3f}-{0[1]:.3f}"),
+    ("final_lm_eval", "final lm-eval (eval.tasks)", "{}"),
     ("time_to_target_s", "time to target (s)", "{:.2f}"),
     ("rounds_to_target", "rounds to target", "{}"),
     ("bytes_per_round", "bytes/round", "{:,.0f}"),
@@ -93,6 +94,7 @@ def table_rows(
     for alg, s in summaries.items():
         row = {key: s.get(key) for key, _, _ in COLUMNS}
         row["algorithm"] = alg
+        row["final_lm_eval"] = lm_eval_text(s.get("final_lm_eval"))
         row["run_dir"] = s.get("run_dir")
         row["speedup"] = _ratio(base, s, "mean_round_s")
         row["speedup_wall"] = _ratio(base, s, "wall_time_s")
@@ -108,6 +110,16 @@ def table_rows(
             row["reached_target"] = reached is not None
         rows.append(row)
     return rows
+
+
+def lm_eval_text(results: dict | None) -> str | None:
+    """eval.tasks' headline scores in one cell, e.g. 'gsm8k 0.031, syllogism_choice 0.297'."""
+    if not results:
+        return None
+    return ", ".join(
+        f"{key} {'-' if r.get('score') is None else format(r['score'], '.3f')}"
+        for key, r in results.items()
+    )
 
 
 def eval_notes(runs: dict[str, RunData]) -> list[str]:

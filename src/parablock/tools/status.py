@@ -289,6 +289,8 @@ def summary_table(summaries: dict[str, dict], title: str) -> str:
     ]
     if any(s.get("final_eval_accuracy") is not None for s in cols):
         rows.append(row("accuracy", _accuracy_change))
+    for task in dict.fromkeys(t for s in cols for t in s.get("final_lm_eval") or {}):
+        rows.append(row(task, lambda s, task=task: _lm_eval_change(s, task)))  # eval.tasks
     rows += [
         row(
             "bytes up/down", lambda s: f"{megabytes(s['bytes_up'])} / {megabytes(s['bytes_down'])}"
@@ -316,6 +318,16 @@ def _change(s: dict, key: str, fmt: str) -> str:
     if b is None:
         return "-"
     return (fmt.format(a) + " -> " if a is not None else "") + fmt.format(b)
+
+
+def _lm_eval_change(s: dict, task: str) -> str:
+    """One eval.tasks task's headline score, before -> after training."""
+    a, b = (
+        (s.get(k) or {}).get(task, {}).get("score") for k in ("initial_lm_eval", "final_lm_eval")
+    )
+    if b is None:
+        return "-"
+    return (f"{a:.3f} -> " if a is not None else "") + f"{b:.3f}"
 
 
 def _accuracy_change(s: dict) -> str:
