@@ -189,3 +189,22 @@ def test_the_servers_bound_widens_for_carried_moments(tiny_model_dir):
     warm = {"rounds": 8, "warmup_steps": 4, "lr_schedule_scope": "run"}
     w = _honest_bound(run_settings(tiny_config(tiny_model_dir, "o", federation=warm), [0] * 8))
     assert w.reach == pytest.approx(a.reach)
+
+
+def test_both_settings_reach_every_client_in_the_join_reply(tiny_model_dir):
+    """Local, Ray, networked and Flower clients are all built from the join's RunSettings
+    (``backends/assembly.py``): the two keys travel in it, and a bad value is refused there."""
+    import json
+
+    from parablock.wire.messages import MessageError
+    from parablock.wire.protocol import JoinReply
+
+    fed = {"optimizer_state": "per_block", "lr_schedule_scope": "run", "rounds": 5}
+    s = run_settings(tiny_config(tiny_model_dir, "o", federation=fed), [0, 1, 2, 3, 0])
+    back = JoinReply.from_bytes(JoinReply(1, s, 0, False, {}).to_bytes()).settings
+    train = back.train_settings()
+    assert (train.optimizer_state, train.lr_schedule_scope, train.rounds) == ("per_block", "run", 5)
+    raw = json.loads(JoinReply(1, s, 0, False, {}).to_bytes())
+    raw["settings"]["optimizer_state"] = "keep"
+    with pytest.raises(MessageError):
+        JoinReply.from_bytes(json.dumps(raw).encode())
