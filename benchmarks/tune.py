@@ -94,7 +94,7 @@ def config(
         },
         **({"lora": {"lr": lr}} if lora else {}),
         "link": {"up_mbps": 40.0, "down_mbps": 40.0, "latency_ms": 20.0},
-        "eval": {"every": 1, "size": args.eval_size, "accuracy_size": 0},
+        "eval": {"every": args.eval_every, "size": args.eval_size, "accuracy_size": 0},
         "run": {"out": str(out), "seed": 0, "log_level": "warning"},
     }
 
@@ -201,6 +201,9 @@ def main() -> int:
     ap.add_argument("--train-size", type=int, default=64, help="per client")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-size", type=int, default=32)
+    ap.add_argument(
+        "--eval-every", type=int, default=1, help="0: the base and final models only (faster)"
+    )
     ap.add_argument("--budget-s", type=float, default=0.0, help="default: the shortest wall time")
     ap.add_argument("--skip-parablock-extras", action="store_true", help="only the lr grid")
     ap.add_argument("--out", default="bench-out/tune", help="where tune.json goes")
