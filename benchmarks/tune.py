@@ -61,6 +61,8 @@ POINTS = {
     # fedbcd has no link to overlap, so local_steps_max is no lever for it: equal rounds
     "fedbcd-perblock": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "per_block"},
     "perblock": {**LEVERS, "optimizer_state": "per_block"},  # fedbcd-perblock's steps
+    "reset": {**LEVERS, "optimizer_state": "reset"},  # the same without the carried state
+    "fedbcd-reset": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "reset"},
     "perblock-cosine-run": {
         **LEVERS,
         "lr": 3e-3,
