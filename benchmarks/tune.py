@@ -14,8 +14,15 @@ Then the issue's comparison of the tuned methods: the time ParaBlock takes to re
 final (``--rounds``-round) loss against fedit_lora's own wall time (target <= 0.5x) and both final
 losses (target: ParaBlock lower). Runs go one at a time in this process (``runner.run``).
 
+``--points`` runs named points instead of the grid (``POINTS``: ParaBlock's quality per second,
+the levers beyond the defaults: optimizer state per block, elastic local steps, a run-long
+schedule), each merged by name into ``OUT/points.json``, so a few at a time can be run in
+separate processes; ``--report`` prints that file's table without running anything.
+
     .venv/bin/python benchmarks/tune.py             # about 25 min on 2 cores
     .venv/bin/python benchmarks/tune.py --quick     # a tiny random Llama: checks the script
+    .venv/bin/python benchmarks/tune.py --points default,perblock-lsm8   # one or two minutes each
+    .venv/bin/python benchmarks/tune.py --report
 """
 
 from __future__ import annotations
@@ -44,7 +51,32 @@ LRS = {
 }
 
 
-def config(args, out: Path, algorithm: str, lr: float, steps: int, blocks: str) -> dict:
+# Named points (``--points``): federation overrides, plus "blocks" (model.blocks). "default" is
+# the shipped defaults; the rest share lr 2e-3, batch 2 and top:4, and change one lever each.
+LEVERS = {"algorithm": "parablock", "lr": 2e-3, "batch_size": 2, "blocks": "top:4"}
+POINTS = {
+    "default": {"algorithm": "parablock"},
+    "perblock-lsm8": {**LEVERS, "optimizer_state": "per_block", "local_steps_max": 8},
+    "reset-lsm8": {**LEVERS, "optimizer_state": "reset", "local_steps_max": 8},
+    # fedbcd has no link to overlap, so local_steps_max is no lever for it: equal rounds
+    "fedbcd-perblock": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "per_block"},
+    "perblock": {**LEVERS, "optimizer_state": "per_block"},  # fedbcd-perblock's steps
+    "reset": {**LEVERS, "optimizer_state": "reset"},  # the same without the carried state
+    "fedbcd-reset": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "reset"},
+    "perblock-cosine-run": {
+        **LEVERS,
+        "lr": 3e-3,
+        "optimizer_state": "per_block",
+        "lr_schedule": "cosine",
+        "lr_schedule_scope": "run",
+        "warmup_steps": 4,
+    },
+}
+
+
+def config(
+    args, out: Path, algorithm: str, lr: float, steps: int, blocks: str, **federation
+) -> dict:
     lora = algorithm == "fedit_lora"
     return {
         "model": {"name_or_path": args.model, "blocks": blocks},
@@ -60,10 +92,11 @@ def config(args, out: Path, algorithm: str, lr: float, steps: int, blocks: str) 
             "local_steps": steps,
             "batch_size": args.batch_size,
             **({} if lora else {"lr": lr}),
+            **federation,
         },
         **({"lora": {"lr": lr}} if lora else {}),
         "link": {"up_mbps": 40.0, "down_mbps": 40.0, "latency_ms": 20.0},
-        "eval": {"every": 1, "size": args.eval_size, "accuracy_size": 0},
+        "eval": {"every": args.eval_every, "size": args.eval_size, "accuracy_size": 0},
         "run": {"out": str(out), "seed": 0, "log_level": "warning"},
     }
 
@@ -89,6 +122,72 @@ def point(args, work: Path, algorithm: str, lr: float, steps: int = 4, blocks: s
     }
 
 
+def named_point(args, work: Path, name: str) -> dict:
+    """One of ``POINTS``: the shipped defaults, changed by what the point names."""
+    spec = dict(POINTS[name])
+    algorithm, blocks = spec.pop("algorithm"), spec.pop("blocks", "top:8")
+    lr = spec.pop("lr", 1e-3)
+    out = work / name
+    s = run(from_dict(config(args, out, algorithm, lr, 4, blocks, **spec)))
+    print(
+        f"  {name}: final loss {s['final_eval_loss']:.4f}, wall {s['wall_time_s']:.1f}s", flush=True
+    )
+    data = load_run(out)
+    steps = [r.get("steps", 0) for r in data.client_rounds if not r.get("drain")]
+    series = eval_series(data)
+    return {
+        "name": name,
+        "algorithm": algorithm,
+        "lr": lr,
+        "blocks": blocks,
+        "settings": POINTS[name],
+        "dir": str(out),
+        "final": s["final_eval_loss"],
+        "base": s["initial_eval_loss"],
+        "wall_s": s["wall_time_s"],
+        "mean_steps": sum(steps) / len(steps) if steps else 0.0,
+        # (wall s, held-out loss) after each round
+        "series": [
+            [t, x] for t, x in zip(series.times, series.losses, strict=True) if t is not None
+        ],
+    }
+
+
+def run_points(args, work: Path) -> int:
+    names = [n.strip() for n in args.points.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POINTS]
+    if unknown:
+        print(f"unknown point(s) {', '.join(unknown)}; known: {', '.join(POINTS)}")
+        return 2
+    path = Path(args.out) / "points.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        got = named_point(args, work, name)
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        saved[name] = got
+        path.write_text(json.dumps(saved, indent=2))
+    return report(args)
+
+
+def report(args) -> int:
+    """The table of ``OUT/points.json``: final loss, wall time, and the loss each point holds
+    at the shortest point's wall time (quality per second)."""
+    path = Path(args.out) / "points.json"
+    points = list(json.loads(path.read_text()).values())
+    budget = args.budget_s or min(p["wall_s"] for p in points)
+    print(f"base model held-out loss {points[0]['base']:.4f}; budget {budget:.1f}s of wall time")
+    print("| point | settings | loss within budget | final loss | wall s | steps per round |")
+    print("|---|---|---|---|---|---|")
+    for p in points:
+        within = [x for t, x in p["series"] if t <= budget]
+        what = ", ".join(f"{k} {v}" for k, v in p["settings"].items())
+        print(
+            f"| {p['name']} | {what} | {within[-1] if within else float('nan'):.4f} | "
+            f"{p['final']:.4f} | {p['wall_s']:.1f} | {p['mean_steps']:.1f} |"
+        )
+    return 0
+
+
 def loss_within(p: dict, budget: float) -> float:
     s = eval_series(load_run(p["dir"]))
     seen = [x for x, t in zip(s.losses, s.times, strict=True) if t is not None and t <= budget]
@@ -104,14 +203,23 @@ def main() -> int:
     ap.add_argument("--train-size", type=int, default=64, help="per client")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-size", type=int, default=32)
+    ap.add_argument(
+        "--eval-every", type=int, default=1, help="0: the base and final models only (faster)"
+    )
     ap.add_argument("--budget-s", type=float, default=0.0, help="default: the shortest wall time")
     ap.add_argument("--skip-parablock-extras", action="store_true", help="only the lr grid")
     ap.add_argument("--out", default="bench-out/tune", help="where tune.json goes")
+    ap.add_argument("--points", default="", help=f"named points only: {', '.join(POINTS)}")
+    ap.add_argument("--report", action="store_true", help="the table of OUT/points.json")
     args = ap.parse_args()
+    if args.report:
+        return report(args)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="parablock-tune-"))
     args.rounds = args.rounds or (3 if args.quick else 8)
     args.model = tiny_model_dir(work) if args.quick else EMBEDDED
+    if args.points:
+        return run_points(args, work)
     points = [point(args, work, alg, lr) for alg, lrs in LRS.items() for lr in lrs]
 
     def best(alg: str, among=None) -> dict:

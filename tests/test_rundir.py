@@ -158,6 +158,15 @@ def test_more_rounds_must_keep_the_blocks_of_the_finished_rounds(monkeypatch, tm
         check_rounds(saved, longer, [0, 1, 2, 3], 3, tmp_path)
 
 
+def test_optimizer_state_and_schedule_scope_change_results_on_resume():
+    """Both change what a run computes (the moments each step starts from, the lr of each
+    step): a resume may not change them; only the keys ``RESUME_FREE`` lists are free."""
+    from parablock.run.rundir import _free
+
+    assert not _free("federation.optimizer_state")
+    assert not _free("federation.lr_schedule_scope")
+
+
 # -- 4: private checkpoints ------------------------------------------------------------------
 def test_checkpoint_files_are_readable_by_their_owner_only(tiny_model_dir, tmp_path):
     old = os.umask(0o022)

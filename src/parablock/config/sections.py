@@ -177,9 +177,24 @@ class FederationConfig:
     batch_size: int = opt(4, "examples per optimizer step", ge=1)
     lr: float = opt(1e-3, "client AdamW learning rate", gt=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = opt(0, "linear warm-up steps within a round's K steps", ge=0)
+    warmup_steps: int = opt(
+        0, "linear warm-up steps at the start of each round (of the run: lr_schedule_scope)", ge=0
+    )
     lr_schedule: str = opt(
         "constant", "learning rate after warm-up within a round", choices=("constant", "cosine")
+    )
+    lr_schedule_scope: str = opt(
+        "round",
+        "what warm-up and lr_schedule span: each round's K steps, restarting every round, or the "
+        "client's whole run of rounds x K steps",
+        choices=("round", "run"),
+    )
+    optimizer_state: str = opt(
+        "reset",
+        "AdamW state of local training: a fresh one every round, or per_block: each client keeps "
+        "every block's moments and step count across that block's visits (on the host between "
+        "visits, in its checkpoint)",
+        choices=("reset", "per_block"),
     )
     grad_clip: float = opt(1.0, "max gradient norm per step (0 disables clipping)", ge=0.0)
     schedule: str = opt("cyclic", "block order over rounds", choices=_schedules)

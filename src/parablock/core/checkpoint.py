@@ -8,7 +8,8 @@ Written after every round, off the critical path (a background writer thread), e
   rounds can be rebuilt);
 - ``client{i}.r{t}.st``: client i at its barrier of round t: block versions it knows, its pending
   delta, the values of blocks where it differs from the global model, and its round records/spans
-  (the last ``KEEP`` rounds are kept);
+  (the last ``KEEP`` rounds are kept); with ``federation.optimizer_state=per_block`` also every
+  trained block's AdamW moments and step count;
 - with a lossy ``link.compression``, also each error-feedback residual (the server's for the block
   in its block file, a client's for every block it trained) and the global value the client's
   pending delta was trained from (a compressed aggregate is applied to it);
@@ -22,7 +23,7 @@ aggregated that version, so a resumed run's totals cover the whole run.
 A resume picks the latest round R for which every client has a valid state and the server's global
 model after round R-1 can be rebuilt; a corrupt or truncated file is reported and skipped, so the
 previous good one is used. Random state needs no file: batches are a pure function of (seed, round)
-and a fresh optimizer starts every round.
+and, by default, a fresh optimizer starts every round (per_block's state is in the client file).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from parablock.core.metrics import RoundRecord, Span
 from parablock.errors import CheckpointError  # noqa: F401
+from parablock.model.train import Moments
 from parablock.wire.messages import BlockUpdate, MessageError, pack, unpack
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class ClientState:
     base: dict[str, torch.Tensor] | None = None
     # privacy.mode=record: the site's ledger, (noise multiplier, sample rate, steps) entries
     privacy: list = field(default_factory=list)
+    # federation.optimizer_state=per_block: block -> its AdamW state after its last visit
+    moments: dict[int, Moments] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         tensors = {f"dirty.{b}.{n}": t for b, ts in self.dirty.items() for n, t in ts.items()}
@@ -71,6 +75,9 @@ class ClientState:
             {f"residual.{b}.{n}": t for b, ts in self.residuals.items() for n, t in ts.items()}
         )
         tensors.update({f"base.{n}": t for n, t in (self.base or {}).items()})
+        for b, m in self.moments.items():
+            tensors.update({f"exp_avg.{b}.{n}": t for n, t in m.exp_avg.items()})
+            tensors.update({f"exp_avg_sq.{b}.{n}": t for n, t in m.exp_avg_sq.items()})
         meta = {
             "client": self.client,
             "round": self.round,
@@ -79,6 +86,7 @@ class ClientState:
             "spans": [asdict(s) for s in self.spans],
             "pending": None,
             "privacy": self.privacy,
+            "moment_steps": {str(b): m.step for b, m in self.moments.items()},
         }
         if self.pending is not None:
             p = self.pending
@@ -95,9 +103,13 @@ class ClientState:
         dirty: dict[int, dict[str, torch.Tensor]] = {}
         residuals: dict[int, dict[str, torch.Tensor]] = {}
         pending_t, base = {}, {}
+        moments: dict[str, dict[int, dict[str, torch.Tensor]]] = {"exp_avg": {}, "exp_avg_sq": {}}
         for key, t in tensors.items():
             kind, _, rest = key.partition(".")
-            if kind == "pending":
+            if kind in moments:
+                b, _, name = rest.partition(".")
+                moments[kind].setdefault(int(b), {})[name] = t
+            elif kind == "pending":
                 pending_t[rest] = t
             elif kind == "base":
                 base[rest] = t
@@ -116,6 +128,12 @@ class ClientState:
             residuals,
             base or None,
             meta.get("privacy", []),  # absent from checkpoints written before privacy
+            {
+                int(b): Moments(
+                    int(step), moments["exp_avg"][int(b)], moments["exp_avg_sq"][int(b)]
+                )
+                for b, step in meta.get("moment_steps", {}).items()
+            },
         )
 
 

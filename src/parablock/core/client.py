@@ -42,7 +42,7 @@ from parablock.model.blocks import Block, block_state, set_block
 from parablock.model.cow import BlockWriter, SharedBlocks
 from parablock.model.devices import to_host
 from parablock.model.forward import BlockForward, first_trained_layer
-from parablock.model.train import TrainSettings, train_block
+from parablock.model.train import Moments, TrainSettings, train_block
 from parablock.wire.compress import CODECS, ErrorFeedback
 from parablock.wire.messages import BlockUpdate, BlockValue, Expected, MessageError
 from parablock.wire.protocol import (
@@ -109,6 +109,8 @@ class Client:
         self.turns: list[int] = []  # the client that trains each round ([] = every client)
         self.pending: BlockUpdate | None = None  # the trained delta not yet uploaded
         self.dirty: set[int] = set()  # blocks where this copy differs from the known global
+        # optimizer_state=per_block: each trained block's AdamW state, on the host between visits
+        self.moments: dict[int, Moments] = {}
         self.start_round = 0
         self.checkpoint = checkpoint
         self.resume = resume
@@ -208,6 +210,7 @@ class Client:
         }
         self.pending = state.pending
         self.feedback.residuals = dict(state.residuals)
+        self.moments = dict(state.moments)
         if state.pending is not None and state.base is not None:
             self.bases = {state.pending.round: state.base}
         self.log.rounds = list(state.records)
@@ -229,6 +232,7 @@ class Client:
             dict(self.feedback.residuals),
             self.bases.get(self.pending.round) if self.pending is not None else None,
             self.privacy.ledger.to_json() if self.privacy is not None else [],
+            dict(self.moments),  # replaced, never written, by a later visit: safe to keep
         )
 
     def stopping(self) -> bool:
@@ -272,7 +276,11 @@ class Client:
                 self.gate,
                 before=shared,
                 dp=dp,
+                round=round,
+                moments=self.moments.get(block.index),
             )
+            if result.moments is not None:
+                self.moments[block.index] = result.moments
             # Hold exactly base + delta (the server's own formula), so that with identical
             # updates the stale copy equals the aggregate bit for bit.
             set_block(self.model, block, apply(result.before, result.delta, 1.0))

@@ -285,10 +285,15 @@ class Server(Participation, Aggregation, BlockService, Unmasking):
 
 
 def _honest_bound(s: RunSettings) -> UpdateBound:
-    """The bound of the training ``s`` announces: its most steps, each at its scheduled lr."""
+    """The bound of the training ``s`` announces: its most steps, each at its scheduled lr (the
+    largest over the rounds, for a run-long schedule), with AdamW state carried over the run's
+    steps when ``optimizer_state=per_block``."""
     train = s.train_settings()
     steps = s.overlap().most_steps(s.local_steps)
-    bound = UpdateBound.of([s.lr * lr_factor(k, train) for k in range(steps)], s.weight_decay)
+    rounds = range(max(1, len(s.plan))) if s.lr_schedule_scope == "run" else [0]
+    lrs = [s.lr * max(lr_factor(k, train, r) for r in rounds) for k in range(steps)]
+    carried = len(s.plan) * steps if s.optimizer_state == "per_block" else 0
+    bound = UpdateBound.of(lrs, s.weight_decay, carried)
     p = s.privacy
     if p.mode == "client" and p.noise_at == "client":  # a noise share: 12 standard deviations
         std = p.noise_multiplier * p.clip_norm / math.sqrt(max(p.shares, 1))

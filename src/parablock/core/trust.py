@@ -14,6 +14,12 @@ at most ``A + B * wd * |p|``, with ``A = sum_t lr_t c_t (+ the decay of what ear
 added)`` and ``B = sum_t lr_t``. No honest update goes past it, whatever the data; an update
 that does was not made by the announced training: a poisoned, scaled or buggy one.
 
+With ``federation.optimizer_state=per_block`` a client's AdamW carries its moments and step count
+across a block's visits, so step t of a round is step t' >= t of that block's one long AdamW run;
+``c_t`` grows with t (to about 7.27 for the default betas), and the bound uses ``c_T`` for the
+most steps T any block can take in the run. With ``lr_schedule_scope=run`` each step's lr is the
+largest its position in any round can have.
+
 The server checks every coordinate against ``MARGIN`` times the bound (the margin covers float32
 rounding and what lossy link compression and its error feedback add, under 1% in practice).
 ``benchmarks/update_bound.py`` reports the largest ratio honest SmolLM2 updates reach.
@@ -45,6 +51,15 @@ def adam_ratio_bounds(steps: int, betas: tuple[float, float] = BETAS) -> list[fl
     return out
 
 
+def adam_ratio(t: int, betas: tuple[float, float] = BETAS) -> float:
+    """``c_t`` in closed form (the sum is geometric in ``b1**2 / b2``); it grows with t, so
+    ``c_T`` bounds every step of an AdamW run of T steps."""
+    b1, b2 = betas
+    r = b1 * b1 / b2
+    scale = (1 - b1) ** 2 * (1 - b2**t) / ((1 - b2) * (1 - b1**t) ** 2)
+    return math.sqrt(scale * (1 - r**t) / (1 - r))
+
+
 @dataclass(frozen=True)
 class UpdateBound:
     """Per coordinate, ``|delta| <= reach + decay * |p|`` for a block whose value is ``p``."""
@@ -54,9 +69,12 @@ class UpdateBound:
     noise: float = 0.0  # what noise added to the delta (a DP noise share) may add to it
 
     @classmethod
-    def of(cls, lrs: list[float], weight_decay: float) -> UpdateBound:
-        """The bound of a round whose optimizer steps use learning rates ``lrs``."""
+    def of(cls, lrs: list[float], weight_decay: float, carried: int = 0) -> UpdateBound:
+        """The bound of a round whose optimizer steps use learning rates ``lrs``; ``carried``
+        > 0: the AdamW state may have taken up to that many steps in all (per_block)."""
         ratios = adam_ratio_bounds(len(lrs))
+        if carried:
+            ratios = [adam_ratio(max(carried, len(lrs)))] * len(lrs)
         reach, moved = 0.0, 0.0  # moved: how far earlier steps can have taken p from its start
         for lr, c in zip(lrs, ratios, strict=True):
             reach += lr * c + lr * weight_decay * moved

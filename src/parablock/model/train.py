@@ -2,7 +2,10 @@
 
 Only the block's parameters require grad, and nothing below it does (the embeddings are frozen), so
 autograd records no graph below the block: backward stops there and the layers underneath run as
-plain inference. A fresh optimizer per call matches BAdam-style state reset at block switches.
+plain inference. A fresh optimizer per call matches BAdam-style state reset at block switches
+(``federation.optimizer_state=reset``); with ``per_block`` the caller passes the block's AdamW
+moments and step count from its last visit (``Moments``, held on the host in between) and gets
+them back after the steps.
 The loss of each batch comes from ``forward.BlockForward`` (precision, prefix cache, response-only
 logits); the parameters, their gradients, the optimizer state and the delta stay fp32.
 """
@@ -20,6 +23,7 @@ from torch import nn
 
 from parablock.data.examples import Example
 from parablock.model.blocks import Block, block_state, freeze_all_but
+from parablock.model.devices import to_host
 from parablock.model.forward import BlockForward
 
 
@@ -37,6 +41,10 @@ class TrainSettings:
     response_logits: bool = True  # the LM head only where the loss is
     loss_chunk: int = 0  # > 0: positions per recomputed piece of the LM head and loss
     recompute: bool = False  # keep only each layer's input; recompute the rest in backward
+    # round: warm-up and schedule restart every round; run: over the client's rounds x steps
+    lr_schedule_scope: str = "round"
+    rounds: int = 1  # the run's rounds (lr_schedule_scope=run spans rounds x steps)
+    optimizer_state: str = "reset"  # or "per_block": AdamW moments kept per block across visits
 
     def forward(self, model: nn.Module, start: int = 0) -> BlockForward:
         """The loss computation these settings ask for, for blocks at or above layer ``start``."""
@@ -68,19 +76,36 @@ class DPStep:
 
 
 @dataclass(frozen=True)
+class Moments:
+    """A block's AdamW state between visits (``optimizer_state=per_block``): the steps taken on
+    it so far and each parameter's first and second moments, on the host."""
+
+    step: int
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class TrainResult:
     before: dict[str, torch.Tensor]
     delta: dict[str, torch.Tensor]  # after - before
     num_examples: int
     loss: float  # mean training loss over the K steps
+    moments: Moments | None = None  # optimizer_state=per_block: the block's state after it
 
 
-def lr_factor(step: int, s: TrainSettings) -> float:
+def lr_factor(step: int, s: TrainSettings, round: int = 0) -> float:
+    """The learning rate's factor at step ``step`` of round ``round``: linear warm-up, then
+    constant or cosine, over the round's K steps or (``lr_schedule_scope=run``) over the
+    client's whole run of rounds x K steps."""
+    total = s.steps
+    if s.lr_schedule_scope == "run":
+        step, total = round * s.steps + step, s.steps * max(1, s.rounds)
     if step < s.warmup_steps:
         return (step + 1) / (s.warmup_steps + 1)
     if s.lr_schedule == "cosine":
-        span = max(1, s.steps - s.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * (step - s.warmup_steps) / span))
+        span = max(1, total - s.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(step - s.warmup_steps, span) / span))
     return 1.0
 
 
@@ -95,6 +120,8 @@ def train_block(
     gate: AbstractContextManager | None = None,
     before: dict[str, torch.Tensor] | None = None,
     dp: DPStep | None = None,
+    round: int = 0,
+    moments: Moments | None = None,
 ) -> TrainResult:
     """Train ``block`` of ``model`` in place on ``batches`` (indices into ``data``), read once
     and in order: a lazy stream may decide while training how many steps there are.
@@ -105,13 +132,18 @@ def train_block(
     process step at once; the batches are drawn outside it. ``before``: the block's current
     value on tensors that nobody writes, when the caller has one (else it is copied here).
     ``dp``: DP-SGD instead of plain steps (``DPStep``); the loss it reports is the mean of the
-    examples' own losses (nan for a step whose Poisson batch came out empty)."""
+    examples' own losses (nan for a step whose Poisson batch came out empty). ``round``: where
+    the steps fall in a run-long schedule. ``moments``: the block's AdamW state from its last
+    visit (``optimizer_state=per_block``; None: a fresh one); the result then holds the new."""
     if forward is None:
         forward = settings.forward(model)
     if before is None:
         before = block_state(model, block)
     params = freeze_all_but(model, block)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    names = _names(model, params)
+    if moments is not None:
+        _load(opt, params, names, moments)
     private = _Private(model, params, opt, dp) if dp is not None else None
     model.train()
     losses = []
@@ -121,7 +153,7 @@ def train_block(
         for step, idx in enumerate(batches):
             with step_gate:
                 for g in opt.param_groups:
-                    g["lr"] = settings.lr * lr_factor(step, settings)
+                    g["lr"] = settings.lr * lr_factor(step, settings, round)
                 if private is not None:
                     losses.append(private.step(forward, data, idx, pad_id))
                 else:
@@ -141,7 +173,39 @@ def train_block(
     after = block_state(model, block)
     delta = {n: after[n] - before[n] for n in before}
     seen = [x for x in losses if x == x]  # a DP step on an empty batch has no loss
-    return TrainResult(before, delta, num_examples, sum(seen) / len(seen) if seen else float("nan"))
+    kept = (
+        _moments(opt, params, names, moments) if settings.optimizer_state == "per_block" else None
+    )
+    mean = sum(seen) / len(seen) if seen else float("nan")
+    return TrainResult(before, delta, num_examples, mean, kept)
+
+
+def _names(model: nn.Module, params: list) -> list[str]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [ids[id(p)] for p in params]
+
+
+def _load(opt, params: list, names: list[str], m: Moments) -> None:
+    """Give ``opt`` the block's state from its last visit, on the parameters' device."""
+    for p, n in zip(params, names, strict=True):
+        opt.state[p] = {
+            "step": torch.tensor(float(m.step)),  # AdamW's own form: a CPU float tensor
+            "exp_avg": m.exp_avg[n].to(p.device, copy=True),
+            "exp_avg_sq": m.exp_avg_sq[n].to(p.device, copy=True),
+        }
+
+
+def _moments(opt, params: list, names: list[str], last: Moments | None) -> Moments | None:
+    """The block's AdamW state after this visit, copied to the host (GPU memory holds only the
+    block being trained); ``last`` when no step ran (an empty stream)."""
+    states = [opt.state.get(p) for p in params]
+    if not all(states):
+        return last
+    return Moments(
+        int(states[0]["step"]),
+        to_host({n: s["exp_avg"].detach() for n, s in zip(names, states, strict=True)}),
+        to_host({n: s["exp_avg_sq"].detach() for n, s in zip(names, states, strict=True)}),
+    )
 
 
 class _Private:

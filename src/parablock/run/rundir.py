@@ -4,7 +4,9 @@ A run holds ``lock`` (flock) from start to end, so a second run into the same di
 once instead of overwriting it; a fresh run never writes into an interrupted run's checkpoints; a
 resume runs with the interrupted run's own ``config.toml`` and may change only what paces, places
 or logs the run (``RESUME_FREE``) and ``federation.rounds`` (the finished rounds keep their
-blocks); what it changes is recorded there.
+blocks, and no run-long cosine was laid over them); what it changes is recorded there. Every
+other key, ``federation.optimizer_state`` and ``federation.lr_schedule_scope`` among them,
+changes what the run computes and is refused.
 """
 
 from __future__ import annotations
@@ -186,6 +188,12 @@ def check_rounds(saved: Config, cfg: Config, selected: list[int], done: int, out
             f"round(s); resume with federation.rounds >= {done} (the run has {old_n})"
         )
     fed, seed = cfg.federation, cfg.run.seed
+    if fed.lr_schedule_scope == "run" and fed.lr_schedule == "cosine":
+        raise ConfigError(
+            f"federation.rounds={new_n}: with federation.lr_schedule_scope=run the cosine spans "
+            f"all {old_n} rounds, so the {done} finished round(s) were trained for that length; "
+            f"keep federation.rounds={old_n}"
+        )
     if (
         make_plan(fed.schedule, selected, old_n, seed)[:done]
         != make_plan(fed.schedule, selected, new_n, seed)[:done]

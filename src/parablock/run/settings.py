@@ -59,6 +59,8 @@ def run_settings(cfg: Config, plan: list[int]) -> RunSettings:
         local_steps_max=f.local_steps_max,
         duplex=f.duplex,
         block_size=cfg.model.block_size,
+        lr_schedule_scope=f.lr_schedule_scope,
+        optimizer_state=f.optimizer_state,
         client_clip_norm=f.client_clip_norm,
         privacy=privacy_settings(cfg),
         turns=round_turns(f.algorithm, f.rounds, f.clients),

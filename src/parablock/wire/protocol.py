@@ -213,6 +213,8 @@ class RunSettings(Message):
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
     block_size: int = 1  # model.block_size: decoder layers per block
+    lr_schedule_scope: str = "round"  # or "run": warm-up and schedule over rounds x steps
+    optimizer_state: str = "reset"  # or "per_block": AdamW moments kept per block
     client_clip_norm: float = 0.0  # > 0: each client clips its delta's L2 norm to this
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
@@ -226,6 +228,10 @@ class RunSettings(Message):
             raise ValueError("block_size must be at least 1")
         if self.local_steps_max < 0 or 0 < self.local_steps_max < self.local_steps:
             raise ValueError("local_steps_max must be 0 or at least local_steps")
+        if self.lr_schedule_scope not in ("round", "run"):
+            raise ValueError(f"lr_schedule_scope {self.lr_schedule_scope!r}")
+        if self.optimizer_state not in ("reset", "per_block"):
+            raise ValueError(f"optimizer_state {self.optimizer_state!r}")
 
     def lora(self) -> LoraSettings | None:
         if self.lora_r == 0:
@@ -252,6 +258,9 @@ class RunSettings(Message):
             self.prefix_cache_mb,
             self.response_logits,
             self.loss_chunk,
+            lr_schedule_scope=self.lr_schedule_scope,
+            rounds=len(self.plan),
+            optimizer_state=self.optimizer_state,
         )
 
 
