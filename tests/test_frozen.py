@@ -145,16 +145,17 @@ def test_int8_frozen_layers_are_int8_and_the_trained_blocks_update_stays_near_bf
     assert 0 < (num / den).sqrt().item() < 0.1
 
 
-def test_a_run_with_int8_frozen_weights_leaves_the_servers_frozen_weights_alone(
-    tiny_model_dir, tmp_path
+@pytest.mark.parametrize("dtype", ["int8", "nf4"])
+def test_a_run_with_quantised_frozen_weights_leaves_the_servers_frozen_weights_alone(
+    tiny_model_dir, tmp_path, dtype
 ):
     pytest.importorskip("torchao")
-    sections = dict(model={"blocks": "top:2", "frozen_dtype": "int8"}, train={"precision": "bf16"})
-    held = run(tiny_config(tiny_model_dir, str(tmp_path / "int8"), **sections))
-    assert held["frozen_dtype"] == "int8" and held["updates_rejected"] == 0
+    sections = dict(model={"blocks": "top:2", "frozen_dtype": dtype}, train={"precision": "bf16"})
+    held = run(tiny_config(tiny_model_dir, str(tmp_path / dtype), **sections))
+    assert held["frozen_dtype"] == dtype and held["updates_rejected"] == 0
     assert held["final_eval_loss"] < held["initial_eval_loss"]
     base = dict(load_model(tiny_model_dir).named_parameters())
-    final = dict(load_model(str(tmp_path / "int8" / "model")).named_parameters())
+    final = dict(load_model(str(tmp_path / dtype / "model")).named_parameters())
     trained = _trained_names(load_model(tiny_model_dir))
     for n, p in final.items():  # the server's model: fp32, its frozen weights the base's bits
         assert p.dtype == torch.float32
@@ -203,7 +204,11 @@ def test_nf4_frozen_layers_are_4_bit_and_the_trained_blocks_update_stays_near_bf
             assert p.quantized_data.numel() == p.numel() // 2
     assert params["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert saved > 0
-    model_fingerprint(model)  # the nf4 weights read as their dequantised values
+    # the nf4 weights read as their dequantised values: the trained blocks' fingerprint is the
+    # fp32 model's, the whole model's is not
+    fp32 = load_model(tiny_model_dir)
+    assert model_fingerprint(model, trained) == model_fingerprint(fp32, trained)
+    assert model_fingerprint(model) != model_fingerprint(fp32)
     bf16, nf4 = _update(tiny_model_dir, "bf16"), _update(tiny_model_dir, "nf4")
     assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in nf4.delta.values())
     # the documented tolerance: the nf4 path's upload within 40% (relative L2) of the bf16
@@ -212,20 +217,3 @@ def test_nf4_frozen_layers_are_4_bit_and_the_trained_blocks_update_stays_near_bf
     b = torch.cat([nf4.delta[n].flatten() for n in sorted(bf16.delta)])
     assert 0 < ((b - a).norm() / a.norm()).item() < 0.4
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
-
-
-def test_a_run_with_nf4_frozen_weights_leaves_the_server_and_the_trained_blocks_alone(
-    tiny_model_dir, tmp_path
-):
-    pytest.importorskip("torchao")
-    sections = dict(model={"blocks": "top:2", "frozen_dtype": "nf4"}, train={"precision": "bf16"})
-    held = run(tiny_config(tiny_model_dir, str(tmp_path / "nf4"), **sections))
-    assert held["frozen_dtype"] == "nf4" and held["updates_rejected"] == 0
-    assert held["final_eval_loss"] < held["initial_eval_loss"]
-    base = dict(load_model(tiny_model_dir).named_parameters())
-    final = dict(load_model(str(tmp_path / "nf4" / "model")).named_parameters())
-    trained = _trained_names(load_model(tiny_model_dir))
-    for n, p in final.items():  # the server's model: fp32, its frozen weights the base's bits
-        assert p.dtype == torch.float32
-        if n not in trained:
-            assert torch.equal(p, base[n]), n
