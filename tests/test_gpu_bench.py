@@ -42,9 +42,12 @@ def test_the_gpu_benchmark_runs_on_the_cpu_with_tiny_shapes(gpu_bench, tmp_path,
     assert f"{row['speedup']:.2f}x" in table
 
 
-def test_a_model_that_cannot_fit_is_skipped_with_its_reason(gpu_bench, monkeypatch, capsys):
+def test_a_model_that_cannot_fit_is_skipped_with_its_reason(
+    gpu_bench, monkeypatch, capsys, tmp_path
+):
     monkeypatch.setattr(gpu_bench, "_host_available", lambda: 2**30)  # 1 GB of host memory
-    argv = ["--device", "cpu", "--tiny", "--models", "arch:llama-3-8b"]
+    # --out: else the script makes a work dir under /tmp that outlives the test
+    argv = ["--device", "cpu", "--tiny", "--models", "arch:llama-3-8b", "--out", str(tmp_path)]
     assert gpu_bench.main(argv) == 0
     assert "| arch:llama-3-8b | skipped: host memory: needs ~90 GB" in capsys.readouterr().out
 
