@@ -51,11 +51,15 @@ LRS = {
 }
 
 
-# Named points (``--points``): federation overrides, plus "blocks" (model.blocks). "default" is
-# the shipped defaults; the rest share lr 2e-3, batch 2 and top:4, and change one lever each.
+# Named points (``--points``): federation overrides, plus "blocks" (model.blocks), "block_size"
+# (model.block_size), "compression" (link.compression) and "local_steps". "default" is the
+# shipped defaults; "lora" is fedit_lora at its tuned lr, the baseline to beat.
 LEVERS = {"algorithm": "parablock", "lr": 2e-3, "batch_size": 2, "blocks": "top:4"}
+# several layers per block, their deltas in int8 so that the 40 Mbit/s link keeps up
+WIDE = {"algorithm": "parablock", "block_size": 4, "blocks": "top:2", "compression": "int8"}
 POINTS = {
     "default": {"algorithm": "parablock"},
+    "lora": {"algorithm": "fedit_lora"},
     "perblock-lsm8": {**LEVERS, "optimizer_state": "per_block", "local_steps_max": 8},
     "reset-lsm8": {**LEVERS, "optimizer_state": "reset", "local_steps_max": 8},
     # fedbcd has no link to overlap, so local_steps_max is no lever for it: equal rounds
@@ -71,15 +75,70 @@ POINTS = {
         "lr_schedule_scope": "run",
         "warmup_steps": 4,
     },
+    # blocks of several layers (lr 1e-3, batch 4, 4 steps unless said)
+    "bs2-top4": {**WIDE, "block_size": 2, "blocks": "top:4"},
+    "bs4-top2": WIDE,
+    "bs4-top4": {**WIDE, "blocks": "top:4"},
+    "bs4-top4-lr2": {**WIDE, "blocks": "top:4", "lr": 2e-3},
+    "bs8-top2": {**WIDE, "block_size": 8},
+    # ... and 8 local steps
+    "bs2-top4-k8": {**WIDE, "block_size": 2, "blocks": "top:4", "local_steps": 8},
+    "bs2-top4-k8-pb": {
+        **WIDE,
+        "block_size": 2,
+        "blocks": "top:4",
+        "local_steps": 8,
+        "optimizer_state": "per_block",
+    },
+    "bs4-top2-k8": {**WIDE, "local_steps": 8},
+    "bs4-top2-k8-pb": {**WIDE, "local_steps": 8, "optimizer_state": "per_block"},
+    "bs4-top2-k8-pb-cos": {
+        **WIDE,
+        "local_steps": 8,
+        "optimizer_state": "per_block",
+        "lr_schedule": "cosine",
+        "lr_schedule_scope": "run",
+    },
+    "bs4-top2-k8-lr15": {**WIDE, "local_steps": 8, "lr": 1.5e-3},
+    "bs4-top2-k8-lr7": {**WIDE, "local_steps": 8, "lr": 7e-4},
+    "bs4-top2-k8-wu2-lr2": {**WIDE, "local_steps": 8, "lr": 2e-3, "warmup_steps": 2},
+    "bs5-top2-k8": {**WIDE, "block_size": 5, "local_steps": 8},
+    "fedbcd-bs4-top2-k8": {**WIDE, "algorithm": "fedbcd", "local_steps": 8},
+    "bs5-top2-k8-int4": {**WIDE, "block_size": 5, "local_steps": 8, "compression": "int4"},
+    "bs5-top2-k7-int4": {**WIDE, "block_size": 5, "local_steps": 7, "compression": "int4"},
+    "bs6-top2-k6-int4": {**WIDE, "block_size": 6, "local_steps": 6, "compression": "int4"},
+    "fedbcd-bs5-top2-k7-int4": {
+        **WIDE,
+        "algorithm": "fedbcd",
+        "block_size": 5,
+        "local_steps": 7,
+        "compression": "int4",
+    },
+    "fedbcd-bs5-top2-k8": {**WIDE, "algorithm": "fedbcd", "block_size": 5, "local_steps": 8},
+    "fedbcd-bs5-top2-k8-int4": {
+        **WIDE,
+        "algorithm": "fedbcd",
+        "block_size": 5,
+        "local_steps": 8,
+        "compression": "int4",
+    },
 }
 
 
 def config(
-    args, out: Path, algorithm: str, lr: float, steps: int, blocks: str, **federation
+    args,
+    out: Path,
+    algorithm: str,
+    lr: float,
+    steps: int,
+    blocks: str,
+    block_size: int = 1,
+    compression: str = "none",
+    **federation,
 ) -> dict:
     lora = algorithm == "fedit_lora"
     return {
-        "model": {"name_or_path": args.model, "blocks": blocks},
+        "model": {"name_or_path": args.model, "blocks": blocks, "block_size": block_size},
         "data": {
             "source": "reasoning_gym:gsm_symbolic",
             "train_size": args.train_size,
@@ -95,7 +154,12 @@ def config(
             **federation,
         },
         **({"lora": {"lr": lr}} if lora else {}),
-        "link": {"up_mbps": 40.0, "down_mbps": 40.0, "latency_ms": 20.0},
+        "link": {
+            "up_mbps": 40.0,
+            "down_mbps": 40.0,
+            "latency_ms": 20.0,
+            "compression": compression,
+        },
         "eval": {"every": args.eval_every, "size": args.eval_size, "accuracy_size": 0},
         "run": {"out": str(out), "seed": 0, "log_level": "warning"},
     }
@@ -126,9 +190,10 @@ def named_point(args, work: Path, name: str) -> dict:
     """One of ``POINTS``: the shipped defaults, changed by what the point names."""
     spec = dict(POINTS[name])
     algorithm, blocks = spec.pop("algorithm"), spec.pop("blocks", "top:8")
-    lr = spec.pop("lr", 1e-3)
+    lr = spec.pop("lr", 3e-3 if algorithm == "fedit_lora" else 1e-3)
+    steps = spec.pop("local_steps", 4)
     out = work / name
-    s = run(from_dict(config(args, out, algorithm, lr, 4, blocks, **spec)))
+    s = run(from_dict(config(args, out, algorithm, lr, steps, blocks, **spec)))
     print(
         f"  {name}: final loss {s['final_eval_loss']:.4f}, wall {s['wall_time_s']:.1f}s", flush=True
     )
@@ -188,6 +253,25 @@ def report(args) -> int:
     return 0
 
 
+def versus(args) -> int:
+    """Two points of ``OUT/points.json`` side by side (``--versus A,B``): held-out loss after each
+    round with its wall time, and when A first reaches B's final loss. The issue's target, with B
+    = fedit_lora: A gets there in at most 0.5x B's wall time and ends at or below B's final."""
+    saved = json.loads((Path(args.out) / "points.json").read_text())
+    a, b = (saved[n.strip()] for n in args.versus.split(","))
+    print(f"| round | {a['name']} wall s | loss | {b['name']} wall s | loss |")
+    print("|---|---|---|---|---|")
+    for r, ((ta, xa), (tb, xb)) in enumerate(zip(a["series"], b["series"], strict=False)):
+        print(f"| {r if r else 'base'} | {ta:.1f} | {xa:.4f} | {tb:.1f} | {xb:.4f} |")
+    reached = next((t for t, x in a["series"] if x <= b["final"]), None)
+    when = f"{reached:.1f}s ({reached / b['wall_s']:.2f}x)" if reached is not None else "never"
+    print(
+        f"{a['name']} reaches {b['name']}'s final loss {b['final']:.4f} at {when}; "
+        f"{b['name']}'s wall time {b['wall_s']:.1f}s; finals {a['final']:.4f} vs {b['final']:.4f}"
+    )
+    return 0
+
+
 def loss_within(p: dict, budget: float) -> float:
     s = eval_series(load_run(p["dir"]))
     seen = [x for x, t in zip(s.losses, s.times, strict=True) if t is not None and t <= budget]
@@ -211,7 +295,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/tune", help="where tune.json goes")
     ap.add_argument("--points", default="", help=f"named points only: {', '.join(POINTS)}")
     ap.add_argument("--report", action="store_true", help="the table of OUT/points.json")
+    ap.add_argument("--versus", default="", help="A,B: two saved points by round (B: the baseline)")
     args = ap.parse_args()
+    if args.versus:
+        return versus(args)
     if args.report:
         return report(args)
     logging.basicConfig(level=logging.WARNING)
