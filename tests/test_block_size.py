@@ -59,13 +59,17 @@ def test_block_size_is_checked_and_handed_to_clients(tiny_model_dir, tmp_path):
         RunSettings(**{**s.__dict__, "block_size": 0})
 
 
-def test_a_run_trains_every_layer_of_its_blocks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_a_run_trains_every_layer_of_its_blocks(tiny_model_dir, tmp_path, compression):
+    # int4: the tuned point for quality per second (configs/smollm2-wide-blocks.toml) sends
+    # blocks of several layers as 4-bit deltas
     out = tmp_path / "run"
     cfg = tiny_config(
         tiny_model_dir,
         str(out),
         model={"blocks": "all", "block_size": 2},
         federation={"rounds": 2, "schedule": "cyclic"},
+        link={"compression": compression},
         eval={"accuracy_size": 0},
     )
     summary = run(cfg)
