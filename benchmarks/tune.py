@@ -114,6 +114,15 @@ POINTS = {
         "local_steps": 7,
         "compression": "int4",
     },
+    # two one-layer blocks: is the FedBCD gap the blocks' width or their number?
+    "bs1-top2-k7-int4": {**WIDE, "block_size": 1, "local_steps": 7, "compression": "int4"},
+    "fedbcd-bs1-top2-k7-int4": {
+        **WIDE,
+        "algorithm": "fedbcd",
+        "block_size": 1,
+        "local_steps": 7,
+        "compression": "int4",
+    },
     "fedbcd-bs5-top2-k8": {**WIDE, "algorithm": "fedbcd", "block_size": 5, "local_steps": 8},
     "fedbcd-bs5-top2-k8-int4": {
         **WIDE,
@@ -161,7 +170,7 @@ def config(
             "compression": compression,
         },
         "eval": {"every": args.eval_every, "size": args.eval_size, "accuracy_size": 0},
-        "run": {"out": str(out), "seed": 0, "log_level": "warning"},
+        "run": {"out": str(out), "seed": args.seed, "log_level": "warning"},
     }
 
 
@@ -284,9 +293,10 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="a tiny random Llama, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="default 8 (quick: 3)")
-    ap.add_argument("--train-size", type=int, default=64, help="per client")
+    ap.add_argument("--train-size", type=int, default=64, help="in all, split over the 2 clients")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="run.seed: data, partition, training")
     ap.add_argument(
         "--eval-every", type=int, default=1, help="0: the base and final models only (faster)"
     )
