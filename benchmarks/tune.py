@@ -123,6 +123,22 @@ POINTS = {
         "local_steps": 7,
         "compression": "int4",
     },
+    # four blocks of 3 layers: a smaller share of what trains is stale
+    "bs3-top4-k6-int4": {
+        **WIDE,
+        "block_size": 3,
+        "blocks": "top:4",
+        "local_steps": 6,
+        "compression": "int4",
+    },
+    "fedbcd-bs3-top4-k6-int4": {
+        **WIDE,
+        "algorithm": "fedbcd",
+        "block_size": 3,
+        "blocks": "top:4",
+        "local_steps": 6,
+        "compression": "int4",
+    },
     "fedbcd-bs5-top2-k8": {**WIDE, "algorithm": "fedbcd", "block_size": 5, "local_steps": 8},
     "fedbcd-bs5-top2-k8-int4": {
         **WIDE,
