@@ -62,11 +62,8 @@ POINTS = {
     "lora": {"algorithm": "fedit_lora"},
     "perblock-lsm8": {**LEVERS, "optimizer_state": "per_block", "local_steps_max": 8},
     "reset-lsm8": {**LEVERS, "optimizer_state": "reset", "local_steps_max": 8},
-    # fedbcd has no link to overlap, so local_steps_max is no lever for it: equal rounds
-    "fedbcd-perblock": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "per_block"},
-    "perblock": {**LEVERS, "optimizer_state": "per_block"},  # fedbcd-perblock's steps
+    "perblock": {**LEVERS, "optimizer_state": "per_block"},
     "reset": {**LEVERS, "optimizer_state": "reset"},  # the same without the carried state
-    "fedbcd-reset": {**LEVERS, "algorithm": "fedbcd", "optimizer_state": "reset"},
     "perblock-cosine-run": {
         **LEVERS,
         "lr": 3e-3,
@@ -103,26 +100,11 @@ POINTS = {
     "bs4-top2-k8-lr7": {**WIDE, "local_steps": 8, "lr": 7e-4},
     "bs4-top2-k8-wu2-lr2": {**WIDE, "local_steps": 8, "lr": 2e-3, "warmup_steps": 2},
     "bs5-top2-k8": {**WIDE, "block_size": 5, "local_steps": 8},
-    "fedbcd-bs4-top2-k8": {**WIDE, "algorithm": "fedbcd", "local_steps": 8},
     "bs5-top2-k8-int4": {**WIDE, "block_size": 5, "local_steps": 8, "compression": "int4"},
     "bs5-top2-k7-int4": {**WIDE, "block_size": 5, "local_steps": 7, "compression": "int4"},
     "bs6-top2-k6-int4": {**WIDE, "block_size": 6, "local_steps": 6, "compression": "int4"},
-    "fedbcd-bs5-top2-k7-int4": {
-        **WIDE,
-        "algorithm": "fedbcd",
-        "block_size": 5,
-        "local_steps": 7,
-        "compression": "int4",
-    },
-    # two one-layer blocks: is the FedBCD gap the blocks' width or their number?
+    # two one-layer blocks: is the gap to FedBCD the blocks' width or their number?
     "bs1-top2-k7-int4": {**WIDE, "block_size": 1, "local_steps": 7, "compression": "int4"},
-    "fedbcd-bs1-top2-k7-int4": {
-        **WIDE,
-        "algorithm": "fedbcd",
-        "block_size": 1,
-        "local_steps": 7,
-        "compression": "int4",
-    },
     # four blocks of 3 layers: a smaller share of what trains is stale
     "bs3-top4-k6-int4": {
         **WIDE,
@@ -131,23 +113,17 @@ POINTS = {
         "local_steps": 6,
         "compression": "int4",
     },
-    "fedbcd-bs3-top4-k6-int4": {
-        **WIDE,
-        "algorithm": "fedbcd",
-        "block_size": 3,
-        "blocks": "top:4",
-        "local_steps": 6,
-        "compression": "int4",
-    },
-    "fedbcd-bs5-top2-k8": {**WIDE, "algorithm": "fedbcd", "block_size": 5, "local_steps": 8},
-    "fedbcd-bs5-top2-k8-int4": {
-        **WIDE,
-        "algorithm": "fedbcd",
-        "block_size": 5,
-        "local_steps": 8,
-        "compression": "int4",
-    },
 }
+
+
+def spec_of(name: str) -> dict | None:
+    """A named point's settings; ``fedbcd-NAME`` is point NAME run by FedBCD (equal rounds: it has
+    no link to overlap, so local_steps_max is no lever for it)."""
+    if name in POINTS:
+        return dict(POINTS[name])
+    if name.startswith("fedbcd-") and name[len("fedbcd-") :] in POINTS:
+        return {**POINTS[name[len("fedbcd-") :]], "algorithm": "fedbcd"}
+    return None
 
 
 def config(
@@ -213,7 +189,8 @@ def point(args, work: Path, algorithm: str, lr: float, steps: int = 4, blocks: s
 
 def named_point(args, work: Path, name: str) -> dict:
     """One of ``POINTS``: the shipped defaults, changed by what the point names."""
-    spec = dict(POINTS[name])
+    spec = spec_of(name)
+    settings = dict(spec)
     algorithm, blocks = spec.pop("algorithm"), spec.pop("blocks", "top:8")
     lr = spec.pop("lr", 3e-3 if algorithm == "fedit_lora" else 1e-3)
     steps = spec.pop("local_steps", 4)
@@ -230,7 +207,7 @@ def named_point(args, work: Path, name: str) -> dict:
         "algorithm": algorithm,
         "lr": lr,
         "blocks": blocks,
-        "settings": POINTS[name],
+        "settings": settings,
         "dir": str(out),
         "final": s["final_eval_loss"],
         "base": s["initial_eval_loss"],
@@ -245,10 +222,6 @@ def named_point(args, work: Path, name: str) -> dict:
 
 def run_points(args, work: Path) -> int:
     names = [n.strip() for n in args.points.split(",") if n.strip()]
-    unknown = [n for n in names if n not in POINTS]
-    if unknown:
-        print(f"unknown point(s) {', '.join(unknown)}; known: {', '.join(POINTS)}")
-        return 2
     path = Path(args.out) / "points.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -327,6 +300,13 @@ def main() -> int:
         return versus(args)
     if args.report:
         return report(args)
+    unknown = [
+        n.strip() for n in args.points.split(",") if n.strip() and spec_of(n.strip()) is None
+    ]
+    if unknown:  # before the work dir exists, so a typo leaves nothing behind
+        known = ", ".join(POINTS)
+        print(f"unknown point(s) {', '.join(unknown)}; known: {known}, each also as fedbcd-NAME")
+        return 2
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="parablock-tune-"))
     args.rounds = args.rounds or (3 if args.quick else 8)
