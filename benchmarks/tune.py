@@ -23,6 +23,10 @@ separate processes; ``--report`` prints that file's table without running anythi
     .venv/bin/python benchmarks/tune.py --quick     # a tiny random Llama: checks the script
     .venv/bin/python benchmarks/tune.py --points default,perblock-lsm8   # one or two minutes each
     .venv/bin/python benchmarks/tune.py --report
+    .venv/bin/python benchmarks/tune.py --gap NAME bench-out/tune-seed0 bench-out/tune-seed1 ...
+
+``--gap NAME DIR...`` compares point NAME with FedBCD at equal rounds over seeds: each DIR holds
+one seed's NAME and fedbcd-NAME (``--points NAME,fedbcd-NAME --seed N --out DIR``).
 """
 
 from __future__ import annotations
@@ -112,6 +116,44 @@ POINTS = {
         "blocks": "top:4",
         "local_steps": 6,
         "compression": "int4",
+    },
+    # more, narrower blocks: a smaller share of what trains is the client's own stale copy
+    "bs2-top6-k6-int4": {
+        **WIDE,
+        "block_size": 2,
+        "blocks": "top:6",
+        "local_steps": 6,
+        "compression": "int4",
+    },
+    "bs2-top6-k6-int4-pb": {
+        **WIDE,
+        "block_size": 2,
+        "blocks": "top:6",
+        "local_steps": 6,
+        "compression": "int4",
+        "optimizer_state": "per_block",
+    },
+    "bs2-top8-k6-int4": {
+        **WIDE,
+        "block_size": 2,
+        "blocks": "top:8",
+        "local_steps": 6,
+        "compression": "int4",
+    },
+    "bs3-top6-k6-int4": {
+        **WIDE,
+        "block_size": 3,
+        "blocks": "top:6",
+        "local_steps": 6,
+        "compression": "int4",
+    },
+    "bs3-top4-k6-int4-desc": {
+        **WIDE,
+        "block_size": 3,
+        "blocks": "top:4",
+        "local_steps": 6,
+        "compression": "int4",
+        "schedule": "cyclic_desc",
     },
 }
 
@@ -270,6 +312,37 @@ def versus(args) -> int:
     return 0
 
 
+def gap(args) -> int:
+    """ParaBlock against FedBCD at equal rounds over seeds (``--gap NAME DIR...``): in each DIR's
+    points.json, point NAME and its twin fedbcd-NAME (one seed per DIR, ``--seed``); per seed the
+    final held-out losses and ParaBlock's gap (ParaBlock / FedBCD - 1), then the mean gap with a
+    95% t-interval over the seeds. One seed's gap mixes ParaBlock's staleness with where two
+    trajectories of a short run happen to end; the interval says which of the two a mean shows."""
+    from scipy import stats  # with lm-eval's dependencies (scikit-learn), as the install has
+
+    name, rows = args.gap, []
+    print(f"| run | base | {name} (ParaBlock) | fedbcd-{name} (FedBCD) | gap |")
+    print("|---|---|---|---|---|")
+    for d in args.dirs:
+        saved = json.loads((Path(d) / "points.json").read_text())
+        pb, fb = saved[name], saved[f"fedbcd-{name}"]
+        rows.append(pb["final"] / fb["final"] - 1)
+        print(
+            f"| {d} | {pb['base']:.4f} | {pb['final']:.4f} | {fb['final']:.4f} | {rows[-1]:+.1%} |"
+        )
+    mean = sum(rows) / len(rows)
+    if len(rows) < 2:
+        print(f"gap {mean:+.1%} (one seed: no interval)")
+        return 0
+    sd = stats.tstd(rows)
+    half = stats.t.ppf(0.975, len(rows) - 1) * sd / len(rows) ** 0.5
+    print(
+        f"mean gap over {len(rows)} seeds {mean:+.2%} (sd {sd:.2%}); 95% interval "
+        f"[{mean - half:+.2%}, {mean + half:+.2%}]"
+    )
+    return 0
+
+
 def loss_within(p: dict, budget: float) -> float:
     s = eval_series(load_run(p["dir"]))
     seen = [x for x, t in zip(s.losses, s.times, strict=True) if t is not None and t <= budget]
@@ -295,7 +368,13 @@ def main() -> int:
     ap.add_argument("--points", default="", help=f"named points only: {', '.join(POINTS)}")
     ap.add_argument("--report", action="store_true", help="the table of OUT/points.json")
     ap.add_argument("--versus", default="", help="A,B: two saved points by round (B: the baseline)")
+    ap.add_argument("--gap", default="", help="NAME: NAME against fedbcd-NAME in each DIR")
+    ap.add_argument("dirs", nargs="*", help="with --gap: one OUT directory per seed")
     args = ap.parse_args()
+    if args.dirs and not args.gap:
+        ap.error("directories are read only with --gap NAME")
+    if args.gap:
+        return gap(args)
     if args.versus:
         return versus(args)
     if args.report:
