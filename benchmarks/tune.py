@@ -125,14 +125,6 @@ POINTS = {
         "local_steps": 6,
         "compression": "int4",
     },
-    "bs2-top6-k6-int4-pb": {
-        **WIDE,
-        "block_size": 2,
-        "blocks": "top:6",
-        "local_steps": 6,
-        "compression": "int4",
-        "optimizer_state": "per_block",
-    },
     "bs2-top8-k6-int4": {
         **WIDE,
         "block_size": 2,
@@ -316,16 +308,17 @@ def gap(args) -> int:
     """ParaBlock against FedBCD at equal rounds over seeds (``--gap NAME DIR...``): in each DIR's
     points.json, point NAME and its twin fedbcd-NAME (one seed per DIR, ``--seed``); per seed the
     final held-out losses and ParaBlock's gap (ParaBlock / FedBCD - 1), then the mean gap with a
-    95% t-interval over the seeds. One seed's gap mixes ParaBlock's staleness with where two
-    trajectories of a short run happen to end; the interval says which of the two a mean shows."""
+    95% t-interval over the seeds; ``--against B`` compares with point B (``lora``, say) instead.
+    One seed's gap mixes ParaBlock's staleness with where two trajectories of a short run happen
+    to end; the interval says which of the two a mean shows."""
     from scipy import stats  # with lm-eval's dependencies (scikit-learn), as the install has
 
-    name, rows = args.gap, []
-    print(f"| run | base | {name} (ParaBlock) | fedbcd-{name} (FedBCD) | gap |")
+    name, other, rows = args.gap, args.against or f"fedbcd-{args.gap}", []
+    print(f"| run | base | {name} | {other} | gap |")
     print("|---|---|---|---|---|")
     for d in args.dirs:
         saved = json.loads((Path(d) / "points.json").read_text())
-        pb, fb = saved[name], saved[f"fedbcd-{name}"]
+        pb, fb = saved[name], saved[other]
         rows.append(pb["final"] / fb["final"] - 1)
         print(
             f"| {d} | {pb['base']:.4f} | {pb['final']:.4f} | {fb['final']:.4f} | {rows[-1]:+.1%} |"
@@ -369,6 +362,7 @@ def main() -> int:
     ap.add_argument("--report", action="store_true", help="the table of OUT/points.json")
     ap.add_argument("--versus", default="", help="A,B: two saved points by round (B: the baseline)")
     ap.add_argument("--gap", default="", help="NAME: NAME against fedbcd-NAME in each DIR")
+    ap.add_argument("--against", default="", help="with --gap: another point than fedbcd-NAME")
     ap.add_argument("dirs", nargs="*", help="with --gap: one OUT directory per seed")
     args = ap.parse_args()
     if args.dirs and not args.gap:

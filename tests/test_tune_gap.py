@@ -78,6 +78,11 @@ def test_gap_over_seeds_reads_each_seeds_point_and_its_fedbcd_twin(
     mean = re.search(r"mean gap over 2 seeds ([-+][0-9.]+)%", table)
     assert mean and float(mean.group(1)) == pytest.approx(100 * sum(gaps) / 2, abs=0.006)
     assert "95% interval [" in table
+    # --against: any saved point as the reference, here the other way round
+    assert main(tune, monkeypatch, "--gap", "fedbcd-default", "--against", "default", *dirs) == 0
+    table = capsys.readouterr().out
+    for g in gaps:
+        assert f"{1 / (1 + g) - 1:+.1%} |" in table
 
 
 def test_gap_refuses_directories_without_gap(tune, monkeypatch, tmp_path):
