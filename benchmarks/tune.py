@@ -314,10 +314,23 @@ def gap(args) -> int:
     from scipy import stats  # with lm-eval's dependencies (scikit-learn), as the install has
 
     name, other, rows = args.gap, args.against or f"fedbcd-{args.gap}", []
+    if not args.dirs:
+        print("--gap NAME wants one or more OUT directories, one per seed")
+        return 2
+    saved_in = {}
+    for d in args.dirs:  # every directory checked before a line of the table
+        path = Path(d) / "points.json"
+        if not path.is_file():
+            print(f"{path}: no such file (run --points {name},{other} --out {d} first)")
+            return 2
+        saved_in[d] = json.loads(path.read_text())
+        missing = [n for n in (name, other) if n not in saved_in[d]]
+        if missing:
+            print(f"{path}: no point {', '.join(missing)}; it has: {', '.join(saved_in[d])}")
+            return 2
     print(f"| run | base | {name} | {other} | gap |")
     print("|---|---|---|---|---|")
-    for d in args.dirs:
-        saved = json.loads((Path(d) / "points.json").read_text())
+    for d, saved in saved_in.items():
         pb, fb = saved[name], saved[other]
         rows.append(pb["final"] / fb["final"] - 1)
         print(

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def main(tune, monkeypatch, *argv: str) -> int:
 def test_gap_over_seeds_reads_each_seeds_point_and_its_fedbcd_twin(
     tune, tmp_path, monkeypatch, capsys
 ):
+    # tune.py keeps its run directories for inspection (in the temp dir): here under tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "work"))
+    (tmp_path / "work").mkdir()
     dirs = [str(tmp_path / f"seed{s}") for s in (0, 1)]
     for seed, out in zip((0, 1), dirs, strict=True):
         args = [
@@ -83,9 +87,20 @@ def test_gap_over_seeds_reads_each_seeds_point_and_its_fedbcd_twin(
     table = capsys.readouterr().out
     for g in gaps:
         assert f"{1 / (1 + g) - 1:+.1%} |" in table
+    assert list((tmp_path / "work").glob("parablock-tune-*"))  # the runs' work went there
+
+    # a point the directory does not hold, or a directory with no points.json: one line, exit 2
+    assert main(tune, monkeypatch, "--gap", "default", "--against", "lora", *dirs) == 2
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "points.json: no point lora; it has: default" in said
+    assert main(tune, monkeypatch, "--gap", "default", dirs[0], str(tmp_path / "none")) == 2
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "none/points.json: no such file" in said
+    assert "| run |" not in said  # nothing printed before the check
 
 
 def test_gap_refuses_directories_without_gap(tune, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(tune, monkeypatch, str(tmp_path))
     assert stop.value.code == 2
+    assert main(tune, monkeypatch, "--gap", "default") == 2  # and --gap with none
