@@ -139,8 +139,8 @@ POINTS = {
         "local_steps": 6,
         "compression": "int4",
     },
-    # the winner with the setting's 4 steps: fewer passes over a client's 32 items (seeds 1 and 2
-    # end 10-13% above fedit_lora with 6; is that overfitting?)
+    # the winner with the setting's 4 steps, fewer passes over a client's 32 items: over seeds it
+    # ends as far above fedit_lora as with 6, so overfitting is not the gap
     "bs3-top4-k4-int4": {
         **WIDE,
         "block_size": 3,
