@@ -15,7 +15,7 @@ from parablock.backends.shared import FrozenShare
 from parablock.config import ConfigError, FederationConfig, load
 from parablock.core.server import Server
 from parablock.data.examples import round_indices
-from parablock.errors import MessageError
+from parablock.errors import BlockError, MessageError
 from parablock.evaluation.evaluate import eval_loss
 from parablock.model.blocks import block_nbytes, block_state, set_block
 from parablock.model.forward import first_trained_layer
@@ -91,6 +91,37 @@ def test_the_adapter_trains_from_layer_0_so_no_prefix_is_cached(tiny_tokenizer):
     assert first_trained_layer(model, blocks, {0}) == 0
 
 
+def test_adapters_in_the_top_layers_only_cache_the_forward_below_them(tiny_tokenizer):
+    top = LoraSettings(4, 8.0, 0.0, "q_proj,v_proj", layers="top:2")
+    model = make_model(len(tiny_tokenizer))  # 4 layers
+    blocks = blocks_for(model, "", top, 0)
+    assert {int(n.split(".")[2]) for n in _lora_names(model)} == {2, 3}
+    assert len(_lora_names(model)) == 2 * 2 * 2  # q_proj and v_proj of 2 layers, A and B each
+    assert first_trained_layer(model, blocks, {0}) == 2
+    listed = make_model(len(tiny_tokenizer))
+    inject(listed, LoraSettings(4, 8.0, 0.0, "q_proj", layers="0,3"), 0)
+    assert {int(n.split(".")[2]) for n in _lora_names(listed)} == {0, 3}
+    # 'all' is PEFT's default: the same adapter as before the option existed
+    every, default = make_model(len(tiny_tokenizer)), make_model(len(tiny_tokenizer))
+    inject(every, LoraSettings(4, 8.0, 0.0, "q_proj,v_proj", layers="all"), 0)
+    inject(default, SMALL, 0)
+    a, b = _params(every), _params(default)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_lora_layers_outside_the_model_or_malformed_are_one_line_errors(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    with pytest.raises(BlockError, match=r"lora.layers='7' selects no valid block .*layers 0-3"):
+        inject(model, LoraSettings(4, 8.0, 0.0, "q_proj", layers="7"), 0)
+    assert not _lora_names(model)  # nothing was injected
+    with pytest.raises(BlockError, match="lora.layers='top:0' is malformed"):
+        inject(model, LoraSettings(4, 8.0, 0.0, "q_proj", layers="top:0"), 0)
+    for bad in ("top", "last:2", "1-", "a,b", "x" * 2000):
+        with pytest.raises(ConfigError, match="lora.layers=.* is malformed; use 'all', 'top:N'"):
+            load(None, [f"lora.layers={bad}"])
+    assert load(None, ["lora.layers=top:12"]).lora.layers == "top:12"
+
+
 def test_bad_targets_and_impossible_adapters_are_one_line_errors(tiny_tokenizer):
     with pytest.raises(ConfigError, match="lora.target_modules: qkv is not a linear module"):
         inject(make_model(len(tiny_tokenizer)), LoraSettings(4, 8.0, 0.0, "q_proj,qkv"), 0)
@@ -128,8 +159,20 @@ def test_run_settings_carry_the_adapter_and_refuse_an_impossible_one():
     handed = run_settings(cfg, [0])  # what a server hands its clients
     assert handed.lora() == lora_settings(cfg) and handed.lr == cfg.lora.lr
     assert run_settings(load(), [0]).lora() is None
+    top = RunSettings(
+        *common, lora_r=8, lora_alpha=16.0, lora_target_modules="q_proj", lora_layers="top:2"
+    )
+    back = JoinReply.from_bytes(JoinReply(1, top, 0, False, {}).to_bytes()).settings
+    assert back.lora() == LoraSettings(8, 16.0, 0.0, "q_proj", "top:2")
+    cfg = load(None, ["federation.algorithm=fedit_lora", "lora.layers=top:12"])
+    assert run_settings(cfg, [0]).lora().layers == "top:12"
     raw = json.loads(JoinReply(1, s, 0, False, {}).to_bytes())
-    for key, value in (("lora_r", -1), ("lora_dropout", 1.0), ("lora_target_modules", "a b")):
+    for key, value in (
+        ("lora_r", -1),
+        ("lora_dropout", 1.0),
+        ("lora_target_modules", "a b"),
+        ("lora_layers", "top:2;rm"),
+    ):
         bad = {**raw, "settings": {**raw["settings"], key: value}}
         with pytest.raises(MessageError):
             JoinReply.from_bytes(json.dumps(bad).encode())
@@ -259,10 +302,17 @@ def test_clients_share_the_base_weights_and_never_write_them(tiny_model_dir, tmp
 
 # -- the exported model, the whole run, the comparison -----------------------------------------
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")  # PEFT's call
-def test_the_merged_export_loads_and_matches_the_adapter_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("layers", ["all", "top:2"])
+def test_the_merged_export_loads_and_matches_the_adapter_model(tiny_model_dir, tmp_path, layers):
     from peft import PeftModel
 
-    cfg = tiny_config(tiny_model_dir, str(tmp_path / "run"), federation=LORA, eval=NO_GENERATION)
+    cfg = tiny_config(
+        tiny_model_dir,
+        str(tmp_path / "run"),
+        federation=LORA,
+        eval=NO_GENERATION,
+        lora={"layers": layers},
+    )
     summary = run(cfg)
     assert summary["lr"] == cfg.lora.lr and summary["blocks"] == [0]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
@@ -271,6 +321,12 @@ def test_the_merged_export_loads_and_matches_the_adapter_model(tiny_model_dir, t
     )
     base = load_model(tiny_model_dir)
     assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    changed = {
+        int(n.split(".")[2])
+        for n, p in merged.named_parameters()
+        if n.startswith("model.layers.") and not torch.equal(p, dict(base.named_parameters())[n])
+    }
+    assert changed == ({0, 1, 2, 3} if layers == "all" else {2, 3})  # only adapted layers merge
     ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
     for m in (merged, adapted, base):
         m.eval()

@@ -180,7 +180,7 @@ def _check_algorithm(cfg: Config) -> None:
     ``core.algorithms.check_plan``)."""
     from parablock.core.algorithms import ALGORITHMS
     from parablock.model.blocks import BlockError, extra_names, fixed_selection_size
-    from parablock.model.lora import target_names
+    from parablock.model.lora import check_layers, target_names
 
     fed, model = cfg.federation, cfg.model
     if 0 < fed.local_steps_max < fed.local_steps:
@@ -198,6 +198,7 @@ def _check_algorithm(cfg: Config) -> None:
     except BlockError as e:
         raise ConfigError(str(e)) from None
     target_names(cfg.lora.target_modules)
+    check_layers(cfg.lora.layers)
     entry = ALGORITHMS.get(fed.algorithm)
     if entry.adapter and model.extra_blocks:
         raise ConfigError(

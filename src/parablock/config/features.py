@@ -64,6 +64,12 @@ class LoraConfig:
         "comma-separated linear modules of every decoder layer that get an adapter (default: "
         "all of attention and MLP)",
     )
+    layers: str = opt(
+        "all",
+        "decoder layers that get adapters, in model.blocks' syntax: 'all', 'top:N', 'bottom:N' or "
+        "indices like '0-3,10' (PEFT's layers_to_transform); above the lowest one the forward is "
+        "cached as for block runs",
+    )
     lr: float = opt(
         3e-3,
         "client AdamW learning rate of fedit_lora, used unless federation.lr is changed from "

@@ -117,8 +117,11 @@ def _span(part: str) -> tuple[int, int]:
     return (int(a), int(b)) if dash else (int(a), int(a))
 
 
-def select_blocks(blocks: list[Block], spec: str) -> list[int]:
-    """Indices chosen by ``model.blocks``: 'all', 'top:N', 'bottom:N' or '0-3,10'."""
+def select_blocks(
+    blocks: list[Block], spec: str, field: str = "model.blocks", unit: str = "blocks"
+) -> list[int]:
+    """Indices chosen by ``model.blocks`` (or the setting ``field`` names, over ``unit``):
+    'all', 'top:N', 'bottom:N' or '0-3,10'."""
     n = len(blocks)
     s = spec.strip().lower()
     chosen: list[int]
@@ -137,12 +140,12 @@ def select_blocks(blocks: list[Block], spec: str) -> list[int]:
             chosen, bad = _listed(s, n)
     except ValueError:
         raise BlockError(
-            f"model.blocks={spec!r} is malformed; use 'all', 'top:N', 'bottom:N' or indices like '0-3,10'"
+            f"{field}={spec!r} is malformed; use 'all', 'top:N', 'bottom:N' or indices like '0-3,10'"
         ) from None
     if bad or not chosen:
         raise BlockError(
-            f"model.blocks={spec!r} selects no valid block (bad: {', '.join(bad) or 'none'}); "
-            f"this model has blocks 0-{n - 1}"
+            f"{field}={spec!r} selects no valid block (bad: {', '.join(bad) or 'none'}); "
+            f"this model has {unit} 0-{n - 1}"
         )
     return sorted(set(chosen))
 

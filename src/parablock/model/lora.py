@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from parablock.errors import BlockError, ConfigError
-from parablock.model.blocks import Block, model_blocks
+from parablock.model.blocks import Block, model_blocks, select_blocks
 
 if TYPE_CHECKING:
     pass
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 ADAPTER = "adapter"  # the one block of an adapter run
 # Attention and MLP projections of Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM).
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# lora.layers: the syntax of model.blocks ('all', 'top:N', 'bottom:N', '0-3,10'), checked before
+# any model is loaded; the model then decides which indices exist
+_LAYER_SPEC = re.compile(
+    r"all|(top|bottom):[0-9]{1,6}|[0-9]{1,6}(-[0-9]{1,6})?(,[0-9]{1,6}(-[0-9]{1,6})?)*"
+)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # PEFT draws A from torch's global generator: injections are serialised and seeded (and the
 # generator's state restored afterwards) so every copy gets the same adapter whichever thread
@@ -57,6 +62,24 @@ def target_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def check_layers(spec: str) -> str:
+    """``lora.layers`` when well formed; ConfigError naming the allowed forms otherwise."""
+    if len(spec) > 1000 or not _LAYER_SPEC.fullmatch(spec.strip().lower()):
+        raise ConfigError(
+            f"lora.layers={spec[:100]!r} is malformed; use 'all', 'top:N', 'bottom:N' or layer "
+            "indices like '0-3,10'"
+        )
+    return spec
+
+
+def adapter_layers(model: nn.Module, spec: str) -> list[int] | None:
+    """The decoder layers ``lora.layers`` gives an adapter on ``model`` (PEFT's
+    ``layers_to_transform``); None for 'all', which leaves PEFT's default: every layer."""
+    if check_layers(spec).strip().lower() == "all":
+        return None
+    return select_blocks(model_blocks(model), spec, field="lora.layers", unit="layers")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The adapter every copy of the model gets (``[lora]``; handed to networked clients)."""
@@ -65,6 +88,7 @@ class LoraSettings:
     alpha: float
     dropout: float
     target_modules: str  # comma-separated names of the decoder layers' linear modules
+    layers: str = "all"  # the decoder layers that get adapters (the syntax of model.blocks)
 
     def __post_init__(self) -> None:
         if not 1 <= self.r <= 4096:
@@ -74,6 +98,7 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout {self.dropout} must be in [0, 1)")
         target_names(self.target_modules)  # a ConfigError is a ValueError
+        check_layers(self.layers)
 
     def run_fields(self) -> dict[str, object]:
         """The adapter as ``protocol.RunSettings`` carries it to networked clients."""
@@ -82,11 +107,14 @@ class LoraSettings:
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "lora_target_modules": self.target_modules,
+            "lora_layers": self.layers,
         }
 
-    def peft_config(self):
+    def peft_config(self, model: nn.Module):
+        """PEFT's config of this adapter on ``model`` (whose layers ``layers`` selects from)."""
         from peft import LoraConfig as PeftLoraConfig
 
+        layers = adapter_layers(model, self.layers)
         return PeftLoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -94,6 +122,7 @@ class LoraSettings:
             target_modules=list(target_names(self.target_modules)),
             bias="none",
             task_type="CAUSAL_LM",
+            **({"layers_to_transform": layers, "layers_pattern": "layers"} if layers else {}),
         )
 
 
@@ -123,7 +152,7 @@ def inject(model: nn.Module, lora: LoraSettings, seed: int) -> None:
     _check_targets(model, target_names(lora.target_modules))
     with _INJECT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        inject_adapter_in_model(lora.peft_config(), model)
+        inject_adapter_in_model(lora.peft_config(model), model)
 
 
 def adapter_blocks(model: nn.Module) -> list[Block]:
@@ -166,7 +195,7 @@ def export(
     with _INJECT_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT asks transformers 5 about gradient checkpointing through a deprecated name
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-        peft_model = get_peft_model(base_model, lora.peft_config())
+        peft_model = get_peft_model(base_model, lora.peft_config(base_model))
     target = dict(peft_model.base_model.model.named_parameters())
     adapter = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     if set(adapter) != {n for n in target if ".lora_" in n}:

@@ -154,7 +154,7 @@ def lora_settings(cfg: Config) -> LoraSettings | None:
     if not ALGORITHMS.get(cfg.federation.algorithm).adapter:
         return None
     c = cfg.lora
-    return LoraSettings(c.r, c.alpha, c.dropout, c.target_modules)
+    return LoraSettings(c.r, c.alpha, c.dropout, c.target_modules, c.layers)
 
 
 def client_lr(cfg: Config) -> float:

@@ -209,6 +209,7 @@ class RunSettings(Message):
     lora_alpha: float = 0.0
     lora_dropout: float = 0.0
     lora_target_modules: str = ""
+    lora_layers: str = "all"
 
     local_steps_max: int = 0  # 0: exactly local_steps
     duplex: bool = False
@@ -237,7 +238,11 @@ class RunSettings(Message):
         if self.lora_r == 0:
             return None
         return LoraSettings(
-            self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            self.lora_target_modules,
+            self.lora_layers,
         )
 
     def overlap(self) -> Overlap:
