@@ -114,9 +114,9 @@ def test_lora_layers_outside_the_model_or_malformed_are_one_line_errors(tiny_tok
     with pytest.raises(BlockError, match=r"lora.layers='7' selects no valid block .*layers 0-3"):
         inject(model, LoraSettings(4, 8.0, 0.0, "q_proj", layers="7"), 0)
     assert not _lora_names(model)  # nothing was injected
-    with pytest.raises(BlockError, match="lora.layers='top:0' is malformed"):
-        inject(model, LoraSettings(4, 8.0, 0.0, "q_proj", layers="top:0"), 0)
-    for bad in ("top", "last:2", "1-", "a,b", "x" * 2000):
+    with pytest.raises(ConfigError, match="lora.layers='top:0' is malformed"):
+        LoraSettings(4, 8.0, 0.0, "q_proj", layers="top:0")  # before any model is loaded
+    for bad in ("top", "top:0", "bottom:01", "last:2", "1-", "a,b", "x" * 2000):
         with pytest.raises(ConfigError, match="lora.layers=.* is malformed; use 'all', 'top:N'"):
             load(None, [f"lora.layers={bad}"])
     assert load(None, ["lora.layers=top:12"]).lora.layers == "top:12"

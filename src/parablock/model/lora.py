@@ -41,7 +41,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # lora.layers: the syntax of model.blocks ('all', 'top:N', 'bottom:N', '0-3,10'), checked before
 # any model is loaded; the model then decides which indices exist
 _LAYER_SPEC = re.compile(
-    r"all|(top|bottom):[0-9]{1,6}|[0-9]{1,6}(-[0-9]{1,6})?(,[0-9]{1,6}(-[0-9]{1,6})?)*"
+    r"all|(top|bottom):[1-9][0-9]{0,5}|[0-9]{1,6}(-[0-9]{1,6})?(,[0-9]{1,6}(-[0-9]{1,6})?)*"
 )
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # PEFT draws A from torch's global generator: injections are serialised and seeded (and the
